@@ -1,0 +1,90 @@
+// Torch-free kernel core of pathgeom_fast.
+//
+// Math (DESIGN.md section 1). For one tensor triple (g_k for k < K, x, r = x*) and
+// the effective gradient  h_k = g_k + wd * x  (wd = weight decay, usually 0):
+//
+//     a_k = sum_i h_k[i] * (x[i] - r[i])     b_k = sum_i h_k[i]^2     c = sum_i (x[i] - r[i])^2
+//
+// Every kernel writes one partial row per (chunk, k): (a_k, b_k, c), in fp64, computed
+// from fp32 products (fp64 when any input of the triple is fp64). Partials are combined in
+// a fixed order, so results are bitwise reproducible: no atomics anywhere.
+//
+// Nothing here includes torch: the binding files (ops.cpp, ops_cuda.cpp) convert tensors
+// into these plain structs, so nvcc / g++ compile and check this code on their own.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pathgeom {
+
+enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+constexpr int kNumDTypes = 4;
+
+// ---------------------------------------------------------------------------------------
+// CPU
+// ---------------------------------------------------------------------------------------
+
+// One tensor position with its K gradients, as raw memory laid out in the same order
+// for all of them (contiguous, or dense with identical strides).
+struct CpuTriple {
+  const void* const* g;  // K gradient pointers
+  const void* x;
+  const void* r;
+  DType g_dtype, x_dtype, r_dtype;
+};
+
+// Elements per CPU chunk: a chunk is the unit of parallel work and of partial results.
+constexpr int64_t kCpuChunk = 1 << 15;
+
+// Accumulates elements [begin, end) of `t` and writes K rows (a_k, b_k, c) to out[3*K].
+// Serial: the caller runs chunks in parallel.
+void cpu_chunk_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end,
+                        double weight_decay, double* out);
+
+// ---------------------------------------------------------------------------------------
+// CUDA
+// ---------------------------------------------------------------------------------------
+
+// Kernel arguments are passed by value (captured safely by CUDA graphs, no host->device
+// table copy). CUDA 12.1+ allows 32 KB of kernel parameters on Volta and newer, which every
+// architecture nvcc 13 targets is; this struct is about 20 KB, hence the caps below.
+constexpr int kCudaMaxTensors = 320;   // tensors per launch
+constexpr int kCudaMaxPtrs = 1536;     // pointers per launch: tensors * (K + 2)
+constexpr int kCudaMaxGradsPerPass = 8;  // gradient lists read per pass over x and x*
+constexpr int64_t kCudaChunk = 1 << 16;  // elements per block (multiple of 8)
+constexpr int kCudaThreads = 256;
+
+struct CudaLaunch {
+  int32_t ntensors;      // tensors in this launch
+  int32_t K;             // total gradient lists (row width of partials is 3*K)
+  int32_t k0, kcount;    // this launch reads gradients k0 .. k0+kcount-1 (kcount <= 8)
+  int64_t chunk_offset;  // global chunk index of this launch's first chunk
+  double weight_decay;
+  // tensor j: gradients at ptrs[j*(kcount+2) + k], x at +kcount, x* at +kcount+1
+  const void* ptrs[kCudaMaxPtrs];
+  int64_t numel[kCudaMaxTensors];
+  int64_t chunk_start[kCudaMaxTensors + 1];  // local chunk prefix sums, chunk_start[0] = 0
+  int32_t tensor_index[kCudaMaxTensors];     // position of tensor j in the caller's list
+};
+
+// All return a cudaError_t as int (0 = success) so that this header stays CUDA-free.
+// `stream` is a cudaStream_t.
+
+// Writes partials[(chunk_offset + c) * 3K + 3k + {0,1,2}] for this launch's chunks and
+// k in [k0, k0 + kcount). Grid: chunk_start[ntensors] blocks.
+int cuda_launch_partials(DType g, DType x, DType r, const CudaLaunch& launch,
+                         double* partials, void* stream);
+
+// out[w] = sum over all chunks of partials[c * width + w], in a fixed order.
+int cuda_launch_finalize_total(const double* partials, int64_t nchunks, int32_t width,
+                               double* out, void* stream);
+
+// out[tensor_index[j] * width + w] = sum over tensor j's chunks, for the tensors of `launch`.
+int cuda_launch_finalize_per_tensor(const CudaLaunch& launch, const double* partials,
+                                    int32_t width, double* out, void* stream);
+
+const char* cuda_error_string(int err);
+
+}  // namespace pathgeom

@@ -1,0 +1,1 @@
+"""pathgeom_fast: fused kernels for the geometry of optimization paths."""
