@@ -66,7 +66,7 @@ def extensions():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
     debug = os.environ.get("PATHGEOM_DEBUG", "0") == "1"
-    cxx = ["-std=c++17", "-fopenmp", "-fopenmp-simd"] + (["-O0", "-g"] if debug else ["-O3"])
+    cxx = ["-fopenmp", "-fopenmp-simd"] + (["-O0", "-g"] if debug else ["-O3"])
     sources = ["csrc/ops.cpp", "csrc/secant_cpu.cpp"]
     kwargs = dict(
         name="pathgeom_fast._C",
@@ -77,7 +77,7 @@ def extensions():
     if not with_cuda:
         return [cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    nvcc = ["-std=c++17", "--expt-relaxed-constexpr"] + (["-O0", "-G", "-lineinfo"] if debug else ["-O3"])
+    nvcc = ["--expt-relaxed-constexpr"] + (["-O0", "-G", "-lineinfo"] if debug else ["-O3"])
     sources += ["csrc/ops_cuda.cpp", "csrc/secant_cuda.cu"]
     return [
         cpp_extension.CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)

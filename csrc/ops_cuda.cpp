@@ -1,7 +1,7 @@
 // Torch binding of the CUDA kernels: groups tensors by dtype combination, fills the
 // kernel-argument tables, launches on the current stream under a device guard, and checks
 // every launch.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -23,7 +23,7 @@ at::Tensor cuda_rows(const char* op, at::TensorList grads, at::TensorList params
   const int64_t T = p.T;
   const int32_t W = static_cast<int32_t>(3 * K);
   const c10::cuda::CUDAGuard guard(p.device);
-  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const auto dopts = at::TensorOptions().dtype(at::kDouble).device(p.device);
 
   // Group first, then launch: one kernel specialisation per dtype combination.

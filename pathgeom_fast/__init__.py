@@ -1,1 +1,37 @@
-"""pathgeom_fast: fused kernels for the geometry of optimization paths."""
+"""pathgeom_fast: fused kernels for the geometry of neural-network optimization paths.
+
+    import pathgeom_fast as pg
+    s = pg.secant_stats(grads, params, refs)        # float64 [3]: <g, x-x*>, ||g||^2, ||x-x*||^2
+    geo = pg.geometry(s)                            # rsi, eb, cos, eta_star, contraction, ...
+"""
+
+from . import _ext
+from .geometry import Geometry, geometry
+from .ops import BACKENDS, grads_of, numel_of, secant_stats, secant_stats_multi
+from .reference import reference_secant_stats
+
+__version__ = "0.1.0"
+
+
+def extension_available() -> bool:
+    """True when the compiled kernels are loaded (see ``extension_error()`` otherwise)."""
+    return _ext.available()
+
+
+def extension_error() -> str | None:
+    """Why the compiled extension is not loaded, or None."""
+    return _ext.load_error()
+
+
+__all__ = [
+    "BACKENDS",
+    "Geometry",
+    "extension_available",
+    "extension_error",
+    "geometry",
+    "grads_of",
+    "numel_of",
+    "reference_secant_stats",
+    "secant_stats",
+    "secant_stats_multi",
+]
