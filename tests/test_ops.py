@@ -1,0 +1,255 @@
+"""pg.secant_stats / secant_stats_multi, every backend, against the fp64 reference."""
+
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pathgeom_fast as pg
+from pathgeom_fast import _ext
+
+from utils import ALL_DTYPES, HAS_CUDA, assert_stats_close, backends_for, make_lists, ref_multi
+
+CPU_BACKENDS = backends_for("cpu")
+ODD_SIZES = [1, 3, 1023, 65537, 0, 8, 70001]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_odd_sizes_fp32(backend):
+    g, x, r = make_lists(ODD_SIZES)
+    out = pg.secant_stats(g, x, r, backend=backend)
+    assert_stats_close(out, pg.reference_secant_stats(g, x, r), what=backend)
+    per = pg.secant_stats(g, x, r, backend=backend, per_tensor=True)
+    ref_per = pg.reference_secant_stats(g, x, r, per_tensor=True)
+    assert per.shape == (len(ODD_SIZES), 3)
+    assert_stats_close(per[[0, 1, 2, 3, 5, 6]], ref_per[[0, 1, 2, 3, 5, 6]], what=backend)
+    assert torch.equal(per[4], torch.zeros(3, dtype=torch.float64))  # the empty tensor
+
+
+@pytest.mark.parametrize("dtypes", list(itertools.product(ALL_DTYPES, repeat=3)), ids=lambda d: "-".join(str(t)[6:] for t in d))
+def test_every_dtype_combination_cpu_kernel(dtypes):
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    g, x, r = make_lists([5, 1030, 17], dtypes, seed=1)
+    assert_stats_close(pg.secant_stats(g, x, r, backend="cpu"), pg.reference_secant_stats(g, x, r))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "cpu"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.bfloat16, torch.float32, torch.float32), (torch.float16, torch.float16, torch.float64), (torch.float64,) * 3],
+    ids=["bf16-f32-f32", "f16-f16-f64", "f64"],
+)
+def test_mixed_dtypes_other_backends(backend, dtypes):
+    g, x, r = make_lists([5, 1030, 17], dtypes, seed=2)
+    assert_stats_close(pg.secant_stats(g, x, r, backend=backend), pg.reference_secant_stats(g, x, r))
+
+
+def test_mixed_dtype_groups_in_one_list():
+    # Tensors of one list with different dtype combinations (grouped per combination).
+    g, x, r = make_lists([300, 70000, 9], seed=3)
+    g[1], x[2], r[0] = g[1].bfloat16(), x[2].double(), r[0].half()
+    ref = pg.reference_secant_stats(g, x, r, per_tensor=True)
+    for backend in CPU_BACKENDS:
+        assert_stats_close(pg.secant_stats(g, x, r, backend=backend, per_tensor=True), ref, what=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_views(backend):
+    gen = torch.Generator().manual_seed(4)
+    base = [torch.randn(67, 45, generator=gen) for _ in range(3)]
+    # same strides on all three (transposed): read in memory order, no copy
+    g1, x1, r1 = (t.t() for t in base)
+    # different views: sliced grads, reshaped params
+    g2 = torch.randn(40, 90, generator=gen)[:, ::2]
+    x2 = torch.randn(1800, generator=gen)
+    r2 = torch.randn(45, 40, generator=gen).t()
+    g, x, r = [g1, g2], [x1, x2], [r1, r2]
+    ref = pg.reference_secant_stats(g, x, r, per_tensor=True)
+    assert_stats_close(pg.secant_stats(g, x, r, backend=backend, per_tensor=True), ref, what=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("K", [1, 3, 9])
+def test_multi(backend, K):
+    grads, x, r = make_lists([1, 1023, 65537, 0], K=max(K, 2), seed=5)
+    grads = grads[:K]
+    out = pg.secant_stats_multi(grads, x, r, backend=backend)
+    assert out.shape == (K, 3)
+    assert_stats_close(out, ref_multi(grads, x, r), what=backend)
+    per = pg.secant_stats_multi(grads, x, r, backend=backend, per_tensor=True)
+    assert per.shape == (K, 4, 3)
+    assert_stats_close(per[:, :3], ref_multi(grads, x, r, per_tensor=True)[:, :3], what=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weight_decay(backend):
+    g, x, r = make_lists([1023, 5, 65537], seed=6)
+    ref = pg.reference_secant_stats(g, x, r, weight_decay=0.05)
+    # the reference itself: explicit g + wd x in fp64
+    explicit = pg.reference_secant_stats([gi.double() + 0.05 * xi.double() for gi, xi in zip(g, x)], x, r)
+    assert torch.allclose(ref, explicit, rtol=1e-12)
+    assert_stats_close(pg.secant_stats(g, x, r, weight_decay=0.05, backend=backend), ref, what=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_inf_propagate(backend):
+    g, x, r = make_lists([100, 2000], seed=7)
+    g[0][3] = float("nan")
+    out = pg.secant_stats(g, x, r, backend=backend)
+    assert torch.isnan(out[0]) and torch.isnan(out[1]) and torch.isfinite(out[2])
+    g, x, r = make_lists([100, 2000], seed=7)
+    x[1][1500] = float("inf")
+    out = pg.secant_stats(g, x, r, backend=backend)
+    ref = pg.reference_secant_stats(g, x, r)
+    assert torch.isinf(out[2]) and torch.isinf(ref[2])
+    assert torch.isfinite(out[1])  # ||g||^2 does not see x without weight decay
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bitwise_deterministic(backend):
+    g, x, r = make_lists([65537 * 3, 1023, 7] * 4, seed=8)
+    first = pg.secant_stats(g, x, r, backend=backend, per_tensor=True)
+    for _ in range(3):
+        assert torch.equal(pg.secant_stats(g, x, r, backend=backend, per_tensor=True), first)
+    if backend == "cpu":  # and independent of the thread count
+        n = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(pg.secant_stats(g, x, r, backend=backend, per_tensor=True), first)
+        finally:
+            torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_list_and_empty_tensors(backend):
+    assert torch.equal(pg.secant_stats([], [], [], backend=backend), torch.zeros(3, dtype=torch.float64))
+    assert pg.secant_stats([], [], [], per_tensor=True).shape == (0, 3)
+    e = [torch.empty(0), torch.empty(0, 5)]
+    assert torch.equal(pg.secant_stats(e, e, e, backend=backend), torch.zeros(3, dtype=torch.float64))
+
+
+def test_input_kinds_module_generator_tuple():
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    ref_model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model(torch.randn(4, 7)).sum().backward()
+    grads = pg.grads_of(model)
+    expected = pg.reference_secant_stats(grads, list(model.parameters()), list(ref_model.parameters()))
+    out = pg.secant_stats((g for g in grads), model, tuple(ref_model.parameters()))
+    assert_stats_close(out, expected)
+    assert_stats_close(pg.secant_stats(grads[0], model.parameters().__next__(), ref_model[0].weight),
+                       pg.reference_secant_stats([grads[0]], [model[0].weight], [ref_model[0].weight]))
+
+
+def test_grads_of_missing_grad_names_parameter():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"parameter 'weight' \(shape \[2, 3\]\) has no .grad"):
+        pg.grads_of(model)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_inputs_name_the_offender(backend):
+    g, x, r = make_lists([4, 6, 8], seed=10)
+    with pytest.raises(ValueError, match=r"3 grads, 3 params and 2 refs"):
+        pg.secant_stats(g, x, r[:2], backend=backend)
+    with pytest.raises(ValueError, match=r"index 1: grads\[1\] has shape \[5\].*\(5 elements\).*params\[1\] has shape \[6\]"):
+        pg.secant_stats([g[0], torch.randn(5), g[2]], x, r, backend=backend)
+    with pytest.raises(ValueError, match=r"index 2: refs\[2\] has shape \[2, 3\]"):
+        pg.secant_stats(g, x, [r[0], r[1], torch.randn(2, 3)], backend=backend)
+    with pytest.raises(TypeError, match=r"params\[0\] has shape \[4\], torch.int64, cpu; expected float16"):
+        pg.secant_stats(g, [torch.ones(4, dtype=torch.long), x[1], x[2]], r, backend=backend)
+    with pytest.raises(TypeError, match=r"grads\[2\] has shape \[8\], torch.complex64"):
+        pg.secant_stats([g[0], g[1], torch.randn(8, dtype=torch.complex64)], x, r, backend=backend)
+    with pytest.raises(TypeError, match=r"refs\[1\] is a list, not a torch.Tensor"):
+        pg.secant_stats(g, x, [r[0], [1.0] * 6, r[2]], backend=backend)
+    with pytest.raises(ValueError, match=r"grads\[0\] is None"):
+        pg.secant_stats([None, g[1], g[2]], x, r, backend=backend)
+    with pytest.raises(ValueError, match=r"grads\[1\] has layout torch.sparse_coo"):
+        pg.secant_stats([g[0], torch.randn(6).to_sparse(), g[2]], x, r, backend=backend)
+    with pytest.raises(TypeError, match=r"params is a dict"):
+        pg.secant_stats(g, {"a": x[0]}, r, backend=backend)
+    K2 = [g, [g[0], g[1].double(), g[2]]]
+    with pytest.raises(TypeError, match=r"grads\[1\]\[1\] has shape \[6\], torch.float64.*share a dtype"):
+        pg.secant_stats_multi(K2, x, r, backend=backend)
+    with pytest.raises(ValueError, match=r"grads_lists\[1\] has 2 tensors but params has 3"):
+        pg.secant_stats_multi([g, g[:2]], x, r, backend=backend)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        pg.secant_stats(g, x, r, backend="fast")
+
+
+def test_raw_op_errors_are_value_and_type_errors():
+    g, x, r = make_lists([4, 6], seed=11)
+    with pytest.raises(ValueError, match=r"index 1: grads\[1\]"):
+        torch.ops.pathgeom.secant_stats([g[0], torch.randn(3)], x, r)
+    with pytest.raises(TypeError, match=r"torch.int32"):
+        torch.ops.pathgeom.secant_stats(g, [x[0], torch.ones(6, dtype=torch.int32)], r)
+    with pytest.raises(ValueError, match=r"expected num_grads \* len\(params\) = 6"):
+        torch.ops.pathgeom.secant_stats_multi(g, x, r, 3)
+
+
+def test_opcheck_each_op():
+    g, x, r = make_lists([33, 1, 70000], seed=12)
+    grads2, _, _ = make_lists([33, 1, 70000], seed=13, K=2)
+    flat2 = grads2[0] + grads2[1]
+    for per_tensor in (False, True):
+        torch.library.opcheck(torch.ops.pathgeom.secant_stats.default, (g, x, r), {"per_tensor": per_tensor})
+        torch.library.opcheck(torch.ops.pathgeom.secant_stats_multi.default, (flat2, x, r, 2), {"per_tensor": per_tensor, "weight_decay": 0.1})
+    if "triton" in CPU_BACKENDS:
+        torch.library.opcheck(torch.ops.pathgeom.secant_stats_triton.default, (flat2, x, r, 2, True, 0.0))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    g, x, r = make_lists([1023, 65537, 3], seed=14)
+
+    @torch.compile(fullgraph=True)
+    def step(g, x, r):
+        s = torch.ops.pathgeom.secant_stats(g, x, r)
+        return s[0] / s[2], torch.sqrt(s[1] / s[2])
+
+    rsi, eb = step(g, x, r)
+    ref = pg.reference_secant_stats(g, x, r)
+    assert math.isclose(rsi.item(), (ref[0] / ref[2]).item(), rel_tol=1e-6)
+    assert math.isclose(eb.item(), math.sqrt((ref[1] / ref[2]).item()), rel_tol=1e-6)
+
+
+def test_ten_million_mixed_list_cpu_kernel():
+    """Done-when of the core issue: 10^7 mixed elements within 1e-6 sqrt(bc) of fp64."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    sizes = [3_000_000, 2_500_000, 1_999_999, 1_000_003, 1_000_000, 500_000, 1_000_000, 7, 1]
+    g, x, r = make_lists(sizes, seed=15)
+    g[1], g[3] = g[1].bfloat16(), g[3].half()
+    x[4], r[4] = x[4].bfloat16(), r[4].bfloat16()
+    x[6] = x[6].double()
+    assert sum(sizes) >= 10**7
+    assert_stats_close(pg.secant_stats(g, x, r, backend="cpu"), pg.reference_secant_stats(g, x, r))
+    assert_stats_close(pg.secant_stats(g, x, r, backend="cpu", per_tensor=True), pg.reference_secant_stats(g, x, r, per_tensor=True))
+
+
+def test_missing_or_mismatched_extension_is_explained():
+    code = (
+        "import torch; torch.__version__ = '0.0.0-other'\n"
+        "import pathgeom_fast as pg\n"
+        "assert not pg.extension_available()\n"
+        "assert 'but torch 0.0.0-other is installed' in pg.extension_error(), pg.extension_error()\n"
+        "x = [torch.randn(10)]\n"
+        "s = pg.secant_stats(x, x, [torch.zeros(10)])\n"  # auto -> torch path
+        "assert torch.allclose(s, torch.ops.pathgeom.secant_stats(x, x, [torch.zeros(10)]))\n"
+        "try:\n"
+        "    pg.secant_stats(x, x, x, backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'but torch 0.0.0-other is installed' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('OK')\n"
+    )
+    if not _ext.available():
+        pytest.skip("the extension is not built here")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr
