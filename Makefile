@@ -1,0 +1,46 @@
+# The two commands of the README:
+#   make demo   set up (venv, torch, build) and run the main job: `pathgeom demo`
+#   make test   set up and run the test suite
+# Set-up: a virtual environment in $(VENV) with torch $(TORCH_SPEC) (the 2.14.1 CUDA 13.0
+# build runs on CPU and lets the CUDA kernels compile and link where nvcc is found), then
+# the package built against it with --no-build-isolation.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+EXTRAS ?= test
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+MAX_JOBS ?= 2
+SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py pyproject.toml
+DEMO_OUT ?= pathgeom-demo
+
+export CUDA_HOME MAX_JOBS
+
+.PHONY: setup demo test bench bench-gpu clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.torch:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja
+	touch $@
+
+$(VENV)/.built: $(VENV)/.torch $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/pathgeom demo --out $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(VENV)/bin/pathgeom bench
+
+bench-gpu:
+	bash bench/gpu.sh
+
+clean:
+	rm -rf build *.egg-info pathgeom_fast/*.so pathgeom_fast/_build_info.py $(VENV)

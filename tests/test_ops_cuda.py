@@ -1,0 +1,102 @@
+"""CUDA and compiled-Triton backends on a GPU. Skipped (with the reason) without one."""
+
+import pytest
+import torch
+
+import pathgeom_fast as pg
+from pathgeom_fast import _ext
+
+from utils import HAS_CUDA, assert_stats_close, backends_for, make_lists, ref_multi
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; none is visible")]
+GPU_BACKENDS = backends_for("cuda") if HAS_CUDA else []
+DTYPE_CASES = [
+    (torch.float32,) * 3,
+    (torch.bfloat16, torch.float32, torch.float32),
+    (torch.float16, torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16, torch.float64),
+    (torch.float64,) * 3,
+]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtypes", DTYPE_CASES, ids=lambda d: "-".join(str(t)[6:] for t in d))
+def test_gpu_matches_reference(backend, dtypes):
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"backend {backend} unavailable: {_ext.load_error()}")
+    sizes = [1, 3, 1023, 65537, 0, 8, 3 * 65536 + 5, 1_000_003]
+    g, x, r = make_lists(sizes, dtypes, device="cuda", seed=20)
+    assert_stats_close(pg.secant_stats(g, x, r, backend=backend), pg.reference_secant_stats(g, x, r), what=backend)
+    per = pg.secant_stats(g, x, r, backend=backend, per_tensor=True)
+    assert_stats_close(per[[0, 1, 2, 3, 5, 6, 7]], pg.reference_secant_stats(g, x, r, per_tensor=True)[[0, 1, 2, 3, 5, 6, 7]])
+    assert torch.equal(per[4].cpu(), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_misaligned_views_and_multi(backend):
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"backend {backend} unavailable")
+    grads, x, r = make_lists([1000, 70001, 333], device="cuda", seed=21, K=9)
+    # offset views: 4-byte aligned, not 16-byte aligned -> scalar path
+    x = [t[1:] for t in x]
+    r = [t[1:] for t in r]
+    grads = [[t[1:] for t in g] for g in grads]
+    for K in (1, 3, 9):
+        out = pg.secant_stats_multi(grads[:K], x, r, backend=backend, per_tensor=True, weight_decay=0.01)
+        assert_stats_close(out, ref_multi(grads[:K], x, r, per_tensor=True, weight_decay=0.01), what=f"{backend} K={K}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_many_small_tensors_deterministic(backend):
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"backend {backend} unavailable")
+    g, x, r = make_lists([1000] * 10_000 + [5_000_000], device="cuda", seed=22)
+    first = pg.secant_stats(g, x, r, backend=backend)
+    assert_stats_close(first, pg.reference_secant_stats(g, x, r))
+    for _ in range(5):
+        assert torch.equal(pg.secant_stats(g, x, r, backend=backend), first)
+
+
+def test_cuda_graph_capture_and_side_stream():
+    if "cuda" not in GPU_BACKENDS:
+        pytest.skip("CUDA kernel not built")
+    g, x, r = make_lists([4096, 70001], device="cuda", seed=23)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.ops.pathgeom.secant_stats(g, x, r)  # warm-up on the side stream
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = torch.ops.pathgeom.secant_stats(g, x, r)
+    for t in g:
+        t.mul_(2.0)  # new values in the same memory
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_stats_close(out, pg.reference_secant_stats(g, x, r))
+
+
+def test_cuda_mixed_devices_error():
+    if "cuda" not in GPU_BACKENDS:
+        pytest.skip("CUDA kernel not built")
+    g, x, r = make_lists([10, 20], device="cuda", seed=24)
+    with pytest.raises(ValueError, match=r"params\[1\] is on cpu but params\[0\] is on cuda:0"):
+        pg.secant_stats(g, [x[0], x[1].cpu()], r, backend="cuda")
+
+
+@pytest.mark.bigmem
+def test_over_2_31_elements():
+    free, _ = torch.cuda.mem_get_info()
+    n = 2**31 + 4099
+    if free < n * 7 + (4 << 30):
+        pytest.skip(f"needs about {n * 7 / 2**30:.0f} GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(25)
+    g = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    r = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.5
+    ref = torch.zeros(3, dtype=torch.float64, device="cuda")
+    step = 1 << 28
+    for s in range(0, n, step):  # fp64 reference in slices
+        gi, xi, ri = (t[s : s + step].double() for t in (g, x, r))
+        d = xi - ri
+        ref += torch.stack([(gi * d).sum(), (gi * gi).sum(), (d * d).sum()])
+    for backend in GPU_BACKENDS:
+        assert_stats_close(pg.secant_stats([g], [x], [r], backend=backend), ref, what=backend)
