@@ -1,0 +1,132 @@
+"""Snapshots of a path (safetensors, never unpickled) and their post-hoc analysis.
+
+``SnapshotRecorder`` saves the trainable parameters on a schedule as
+``DIR/step_00000120.safetensors`` (metadata: step, lr). ``analyze_snapshots`` loads each one
+into a model and measures, against the last snapshot or a given reference, K minibatch
+gradients and the full-batch gradient at every snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .tracker import PathTracker, Reference, trainable
+
+Tensor = torch.Tensor
+_NAME = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+def snapshot_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"step_{step:08d}.safetensors")
+
+
+def save_snapshot(model: torch.nn.Module, path: str, step: int, lr: float | None = None) -> None:
+    tensors = {n: p.detach().cpu().contiguous() for n, p in trainable(model)}
+    meta = {"step": str(step), "lr": "" if lr is None else repr(float(lr))}
+    save_file(tensors, path, metadata=meta)
+
+
+def load_snapshot(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a snapshot; a clear error for a missing or corrupt file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"snapshot {path} does not exist")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"snapshot {path} is not a readable safetensors file ({exc})") from exc
+    return tensors, meta
+
+
+def list_snapshots(directory: str) -> list[tuple[int, str]]:
+    """(step, path) of every ``step_*.safetensors`` in ``directory``, by step."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"snapshot directory {directory} does not exist")
+    out = []
+    for name in os.listdir(directory):
+        m = _NAME.match(name)
+        if m:
+            out.append((int(m.group(1)), os.path.join(directory, name)))
+    if not out:
+        raise FileNotFoundError(f"no step_*.safetensors snapshots in {directory}")
+    return sorted(out)
+
+
+class SnapshotRecorder:
+    """Save the model every ``every`` steps (or at the steps in ``steps``), and at the end."""
+
+    def __init__(self, model: torch.nn.Module, directory: str, every: int = 0, steps: Iterable[int] | None = None):
+        if every <= 0 and steps is None:
+            raise ValueError("SnapshotRecorder needs every > 0 or an explicit list of steps")
+        self.model, self.dir, self.every = model, directory, every
+        self.steps = set(steps or [])
+        os.makedirs(directory, exist_ok=True)
+
+    def maybe_save(self, step: int, lr: float | None = None, force: bool = False) -> str | None:
+        if force or step in self.steps or (self.every and step % self.every == 0):
+            path = snapshot_path(self.dir, step)
+            save_snapshot(self.model, path, step, lr)
+            return path
+        return None
+
+
+def analyze_snapshots(
+    directory: str,
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], Tensor],
+    probe_batches: Sequence[Any],
+    full_batch: Iterable[Any] | None = None,
+    reference: str | None = None,
+    backend: str = "auto",
+    per_tensor: bool = False,
+    progress: bool = True,
+) -> tuple[list[dict], list[dict]]:
+    """Rows (as PathTracker.records) for every snapshot in ``directory``.
+
+    ``reference``: a safetensors path; default: the last snapshot of the directory.
+    Returns (records, per_tensor_records).
+    """
+    snaps = list_snapshots(directory)
+    ref_path = reference or snaps[-1][1]
+    ref = Reference.from_file(model, ref_path)
+    device = next(model.parameters()).device
+    tracker = PathTracker(
+        model, ref, None, loss_fn=loss_fn, probe_batches=probe_batches, probe_every=1,
+        full_batch=full_batch, per_tensor=per_tensor, update="off", backend=backend,
+    )
+    from tqdm.auto import tqdm
+
+    for step, path in tqdm(snaps, desc="snapshots", disable=not progress):
+        tensors, meta = load_snapshot(path)
+        try:
+            state = Reference.from_state_dict(model, tensors, source=f"snapshot {path}")
+        except (KeyError, ValueError) as exc:
+            raise ValueError(str(exc)) from exc
+        with torch.no_grad():
+            for p, t in zip(tracker.params, state.tensors):
+                p.copy_(t.to(device))
+        for p in tracker.params:
+            p.grad = None
+        # the "minibatch" row here is the first probe batch's gradient
+        with torch.enable_grad():
+            loss = loss_fn(model, probe_batches[0])
+            grads = torch.autograd.grad(loss, tracker.params, allow_unused=True, materialize_grads=True)
+        for p, g in zip(tracker.params, grads):
+            p.grad = g
+        lr = float(meta["lr"]) if meta.get("lr") else None
+        tracker._lr = lambda lr=lr: lr  # snapshots carry their own lr
+        tracker.measure(step, loss)
+        tracker.after_step()
+    for p in tracker.params:
+        p.grad = None
+    return tracker.records, tracker.per_tensor_records
