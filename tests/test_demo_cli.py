@@ -1,0 +1,100 @@
+"""The main job end to end (small settings), the analyze command, and the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pathgeom_fast import cli, demo, report
+from pathgeom_fast.snapshots import load_snapshot
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    rc = cli.main(["demo", "--out", str(out), "--steps", "30", "--probe-every", "10", "--probe-batches", "3",
+                   "--snapshot-every", "10", "--quiet", "--weight-decay", "0.001", "--per-tensor"])
+    assert rc == 0
+    return out
+
+
+def test_demo_writes_the_report(demo_dir, capsys):
+    for name in ("records.csv", "per_tensor.csv", "summary.json", "geometry.png", "xstar.safetensors", "trajectory.json"):
+        assert (demo_dir / name).is_file(), name
+    assert (demo_dir / "geometry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = report.read_csv(str(demo_dir / "records.csv"))
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"minibatch", "minibatch_wd", "update", "probe", "full"}
+    assert len([r for r in rows if r["kind"] == "minibatch"]) == 30
+    assert len([r for r in rows if r["kind"] == "probe"]) == 3 * 3
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    mb = summary["overall"]["minibatch"]
+    assert 0.0 <= mb["share_cos_positive"] <= 1.0
+    assert summary["chance_cos"] == pytest.approx(1 / math.sqrt(summary["numel"]))
+    assert set(mb["rsi"]) == {"q0", "q5", "q25", "q50", "q75", "q95", "q100"}
+    assert mb["rate"] == pytest.approx(1 - mb["mu"] ** 2 / mb["L"] ** 2)
+    assert summary["replay_final_distance_ratio"] == 0.0
+    assert [s["step"] for s in summary["steps"]["probe"]] == [0, 10, 20]
+    assert sorted(p.name for p in (demo_dir / "snapshots").iterdir()) == [
+        "step_00000000.safetensors", "step_00000010.safetensors", "step_00000020.safetensors", "step_00000030.safetensors"]
+
+
+def test_demo_numbers_match_independent_fp64(demo_dir):
+    """Recompute step 0 and step 7 of run 2 from scratch in fp64 with torch.cat."""
+    cfg = demo.DemoConfig(steps=30, weight_decay=0.001)
+    X, y = demo.make_data()
+    order = demo.batch_order(len(X), cfg)
+    xstar = load_snapshot(str(demo_dir / "xstar.safetensors"))[0]
+    torch.manual_seed(cfg.seed)
+    model = demo.make_model(cfg.model)
+    opt = demo.make_optimizer(cfg, model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    r = torch.cat([xstar[n].reshape(-1).double() for n in names])
+    rows = {(row["step"], row["kind"], row["sample"]): row for row in report.read_csv(str(demo_dir / "records.csv"))}
+    for step in range(8):
+        for g in opt.param_groups:
+            g["lr"] = demo.lr_at(step, cfg)
+        loss = demo.loss_fn(model, (X[order[step]], y[order[step]]))
+        loss.backward()
+        x = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        gr = torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
+        if step in (0, 7):
+            d = x - r
+            a, b, c = gr @ d, gr @ gr, d @ d
+            row = rows[(step, "minibatch", 0)]
+            assert row["a"] == pytest.approx(a.item(), abs=1e-6 * math.sqrt(b * c))
+            assert row["b"] == pytest.approx(b.item(), rel=1e-6)
+            assert row["c"] == pytest.approx(c.item(), rel=1e-6)
+            assert row["rsi"] == pytest.approx((a / c).item(), rel=1e-5)
+            assert row["eb"] == pytest.approx(math.sqrt(b / c), rel=1e-5)
+            assert row["lr"] == pytest.approx(demo.lr_at(step, cfg))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_analyze_the_demo_snapshots(demo_dir, tmp_path):
+    out = tmp_path / "an"
+    rc = cli.main(["analyze", str(demo_dir / "snapshots"), "--model", "pathgeom_fast.demo:make_model",
+                   "--data", "pathgeom_fast.demo:make_data", "--out", str(out), "--probe-batches", "2", "--quiet"])
+    assert rc == 0
+    rows = report.read_csv(str(out / "records.csv"))
+    assert sorted({r["step"] for r in rows}) == [0, 10, 20, 30]
+    full = [r for r in rows if r["kind"] == "full"]
+    assert len(full) == 4
+    assert full[-1]["c"] == 0.0  # the last snapshot is the reference
+    # the demo measured the same full-batch gradient at step 10 on the replayed path
+    demo_rows = report.read_csv(str(demo_dir / "records.csv"))
+    demo_full = next(r for r in demo_rows if r["kind"] == "full" and r["step"] == 10)
+    an_full = next(r for r in full if r["step"] == 10)
+    for key in ("a", "b", "c"):
+        assert an_full[key] == pytest.approx(demo_full[key], rel=1e-6, abs=1e-9)
+
+
+def test_cli_help_and_bad_specs(capsys):
+    res = subprocess.run([sys.executable, "-m", "pathgeom_fast.cli", "demo", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--probe-batches" in res.stdout and "records.csv" in res.stdout
+    with pytest.raises(SystemExit, match="must look like 'package.module:function'"):
+        cli.main(["analyze", "x", "--model", "nocolon", "--data", "a:b"])
