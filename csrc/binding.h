@@ -23,12 +23,25 @@ struct Prepared {
   at::Device device = at::kCPU;
 };
 
+// The three input lists as pointers to tensors owned elsewhere (by the dispatcher's argument
+// vectors, or by the Python objects of the direct entry point): no refcount traffic.
+struct Inputs {
+  std::vector<const at::Tensor*> grads, params, refs;  // grads: K lists back to back
+};
+
+Inputs inputs_of(at::TensorList grads, at::TensorList params, at::TensorList refs);
+
 // Validates the inputs and converts them. `grads` holds K lists of T tensors back to back
 // (grads[k * T + i]). Raises ValueError / TypeError naming the offending index.
-Prepared prepare_inputs(const char* op, at::TensorList grads, at::TensorList params,
-                        at::TensorList refs, int64_t K);
+Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K);
 
 // Output layout shared by the backends: [T or 1][K][3] float64 -> the op's shape.
 at::Tensor shape_output(const at::Tensor& rows, int64_t K, bool per_tensor, bool multi);
+
+// [T or 1][K][3] rows, per device type. The CUDA one is set by ops_cuda.cpp when built.
+using RowsFn = at::Tensor (*)(const char* op, const Inputs& in, int64_t K, bool per_tensor,
+                              double weight_decay);
+at::Tensor cpu_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd);
+extern RowsFn cuda_rows_fn;
 
 }  // namespace pathgeom

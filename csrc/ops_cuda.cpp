@@ -17,9 +17,8 @@ void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "pathgeom: CUDA launch of ", what, " failed: ", cuda_error_string(err));
 }
 
-at::Tensor cuda_rows(const char* op, at::TensorList grads, at::TensorList params,
-                     at::TensorList refs, int64_t K, bool per_tensor, double wd) {
-  Prepared p = prepare_inputs(op, grads, params, refs, K);
+at::Tensor cuda_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd) {
+  Prepared p = prepare_inputs(op, in, K);
   const int64_t T = p.T;
   const int32_t W = static_cast<int32_t>(3 * K);
   const c10::cuda::CUDAGuard guard(p.device);
@@ -96,17 +95,22 @@ at::Tensor cuda_rows(const char* op, at::TensorList grads, at::TensorList params
 
 at::Tensor secant_stats_cuda(at::TensorList grads, at::TensorList params, at::TensorList refs,
                              bool per_tensor, double weight_decay) {
-  return shape_output(cuda_rows("secant_stats", grads, params, refs, 1, per_tensor, weight_decay),
-                      1, per_tensor, false);
+  return shape_output(
+      cuda_rows("secant_stats", inputs_of(grads, params, refs), 1, per_tensor, weight_decay), 1,
+      per_tensor, false);
 }
 
 at::Tensor secant_stats_multi_cuda(at::TensorList grads, at::TensorList params,
                                    at::TensorList refs, int64_t num_grads, bool per_tensor,
                                    double weight_decay) {
   return shape_output(
-      cuda_rows("secant_stats_multi", grads, params, refs, num_grads, per_tensor, weight_decay),
+      cuda_rows("secant_stats_multi", inputs_of(grads, params, refs), num_grads, per_tensor,
+                weight_decay),
       num_grads, per_tensor, true);
 }
+
+// Makes the CUDA rows reachable from the direct (dispatcher-free) entry point in ops.cpp.
+const bool kRegistered = (cuda_rows_fn = &cuda_rows, true);
 
 }  // namespace
 

@@ -43,6 +43,9 @@ constexpr int64_t kCpuChunk = 1 << 15;
 void cpu_chunk_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end,
                         double weight_decay, double* out);
 
+// The instruction set the CPU kernel runs with: "avx512", "avx2" or "baseline".
+const char* cpu_isa();
+
 // ---------------------------------------------------------------------------------------
 // CUDA
 // ---------------------------------------------------------------------------------------

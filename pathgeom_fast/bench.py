@@ -1,5 +1,349 @@
-"""Placeholder replaced below."""
-def add_arguments(p):
-    pass
-def main(args):
-    raise SystemExit("not yet")
+"""Benchmarks: the fused op against what users would write, and against the bandwidth limit.
+
+Baselines (defined here once; bench/ suites and ``pathgeom bench`` import them):
+
+* ``naive``: the paper's way: torch.cat of the flattened g, x and x*, then x - x*, a dot and
+  two norms (fp32).
+* ``loop``: a Python loop of torch.dot per tensor (fp32).
+* ``foreach``: torch._foreach_sub + torch._foreach_norm + per-tensor dots.
+* ``compiled``: torch.compile of the loop (large lists only: the graph of 10^4 tensors is
+  too big to compile in reasonable time).
+* ``probe``: the read-bandwidth limit: the faster of one ``sum`` and one ``dot`` over a single
+  contiguous buffer of the same number of bytes as g, x and x* together.
+
+Reported: median time, effective GB/s (bytes of g, x, x* / time), speed-up against naive and
+against the best baseline, fraction of the probe reached (probe time / time), and the peak
+extra memory (CUDA: allocator peak; CPU: peak resident set, reset through
+/proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import pathgeom_fast as pg
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------
+# Baselines
+# ------------------------------------------------------------------------------------------
+
+
+def naive(grads, params, refs):
+    g = torch.cat([t.reshape(-1) for t in grads]).float()
+    x = torch.cat([t.reshape(-1) for t in params]).float()
+    r = torch.cat([t.reshape(-1) for t in refs]).float()
+    d = x - r
+    return torch.stack([torch.dot(g, d), g.norm() ** 2, d.norm() ** 2])
+
+
+def loop(grads, params, refs):
+    a = b = c = 0.0
+    for g, x, r in zip(grads, params, refs):
+        gf = g.reshape(-1).float()
+        d = x.reshape(-1).float() - r.reshape(-1).float()
+        a = a + torch.dot(gf, d)
+        b = b + torch.dot(gf, gf)
+        c = c + torch.dot(d, d)
+    return torch.stack([torch.as_tensor(a), torch.as_tensor(b), torch.as_tensor(c)])
+
+
+def foreach(grads, params, refs):
+    d = torch._foreach_sub(params, refs)
+    gn = torch._foreach_norm(grads)
+    dn = torch._foreach_norm(d)
+    a = torch.stack([torch.dot(g.reshape(-1).float(), di.reshape(-1).float()) for g, di in zip(grads, d)]).sum()
+    return torch.stack([a, (torch.stack(gn).float() ** 2).sum(), (torch.stack(dn).float() ** 2).sum()])
+
+
+_compiled_loop = None
+
+
+def compiled(grads, params, refs):
+    global _compiled_loop
+    if _compiled_loop is None:
+        _compiled_loop = torch.compile(loop, dynamic=False)
+    return _compiled_loop(grads, params, refs)
+
+
+def fused(backend: str) -> Callable:
+    def run(grads, params, refs):
+        return pg.secant_stats(grads, params, refs, backend=backend)
+
+    run.__name__ = f"fused_{backend}"
+    return run
+
+
+def fused_multi(backend: str) -> Callable:
+    def run(grads_lists, params, refs):
+        return pg.secant_stats_multi(grads_lists, params, refs, backend=backend)
+
+    return run
+
+
+def multi_loop_of(single: Callable) -> Callable:
+    """K gradient lists measured one by one with a single-list baseline."""
+
+    def run(grads_lists, params, refs):
+        return torch.stack([single(g, params, refs) for g in grads_lists])
+
+    return run
+
+
+BASELINES = {"naive": naive, "loop": loop, "foreach": foreach, "compiled": compiled}
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes
+# ------------------------------------------------------------------------------------------
+
+
+def model_like_sizes(total: int, n: int = 100, seed: int = 0) -> list[int]:
+    """About ``n`` tensors of mixed sizes (matrices, vectors, a few large ones) summing to ~total."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.exp(torch.randn(n, generator=gen) * 1.5)
+    sizes = (w / w.sum() * total).long().clamp(min=1)
+    small = torch.randint(1, 4096, (n // 5,), generator=gen)  # biases and norms
+    sizes[: n // 5] = small
+    return sizes.tolist()
+
+
+def make_inputs(sizes, dtypes, device, K: int = 1, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    gd, xd, rd = dtypes
+
+    def rnd(n, dt):
+        return torch.randn(n, generator=gen, device=device, dtype=torch.float32).to(dt)
+
+    params = [rnd(n, xd) for n in sizes]
+    refs = [rnd(n, rd) for n in sizes]
+    grads = [[rnd(n, gd) for n in sizes] for _ in range(K)]
+    return (grads[0] if K == 1 else grads), params, refs
+
+
+def nbytes(grads, params, refs) -> int:
+    glist = grads if grads and isinstance(grads[0], Tensor) else [t for g in grads for t in g]
+    return sum(t.numel() * t.element_size() for t in glist + list(params) + list(refs))
+
+
+# ------------------------------------------------------------------------------------------
+# Timing and memory
+# ------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_median(fn, args, device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of fn(*args). CUDA: events; CPU: perf_counter."""
+    for _ in range(warmup):
+        fn(*args)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def peak_extra_bytes(fn, args, device) -> int | None:
+    """Peak memory allocated by one call beyond what was allocated before it."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn(*args)
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set
+        before = _status("VmRSS")
+        fn(*args)
+        return max(0, _status("VmHWM") - before)
+    except OSError:
+        return None
+
+
+def probe_time(total_bytes: int, device, repeats: int) -> float:
+    buf = torch.randn(total_bytes // 4, device=device)
+    half = buf.numel() // 2
+    t_sum = time_median(torch.sum, (buf,), device, repeats)
+    t_dot = time_median(torch.dot, (buf[:half], buf[half : 2 * half]), device, repeats)
+    del buf
+    return min(t_sum, t_dot)
+
+
+def check(out: Tensor, ref: Tensor, name: str) -> None:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    tol = 1e-4 * torch.sqrt(ref[..., 1] * ref[..., 2])
+    if not (bool(((out[..., 0] - ref[..., 0]).abs() <= tol).all()) and torch.allclose(out[..., 1:], ref[..., 1:], rtol=1e-4)):
+        raise AssertionError(f"{name} disagrees with the fp64 reference: {out.tolist()} vs {ref.tolist()}")
+
+
+# ------------------------------------------------------------------------------------------
+# The table
+# ------------------------------------------------------------------------------------------
+
+
+def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int, multi: bool = False) -> list[dict]:
+    grads, params, refs = inputs
+    total = nbytes(grads, params, refs)
+    if multi:
+        ref = torch.stack([pg.reference_secant_stats(g, params, refs) for g in grads])
+    else:
+        ref = pg.reference_secant_stats(grads, params, refs)
+    rows = []
+    t_probe = probe_time(total, device, repeats)
+    rows.append({"case": name, "method": "probe", "ms": t_probe * 1e3, "gbps": total / t_probe / 1e9, "extra_mb": 0.0})
+    for mname, fn in methods.items():
+        try:
+            out = fn(grads, params, refs)
+            check(out, ref, f"{name}/{mname}")
+            t = time_median(fn, (grads, params, refs), device, repeats)
+            extra = peak_extra_bytes(fn, (grads, params, refs), device)
+        except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+            rows.append({"case": name, "method": mname, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            continue
+        rows.append({"case": name, "method": mname, "ms": t * 1e3, "gbps": total / t / 1e9,
+                     "extra_mb": None if extra is None else extra / 1e6})
+    base = {r["method"]: r["ms"] for r in rows if "ms" in r and r["method"] != "probe" and not r["method"].startswith("fused")}
+    best = min(base.values()) if base else None
+    for r in rows:
+        if "ms" not in r:
+            continue
+        r["bytes"] = total
+        r["frac_probe"] = t_probe * 1e3 / r["ms"]
+        r["x_naive"] = base["naive"] / r["ms"] if "naive" in base else None
+        r["x_best_baseline"] = best / r["ms"] if best else None
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'case':<22}{'method':<16}{'ms':>10}{'GB/s':>9}{'of probe':>10}{'x naive':>9}{'x best':>8}{'extra MB':>10}"
+    out = [head, "-" * len(head)]
+    f = lambda v, w, p: f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}f}"
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['case']:<22}{r['method']:<16}  {r['error']}")
+            continue
+        out.append(
+            f"{r['case']:<22}{r['method']:<16}{f(r['ms'], 10, 2)}{f(r['gbps'], 9, 1)}{f(r['frac_probe'], 10, 2)}"
+            f"{f(r['x_naive'], 9, 1)}{f(r['x_best_baseline'], 8, 2)}{f(r['extra_mb'], 10, 1)}"
+        )
+    return "\n".join(out)
+
+
+def environment(device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "extension": pg.extension_available(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        model = platform.processor()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        info["device"] = f"{model}, {os.cpu_count()} cores"
+    return info
+
+
+def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: int = 8, multi_size: int = 2 * 10**7,
+        repeats: int = 5, backends=None, compile_baseline: bool = True, cases=None) -> tuple[list[dict], dict]:
+    dev = torch.device(device)
+    if backends is None:
+        backends = ["cuda", "triton"] if dev.type == "cuda" else (["cpu"] if pg.extension_available() else ["torch"])
+    f32, mixed = (torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32)
+    singles = {f"fused_{b}": fused(b) for b in backends}
+    all_cases = {
+        "large_fp32": (model_like_sizes(size), f32, 1),
+        "large_bf16g_fp32": (model_like_sizes(size), mixed, 1),
+        "small_10k_fp32": ([1000] * small_n, f32, 1),
+        f"multi_k{multi_k}_fp32": (model_like_sizes(multi_size), f32, multi_k),
+    }
+    rows = []
+    for name, (sizes, dtypes, K) in all_cases.items():
+        if cases and not any(name.startswith(c) for c in cases):
+            continue
+        inputs = make_inputs(sizes, dtypes, dev, K=K)
+        base = dict(BASELINES)
+        if not compile_baseline or name.startswith("small"):
+            base.pop("compiled")
+        if K == 1:
+            methods = {**base, **singles}
+        else:
+            methods = {k: multi_loop_of(v) for k, v in base.items() if k in ("naive", "loop")}
+            methods.update({f"fused_{b}_multi": fused_multi(b) for b in backends})
+            methods.update({f"fused_{b}_1by1": multi_loop_of(fused(b)) for b in backends})
+        rows += bench_case(name, inputs, methods, dev, repeats, multi=K > 1)
+        del inputs
+    return rows, environment(dev)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=int, default=10**8, help="elements of the large model-like list")
+    p.add_argument("--small-n", type=int, default=10_000, help="number of 1000-element tensors")
+    p.add_argument("--multi-k", type=int, default=8, help="K gradient lists of the multi case")
+    p.add_argument("--multi-size", type=int, default=2 * 10**7, help="elements per list of the multi case")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median), after one warm-up")
+    p.add_argument("--backends", nargs="*", default=None, help="fused backends to time (default: the device's)")
+    p.add_argument("--cases", nargs="*", default=None, help="case name prefixes (large, small, multi)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--json", default="pathgeom-bench.json", help="where to write all rows and the environment")
+
+
+def main(args) -> int:
+    rows, env = run(args.device, args.size, args.small_n, args.multi_k, args.multi_size, args.repeats, args.backends,
+                    not args.no_compile, args.cases)
+    print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date']}")
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0

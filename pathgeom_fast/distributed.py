@@ -15,23 +15,25 @@ Exactly one collective per call, whatever the number of tensors or gradient list
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
 Tensor = torch.Tensor
 
-try:
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-except ImportError:  # pragma: no cover - torch < 2.5
-    try:
-        from torch.distributed._tensor import DTensor, Replicate, Shard
-        from torch.distributed._tensor.placement_types import Partial
-    except ImportError:
-        DTensor = None
-
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # No DTensor can exist unless its module was imported: checking sys.modules keeps the
+    # (slow) import of torch.distributed.tensor off the path of plain-tensor calls.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _placements():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    return Partial, Replicate, Shard
 
 
 def _check_dtensors(op: str, lists, params, refs):
@@ -48,6 +50,7 @@ def _check_dtensors(op: str, lists, params, refs):
             f"{'a DTensor' if is_dtensor(params[0]) else 'a plain tensor'}; pass all DTensors (global reduction) "
             "or all local tensors (with group= for shards)"
         )
+    Partial, _, _ = _placements()
     mesh = params[0].device_mesh
     for name, t in named:
         if t.device_mesh != mesh:
@@ -89,9 +92,7 @@ def dispatch(op, lists, params, refs, per_tensor, weight_decay, backend, group, 
     """Local compute with ``run`` (ops._run) then, for sharded inputs, one all-reduce."""
     K, T = len(lists), len(params)
     multi = op == "secant_stats_multi"
-    if T and any(is_dtensor(t) for t in (params[0], refs[0], lists[0][0])) or any(
-        is_dtensor(t) for t in params[1:2]
-    ):
+    if T and any(is_dtensor(t) for t in (params[0], refs[0], lists[0][0])):
         if group is not None:
             raise ValueError(f"{op}: group= is for plain local shards; DTensors carry their own mesh")
         return _dtensor(op, lists, params, refs, per_tensor, weight_decay, backend, run)
@@ -107,6 +108,7 @@ def _dtensor(op, lists, params, refs, per_tensor, weight_decay, backend, run):
     K, T = len(lists), len(params)
     multi = op == "secant_stats_multi"
     mesh = _check_dtensors(op, lists, params, refs)
+    _, Replicate, Shard = _placements()
     sharded = sorted({d for p in params for d, pl in enumerate(p.placements) if isinstance(pl, Shard)})
     coord = mesh.get_coordinate()
     # Tensor i contributes here unless it is replicated on a reduced dimension where this

@@ -129,6 +129,8 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
     for lst, fmt in names + [(grads, None)]:
         for j, t in enumerate(lst):
             name = _grad_name(j, T, K) if fmt is None else fmt.format(j)
+            if t is None:
+                raise ValueError(f"{op}: {name} is None (a parameter without .grad? see pathgeom_fast.grads_of)")
             if not isinstance(t, Tensor):
                 raise TypeError(f"{op}: {name} is a {type(t).__name__}, not a torch.Tensor")
             if t.layout != torch.strided:
@@ -169,11 +171,17 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
 
 
 def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
-    """A list of tensors from a list, tuple, generator, nn.Module (its parameters) or tensor."""
+    """A list from a list, tuple, generator, nn.Module (its parameters) or a single tensor.
+
+    Elements are not inspected here (that costs a Python loop per call); the kernels check
+    them, and a failing call is explained by :func:`_validate`.
+    """
+    if type(obj) is list:
+        return obj
     if isinstance(obj, torch.nn.Module):
-        return [p.detach() for p in obj.parameters()]
+        return list(obj.parameters())
     if isinstance(obj, Tensor):
-        return [obj.detach()]
+        return [obj]
     if isinstance(obj, Mapping):
         raise TypeError(
             f"{name} is a {type(obj).__name__}; pass a sequence of tensors in the same order as the "
@@ -181,16 +189,7 @@ def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
         )
     if isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
         raise TypeError(f"{name} must be a sequence of tensors or an nn.Module, got {type(obj).__name__}")
-    out = list(obj)
-    for j, t in enumerate(out):
-        if isinstance(t, Tensor):
-            if t.requires_grad:
-                out[j] = t.detach()
-        elif t is None:
-            raise ValueError(f"{name}[{j}] is None (a parameter without .grad? see pathgeom_fast.grads_of)")
-        else:
-            raise TypeError(f"{name}[{j}] is a {type(t).__name__}, not a torch.Tensor")
-    return out
+    return list(obj)
 
 
 def grads_of(module_or_params: Any) -> list[Tensor]:
@@ -242,14 +241,13 @@ def _run(op: str, grads, params, refs, K: int, per_tensor: bool, weight_decay: f
         return torch.zeros(_out_shape(0, K, per_tensor, multi), dtype=torch.float64)
     device = params[0].device
     which = _choose(backend, device)
-    if which in ("cpu", "cuda") or (which == "torch" and not _ext.available()):
-        fn = torch.ops.pathgeom.secant_stats_multi if multi else torch.ops.pathgeom.secant_stats
-        args = (grads, params, refs, K) if multi else (grads, params, refs)
-        try:
+    if which in ("cpu", "cuda"):
+        if torch.compiler.is_compiling():  # traced: the registered op, with its fake kernel
+            fn = torch.ops.pathgeom.secant_stats_multi if multi else torch.ops.pathgeom.secant_stats
+            args = (grads, params, refs, K) if multi else (grads, params, refs)
             return fn(*args, per_tensor=per_tensor, weight_decay=weight_decay)
-        except (RuntimeError, TypeError, ValueError):
-            _validate(op, grads, params, refs, K)  # names the offending input when it can
-            raise
+        # eager: the dispatcher-free entry point (same kernels, same checks)
+        return _ext._C.secant_stats_direct(grads, params, refs, K, per_tensor, weight_decay, multi)
     _validate(op, grads, params, refs, K)
     if which == "triton":
         out = torch.ops.pathgeom.secant_stats_triton(grads, params, refs, K, per_tensor, weight_decay)

@@ -28,7 +28,18 @@ def snapshot_path(directory: str, step: int) -> str:
 
 
 def save_snapshot(model: torch.nn.Module, path: str, step: int, lr: float | None = None) -> None:
-    tensors = {n: p.detach().cpu().contiguous() for n, p in trainable(model)}
+    """Save the trainable parameters. Sharded (DTensor) parameters are gathered and written by
+    rank 0 alone (collective: every rank must call this)."""
+    from .distributed import is_dtensor
+
+    named = trainable(model)
+    sharded = bool(named) and is_dtensor(named[0][1])
+    tensors = {n: (p.detach().full_tensor() if sharded else p.detach()).cpu().contiguous() for n, p in named}
+    if sharded:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return
     meta = {"step": str(step), "lr": "" if lr is None else repr(float(lr))}
     save_file(tensors, path, metadata=meta)
 
@@ -37,15 +48,34 @@ def load_snapshot(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a snapshot; a clear error for a missing or corrupt file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"snapshot {path} does not exist")
+    meta = snapshot_meta(path)
     try:
         tensors = load_file(path)
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"snapshot {path} is not a readable safetensors file ({exc})") from exc
     return tensors, meta
+
+
+def _header(path: str) -> tuple[list[str], dict[str, str]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"snapshot {path} does not exist")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"snapshot {path} is not a readable safetensors file ({exc})") from exc
+
+
+def snapshot_keys(path: str) -> list[str]:
+    """Tensor names of a snapshot, without reading the tensors."""
+    return _header(path)[0]
+
+
+def snapshot_meta(path: str) -> dict[str, str]:
+    """Metadata of a snapshot (step, lr), without reading the tensors."""
+    return _header(path)[1]
 
 
 def list_snapshots(directory: str) -> list[tuple[int, str]]:
@@ -94,12 +124,12 @@ def analyze_snapshots(
     """Rows (as PathTracker.records) for every snapshot in ``directory``.
 
     ``reference``: a safetensors path; default: the last snapshot of the directory.
+    Works on sharded (FSDP2) models too: each rank reads its slices of every snapshot.
     Returns (records, per_tensor_records).
     """
     snaps = list_snapshots(directory)
     ref_path = reference or snaps[-1][1]
     ref = Reference.from_file(model, ref_path)
-    device = next(model.parameters()).device
     tracker = PathTracker(
         model, ref, None, loss_fn=loss_fn, probe_batches=probe_batches, probe_every=1,
         full_batch=full_batch, per_tensor=per_tensor, update="off", backend=backend,
@@ -107,14 +137,11 @@ def analyze_snapshots(
     from tqdm.auto import tqdm
 
     for step, path in tqdm(snaps, desc="snapshots", disable=not progress):
-        tensors, meta = load_snapshot(path)
-        try:
-            state = Reference.from_state_dict(model, tensors, source=f"snapshot {path}")
-        except (KeyError, ValueError) as exc:
-            raise ValueError(str(exc)) from exc
+        meta = snapshot_meta(path)
+        state = Reference.from_file(model, path)  # sharded models read only their slices
         with torch.no_grad():
             for p, t in zip(tracker.params, state.tensors):
-                p.copy_(t.to(device))
+                p.copy_(t)
         for p in tracker.params:
             p.grad = None
         # the "minibatch" row here is the first probe batch's gradient

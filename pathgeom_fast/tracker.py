@@ -96,9 +96,22 @@ class Reference:
 
     @classmethod
     def from_file(cls, model: torch.nn.Module, path: str) -> "Reference":
-        """x* from a safetensors snapshot (never unpickled)."""
-        from .snapshots import load_snapshot
+        """x* from a safetensors snapshot (never unpickled).
 
+        For a sharded model (DTensor parameters, e.g. FSDP2) each rank reads only its own
+        slice of each tensor from the file.
+        """
+        from .snapshots import load_snapshot, snapshot_keys
+
+        named = trainable(model)
+        if named and _is_dtensor(named[0][1]):
+            from .distributed_path import read_sharded
+
+            keys = snapshot_keys(path)
+            missing = [n for n, _ in named if n not in keys]
+            if missing:
+                raise KeyError(f"reference file {path} lacks {len(missing)} of the model's parameters: {missing[:5]}")
+            return cls([n for n, _ in named], [read_sharded(path, n, p) for n, p in named])
         return cls.from_state_dict(model, load_snapshot(path)[0], source=f"file {path}")
 
     @classmethod
