@@ -11,9 +11,11 @@ Baselines (defined here once; bench/ suites and ``pathgeom bench`` import them):
 * ``probe``: the read-bandwidth limit: the faster of one ``sum`` and one ``dot`` over a single
   contiguous buffer of the same number of bytes as g, x and x* together.
 
-Reported: median time, effective GB/s (bytes of g, x, x* / time), speed-up against naive and
-against the best baseline, fraction of the probe reached (probe time / time), and the peak
-extra memory (CUDA: allocator peak; CPU: peak resident set, reset through
+Every method is first compared with the fp64 reference: the fused op must be within the
+DESIGN tolerance (1e-6), baselines report their error (``rel err``; fp32 norms of 10^8
+elements are off by percents). Reported: median time, effective GB/s (bytes of g, x, x* /
+time), speed-up against naive and against the best baseline, fraction of the probe reached
+(probe time / time), and the peak extra memory (CUDA: allocator peak; CPU: peak resident set, reset through
 /proc/self/clear_refs).
 """
 
@@ -176,6 +178,20 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def pin_mmap_threshold() -> None:
+    """Make glibc serve every allocation of 64 KiB or more with fresh pages (mmap), so that
+    the peak resident set shows each call's temporaries instead of reused heap pages. Used
+    only for the memory pass, after the timings."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_bytes(fn, args, device) -> int | None:
     """Peak memory allocated by one call beyond what was allocated before it."""
     if device.type == "cuda":
@@ -204,11 +220,12 @@ def probe_time(total_bytes: int, device, repeats: int) -> float:
     return min(t_sum, t_dot)
 
 
-def check(out: Tensor, ref: Tensor, name: str) -> None:
+def rel_error(out: Tensor, ref: Tensor) -> float:
+    """Largest error against the fp64 reference, relative to the DESIGN scales:
+    |a - a*| / sqrt(b c), |b - b*| / b, |c - c*| / c."""
     out, ref = out.double().cpu(), ref.double().cpu()
-    tol = 1e-4 * torch.sqrt(ref[..., 1] * ref[..., 2])
-    if not (bool(((out[..., 0] - ref[..., 0]).abs() <= tol).all()) and torch.allclose(out[..., 1:], ref[..., 1:], rtol=1e-4)):
-        raise AssertionError(f"{name} disagrees with the fp64 reference: {out.tolist()} vs {ref.tolist()}")
+    scale = torch.stack([torch.sqrt(ref[..., 1] * ref[..., 2]), ref[..., 1], ref[..., 2]], -1)
+    return float(((out - ref).abs() / scale).max())
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,40 +234,50 @@ def check(out: Tensor, ref: Tensor, name: str) -> None:
 
 
 def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int, multi: bool = False) -> list[dict]:
+    """Timings of one case (probe first); memory comes later, from ``memory_case``."""
     grads, params, refs = inputs
     total = nbytes(grads, params, refs)
     if multi:
         ref = torch.stack([pg.reference_secant_stats(g, params, refs) for g in grads])
     else:
         ref = pg.reference_secant_stats(grads, params, refs)
-    rows = []
     t_probe = probe_time(total, device, repeats)
-    rows.append({"case": name, "method": "probe", "ms": t_probe * 1e3, "gbps": total / t_probe / 1e9, "extra_mb": 0.0})
+    rows = [{"case": name, "method": "probe", "ms": t_probe * 1e3, "extra_mb": 0.0}]
     for mname, fn in methods.items():
         try:
-            out = fn(grads, params, refs)
-            check(out, ref, f"{name}/{mname}")
+            err = rel_error(fn(grads, params, refs), ref)
             t = time_median(fn, (grads, params, refs), device, repeats)
-            extra = peak_extra_bytes(fn, (grads, params, refs), device)
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             rows.append({"case": name, "method": mname, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             continue
-        rows.append({"case": name, "method": mname, "ms": t * 1e3, "gbps": total / t / 1e9,
-                     "extra_mb": None if extra is None else extra / 1e6})
+        # the fused op must meet the DESIGN tolerance; baselines report their error
+        if mname.startswith("fused") and not err <= 1e-6:
+            raise AssertionError(f"{name}/{mname}: error {err:.2e} against the fp64 reference exceeds 1e-6")
+        rows.append({"case": name, "method": mname, "ms": t * 1e3, "rel_err": err})
     base = {r["method"]: r["ms"] for r in rows if "ms" in r and r["method"] != "probe" and not r["method"].startswith("fused")}
     best = min(base.values()) if base else None
     for r in rows:
         if "ms" not in r:
             continue
         r["bytes"] = total
+        r["gbps"] = total / r["ms"] / 1e6
         r["frac_probe"] = t_probe * 1e3 / r["ms"]
         r["x_naive"] = base["naive"] / r["ms"] if "naive" in base else None
         r["x_best_baseline"] = best / r["ms"] if best else None
     return rows
 
 
+def memory_case(rows: list[dict], inputs, methods: dict[str, Callable], device) -> None:
+    """Fill ``extra_mb`` (peak extra memory of one call) into the timing rows of a case."""
+    for r in rows:
+        fn = methods.get(r["method"])
+        if fn is not None and "ms" in r:
+            extra = peak_extra_bytes(fn, inputs, device)
+            r["extra_mb"] = None if extra is None else extra / 1e6
+
+
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'case':<22}{'method':<16}{'ms':>10}{'GB/s':>9}{'of probe':>10}{'x naive':>9}{'x best':>8}{'extra MB':>10}"
+    head = f"{'case':<22}{'method':<16}{'ms':>10}{'GB/s':>9}{'of probe':>10}{'x naive':>9}{'x best':>8}{'extra MB':>10}{'rel err':>10}"
     out = [head, "-" * len(head)]
     f = lambda v, w, p: f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}f}"
     for r in rows:
@@ -260,6 +287,7 @@ def format_rows(rows: list[dict]) -> str:
         out.append(
             f"{r['case']:<22}{r['method']:<16}{f(r['ms'], 10, 2)}{f(r['gbps'], 9, 1)}{f(r['frac_probe'], 10, 2)}"
             f"{f(r['x_naive'], 9, 1)}{f(r['x_best_baseline'], 8, 2)}{f(r['extra_mb'], 10, 1)}"
+            + (f"{r['rel_err']:>10.1e}" if r.get("rel_err") is not None else f"{'-':>10}")
         )
     return "\n".join(out)
 
@@ -305,22 +333,30 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
         "small_10k_fp32": ([1000] * small_n, f32, 1),
         f"multi_k{multi_k}_fp32": (model_like_sizes(multi_size), f32, multi_k),
     }
-    rows = []
-    for name, (sizes, dtypes, K) in all_cases.items():
-        if cases and not any(name.startswith(c) for c in cases):
-            continue
-        inputs = make_inputs(sizes, dtypes, dev, K=K)
+    def methods_for(name, K):
         base = dict(BASELINES)
         if not compile_baseline or name.startswith("small"):
             base.pop("compiled")
         if K == 1:
-            methods = {**base, **singles}
-        else:
-            methods = {k: multi_loop_of(v) for k, v in base.items() if k in ("naive", "loop")}
-            methods.update({f"fused_{b}_multi": fused_multi(b) for b in backends})
-            methods.update({f"fused_{b}_1by1": multi_loop_of(fused(b)) for b in backends})
-        rows += bench_case(name, inputs, methods, dev, repeats, multi=K > 1)
+            return {**base, **singles}
+        methods = {k: multi_loop_of(v) for k, v in base.items() if k in ("naive", "loop")}
+        methods.update({f"fused_{b}_multi": fused_multi(b) for b in backends})
+        methods.update({f"fused_{b}_1by1": multi_loop_of(fused(b)) for b in backends})
+        return methods
+
+    selected = {n: c for n, c in all_cases.items() if not cases or any(n.startswith(p) for p in cases)}
+    per_case = {}
+    for name, (sizes, dtypes, K) in selected.items():  # timings first, in normal conditions
+        inputs = make_inputs(sizes, dtypes, dev, K=K)
+        per_case[name] = bench_case(name, inputs, methods_for(name, K), dev, repeats, multi=K > 1)
         del inputs
+    if dev.type == "cpu":
+        pin_mmap_threshold()
+    for name, (sizes, dtypes, K) in selected.items():  # then the memory pass
+        inputs = make_inputs(sizes, dtypes, dev, K=K)
+        memory_case(per_case[name], inputs, methods_for(name, K), dev)
+        del inputs
+    rows = [r for name in selected for r in per_case[name]]
     return rows, environment(dev)
 
 

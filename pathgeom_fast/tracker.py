@@ -26,8 +26,14 @@ What is measured (each a row of ``tracker.records``; a, b, c as in DESIGN.md sec
 * ``probe``: every ``probe_every`` steps, the gradients of K fixed minibatches at x_t
   (``secant_stats_multi``: params and x* read once for all K), and ``full`` the full-batch
   gradient when ``full_batch=`` is given. Probes use ``torch.autograd.grad`` (the training
-  ``.grad`` is untouched), a forked RNG and restored buffers (BatchNorm statistics), so they
-  do not change the replayed path.
+  ``.grad`` is untouched; for sharded FSDP2 models, whose gradients only reach the sharded
+  parameters through backward hooks, ``backward()`` with the training ``.grad`` set aside and
+  restored), a forked RNG and restored buffers (BatchNorm statistics), so they do not change
+  the replayed path. Memory: the K probe gradients (one gradient for the full batch).
+
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters) work as they are: statistics are
+computed on local shards with one all-reduce per call, and ``Reference.from_file`` reads only
+each rank's slice of x*.
 
 Deterministic replay. Two runs retrace the same path when they start from the same
 initialisation (same seed), see the same batches in the same order (seeded shuffling), and
@@ -221,6 +227,7 @@ class PathTracker:
         named = trainable(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.sharded = bool(self.params) and _is_dtensor(self.params[0])
         self.records: list[dict[str, Any]] = []
         self.per_tensor_records: list[dict[str, Any]] = []
         self.update_mode = self._update_mode(update)
@@ -315,6 +322,9 @@ class PathTracker:
         elif self.update_mode == "copy":
             if self._copy is None:
                 self._copy = [p.detach().clone() for p in self.params]
+            elif self.sharded:
+                for c, p in zip(self._copy, self.params):
+                    c.copy_(p.detach())
             else:
                 torch._foreach_copy_(self._copy, [p.detach() for p in self.params])
         return row
@@ -361,19 +371,35 @@ class PathTracker:
 
     # -- probes -------------------------------------------------------------------------
 
+    def _one_grad(self, batch) -> list[Tensor]:
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model, batch)
+            if not self.sharded:
+                return list(torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True))
+            # FSDP2 moves gradients to the sharded parameters in its own backward hooks, which
+            # autograd.grad bypasses: run backward() with the training .grad set aside.
+            saved = [p.grad for p in self.params]
+            for p in self.params:
+                p.grad = None
+            try:
+                loss.backward()
+                return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            finally:
+                for p, g in zip(self.params, saved):
+                    p.grad = g
+
     def _grad_of(self, batches: Sequence[Any]) -> list[Tensor]:
-        """Mean gradient over batches (weighted by batch length), not touching ``.grad``."""
+        """Mean gradient over batches (weighted by batch length), leaving ``.grad`` as it was."""
         total = sum(_batch_len(b) for b in batches)
         acc = None
         for b in batches:
-            with torch.enable_grad():
-                loss = self.loss_fn(self.model, b)
-                gs = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
+            gs = self._one_grad(b)
             w = _batch_len(b) / total
             if acc is None:
-                acc = [g * w for g in gs] if len(batches) > 1 else list(gs)
+                acc = [g * w for g in gs] if len(batches) > 1 else gs
             else:
-                torch._foreach_add_(acc, gs, alpha=w)
+                for a, g in zip(acc, gs):
+                    a.add_(g, alpha=w)
         return acc
 
     def _probes(self, step: int, lr) -> None:
