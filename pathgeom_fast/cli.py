@@ -18,6 +18,12 @@ def _load_callable(spec: str, what: str):
         raise SystemExit(f"pathgeom: cannot load {what} {spec!r}: {exc}")
 
 
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _cmd_demo(args) -> int:
     from . import report
     from .demo import DemoConfig, run_demo
@@ -30,6 +36,8 @@ def _cmd_demo(args) -> int:
         progress=not args.quiet,
     )
     summary = run_demo(cfg)
+    if not _is_rank0():
+        return 0
     print(report.format_table(summary))
     print(
         f"final train loss {summary['final_train_loss']:.4f}, accuracy {summary['final_train_accuracy']:.3f}; "
@@ -107,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run 1 trains and keeps x*; run 2 replays the same path and measures, every step, the "
         "training gradient and the optimizer's update, and every --probe-every steps K fixed probe minibatches "
         "and the full-batch gradient. Writes records.csv, summary.json, geometry.png, snapshots/ and "
-        "xstar.safetensors to --out and prints a summary table.",
+        "xstar.safetensors to --out and prints a summary table. Under `torchrun --nproc-per-node N -m "
+        "pathgeom_fast.cli demo` the model is sharded with FSDP2 (gloo on CPU, NCCL with --device cuda).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--out", default=d.out, help="output directory")

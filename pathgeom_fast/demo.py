@@ -7,6 +7,11 @@ the identical path with a :class:`PathTracker` measuring every step, and writes 
 ``make_model``, ``make_data`` and ``loss_fn`` follow the contract of ``pathgeom analyze``,
 so ``pathgeom analyze DIR/snapshots --model pathgeom_fast.demo:make_model
 --data pathgeom_fast.demo:make_data`` re-analyses the demo's snapshots.
+
+Under ``torchrun --nproc-per-node N -m pathgeom_fast.cli demo`` (gloo on CPU, NCCL on GPUs)
+the model is sharded with FSDP2 ``fully_shard`` and every batch is split across the ranks;
+the loss is scaled so that FSDP2's gradient averaging gives exactly the global-mean gradient,
+so the numbers equal the single-process demo's (to rounding). x* is read back sharded.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class DemoConfig:
     seed: int = 0
     backend: str = "auto"
     progress: bool = True
+    fsdp: bool = False  # set when launched with torchrun (WORLD_SIZE > 1)
 
 
 def make_data(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +93,39 @@ def make_model(kind: str = "mlp") -> torch.nn.Module:
 def loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y)
+
+
+def sharded_loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Data-parallel loss: this rank's slice of the batch, scaled so that FSDP2's average of
+    the per-rank gradients is the gradient of the mean loss over the whole batch."""
+    import torch.distributed as dist
+
+    x, y = batch
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return F.cross_entropy(model(x[rank::world]), y[rank::world], reduction="sum") * (world / len(x))
+
+
+def _global_loss(loss: torch.Tensor) -> torch.Tensor:
+    """The whole batch's mean loss from the per-rank scaled losses (for logging)."""
+    import torch.distributed as dist
+
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """FSDP2: shard every Linear/Conv2d, then the root."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def lr_at(step: int, cfg: DemoConfig) -> float:
@@ -136,6 +175,9 @@ def train(cfg: DemoConfig, X, y, order, tracker_fn=None, recorder_dir=None, desc
 
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model).to(cfg.device)
+    if cfg.fsdp:
+        model = shard_model(model, cfg.device)
+    lossf = sharded_loss_fn if cfg.fsdp else loss_fn
     opt = make_optimizer(cfg, model.parameters())
     tracker = tracker_fn(model, opt) if tracker_fn else None
     recorder = SnapshotRecorder(model, recorder_dir, every=cfg.snapshot_every) if recorder_dir else None
@@ -147,11 +189,12 @@ def train(cfg: DemoConfig, X, y, order, tracker_fn=None, recorder_dir=None, desc
         if recorder:
             recorder.maybe_save(step, lr)
         idx = order[step].to(cfg.device)
-        loss = loss_fn(model, (X[idx], y[idx]))
+        loss = lossf(model, (X[idx], y[idx]))
         loss.backward()
-        losses[step] = float(loss.detach())
+        shown = _global_loss(loss) if cfg.fsdp else loss.detach()
+        losses[step] = float(shown)
         if tracker is not None:
-            with tracker.step(step, loss):
+            with tracker.step(step, shown):
                 opt.step()
         else:
             opt.step()
@@ -161,8 +204,27 @@ def train(cfg: DemoConfig, X, y, order, tracker_fn=None, recorder_dir=None, desc
     return model, losses, tracker
 
 
+def _init_distributed(cfg: DemoConfig) -> bool:
+    """Join the torchrun job if there is one; returns whether this rank writes the outputs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    import torch.distributed as dist
+
+    cfg.fsdp = True
+    if cfg.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cfg.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    cfg.progress = cfg.progress and rank == 0
+    return rank == 0
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run both passes and write the report to cfg.out. Returns the summary."""
+    """Run both passes and write the report to cfg.out. Returns the summary (every rank)."""
+    writer_rank = _init_distributed(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
@@ -172,22 +234,27 @@ def run_demo(cfg: DemoConfig) -> dict:
     # Run 1: train, keep x* and the losses.
     model1, losses, _ = train(cfg, X, y, order, recorder_dir=os.path.join(cfg.out, "snapshots"), desc="run 1 (find x*)")
     xstar_path = os.path.join(cfg.out, "xstar.safetensors")
-    save_snapshot(model1, xstar_path, cfg.steps)
-    with open(os.path.join(cfg.out, "trajectory.json"), "w") as f:
-        json.dump({"losses": losses}, f)
+    save_snapshot(model1, xstar_path, cfg.steps)  # collective when sharded; rank 0 writes
+    if writer_rank:
+        with open(os.path.join(cfg.out, "trajectory.json"), "w") as f:
+            json.dump({"losses": losses}, f)
+    if cfg.fsdp:
+        import torch.distributed as dist
+
+        dist.barrier()  # x* is on disk before run 2 reads its slices
     with torch.no_grad():
         acc = float((model1(X).argmax(1) == y).float().mean())
 
     # Run 2: replay the same path and measure every step.
     probes = probe_set(X, y, cfg)
-    writer = report.tensorboard_writer(os.path.join(cfg.out, "tensorboard"))
+    writer = report.tensorboard_writer(os.path.join(cfg.out, "tensorboard")) if writer_rank else None
 
     def make_tracker(model, opt):
         return PathTracker(
             model,
             Reference.from_file(model, xstar_path),
             opt,
-            loss_fn=loss_fn,
+            loss_fn=sharded_loss_fn if cfg.fsdp else loss_fn,
             probe_batches=probes,
             probe_every=cfg.probe_every,
             full_batch=[(X, y)] if cfg.full_batch else None,
@@ -202,7 +269,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     replay_ratio = tracker.finish()
     if writer is not None:
         writer.close()
-    numel = sum(p.numel() for p in model2.parameters())
+    numel = sum(p.numel() for p in model2.parameters())  # global sizes, also for DTensors
     extra = {
         "config": asdict(cfg),
         "final_train_accuracy": acc,
@@ -210,6 +277,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         "replay_final_distance_ratio": replay_ratio,
         "update_mode": tracker.update_mode,
         "seconds": time.perf_counter() - t0,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
     title = f"digits {cfg.model}, {cfg.optimizer}, lr {cfg.lr} {cfg.schedule}, {cfg.steps} steps"
-    return report.write_report(cfg.out, tracker.records, tracker.per_tensor_records, numel, title, extra)
+    if writer_rank:
+        return report.write_report(cfg.out, tracker.records, tracker.per_tensor_records, numel, title, extra)
+    summary = report.summarize(tracker.records, numel)
+    summary.update(extra)
+    return summary

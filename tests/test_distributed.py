@@ -21,3 +21,33 @@ def test_dtensor_2d_mesh_replicated_dims_not_counted_twice():
 
 def test_fsdp2_tracker_matches_single_process(tmp_path):
     W.launch(W.fsdp_tracker, 2, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_demo_matches_single_process(tmp_path):
+    """`torchrun --nproc-per-node 2 ... demo` (FSDP2, gloo) writes the same report numbers."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from pathgeom_fast import cli, report
+
+    args = ["demo", "--steps", "24", "--probe-every", "8", "--probe-batches", "3", "--snapshot-every", "8", "--quiet"]
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pathgeom_fast.cli"]
+        + args + ["--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = report.read_csv(str(tmp_path / "one" / "records.csv"))
+    two = report.read_csv(str(tmp_path / "two" / "records.csv"))
+    assert len(one) == len(two) > 24
+    for a, b in zip(one, two):
+        assert (a["step"], a["kind"], a["sample"]) == (b["step"], b["kind"], b["sample"])
+        assert abs(a["a"] - b["a"]) <= 1e-5 * math.sqrt(a["b"] * a["c"]), (a, b)
+        assert b["b"] == pytest.approx(a["b"], rel=1e-5) and b["c"] == pytest.approx(a["c"], rel=1e-5)
+    assert (tmp_path / "two" / "geometry.png").is_file()
