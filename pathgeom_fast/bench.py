@@ -149,25 +149,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_median(fn, args, device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of fn(*args). CUDA: events; CPU: perf_counter."""
-    for _ in range(warmup):
+def time_once(fn, args, device) -> float:
+    """Seconds of one fn(*args). CUDA: events; CPU: perf_counter."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, timed round-robin (one call of each per round, after a
+    warm-up round) so that the noise of a shared machine falls on all of them alike."""
+    for fn, args in calls.values():
         fn(*args)
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, (fn, args) in calls.items():
+            times[k].append(time_once(fn, args, device))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _status(key: str) -> int:
@@ -211,13 +217,11 @@ def peak_extra_bytes(fn, args, device) -> int | None:
         return None
 
 
-def probe_time(total_bytes: int, device, repeats: int) -> float:
+def probe_calls(total_bytes: int, device) -> dict[str, tuple[Callable, tuple]]:
+    """The read-bandwidth probe: a sum and a dot over one buffer of ``total_bytes``."""
     buf = torch.randn(total_bytes // 4, device=device)
     half = buf.numel() // 2
-    t_sum = time_median(torch.sum, (buf,), device, repeats)
-    t_dot = time_median(torch.dot, (buf[:half], buf[half : 2 * half]), device, repeats)
-    del buf
-    return min(t_sum, t_dot)
+    return {"probe_sum": (torch.sum, (buf,)), "probe_dot": (torch.dot, (buf[:half], buf[half : 2 * half]))}
 
 
 def rel_error(out: Tensor, ref: Tensor) -> float:
@@ -241,19 +245,27 @@ def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int,
         ref = torch.stack([pg.reference_secant_stats(g, params, refs) for g in grads])
     else:
         ref = pg.reference_secant_stats(grads, params, refs)
-    t_probe = probe_time(total, device, repeats)
-    rows = [{"case": name, "method": "probe", "ms": t_probe * 1e3, "extra_mb": 0.0}]
+    calls = probe_calls(total, device)
+    rows = [{"case": name, "method": "probe", "extra_mb": 0.0}]
     for mname, fn in methods.items():
         try:
             err = rel_error(fn(grads, params, refs), ref)
-            t = time_median(fn, (grads, params, refs), device, repeats)
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             rows.append({"case": name, "method": mname, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             continue
         # the fused op must meet the DESIGN tolerance; baselines report their error
         if mname.startswith("fused") and not err <= 1e-6:
             raise AssertionError(f"{name}/{mname}: error {err:.2e} against the fp64 reference exceeds 1e-6")
-        rows.append({"case": name, "method": mname, "ms": t * 1e3, "rel_err": err})
+        rows.append({"case": name, "method": mname, "rel_err": err})
+        calls[mname] = (fn, (grads, params, refs))
+    t = time_interleaved(calls, device, repeats)
+    t_probe = min(t.pop("probe_sum"), t.pop("probe_dot"))
+    del calls
+    for r in rows:
+        if r["method"] == "probe":
+            r["ms"] = t_probe * 1e3
+        elif "error" not in r:
+            r["ms"] = t[r["method"]] * 1e3
     base = {r["method"]: r["ms"] for r in rows if "ms" in r and r["method"] != "probe" and not r["method"].startswith("fused")}
     best = min(base.values()) if base else None
     for r in rows:
