@@ -38,6 +38,12 @@ def test_demo_writes_the_report(demo_dir, capsys):
     assert mb["rate"] == pytest.approx(1 - mb["mu"] ** 2 / mb["L"] ** 2)
     assert summary["replay_final_distance_ratio"] == 0.0
     assert [s["step"] for s in summary["steps"]["probe"]] == [0, 10, 20]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:  # scalars went to TensorBoard too
+        assert any(p.name.startswith("events.out.tfevents") for p in (demo_dir / "tensorboard").iterdir())
     assert sorted(p.name for p in (demo_dir / "snapshots").iterdir()) == [
         "step_00000000.safetensors", "step_00000010.safetensors", "step_00000020.safetensors", "step_00000030.safetensors"]
 

@@ -71,6 +71,7 @@ class StepMeasurer:
         self.tracker: PathTracker | None = None
         self.recorder: SnapshotRecorder | None = None
         self._pending = False
+        self._seen_step: int | None = None
         self.last: dict[str, Any] | None = None  # rows of the last measured step, by kind
 
     def _setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> PathTracker:
@@ -86,11 +87,14 @@ class StepMeasurer:
 
     def before_step(self, model, optimizer, step: int, loss=None) -> dict | None:
         """Measure the gradient now in ``.grad`` (call after backward, before the step)."""
+        if step == self._seen_step:  # frameworks may reach this twice in one step
+            return None
+        self._seen_step = step
         tracker = self._setup(model, optimizer)
         if self.recorder is not None:
             lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
             self.recorder.maybe_save(step, lr)
-        if not self.wants(step) or self._pending:
+        if not self.wants(step):
             return None
         row = tracker.measure(step, loss)
         self._pending = True
