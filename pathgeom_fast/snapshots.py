@@ -144,15 +144,12 @@ def analyze_snapshots(
                 p.copy_(t)
         for p in tracker.params:
             p.grad = None
-        # the "minibatch" row here is the first probe batch's gradient
-        with torch.enable_grad():
-            loss = loss_fn(model, probe_batches[0])
-            grads = torch.autograd.grad(loss, tracker.params, allow_unused=True, materialize_grads=True)
-        for p, g in zip(tracker.params, grads):
+        # the "minibatch" row here is the first probe batch's gradient (sharding-aware)
+        for p, g in zip(tracker.params, tracker._one_grad(probe_batches[0])):
             p.grad = g
         lr = float(meta["lr"]) if meta.get("lr") else None
         tracker._lr = lambda lr=lr: lr  # snapshots carry their own lr
-        tracker.measure(step, loss)
+        tracker.measure(step)
         tracker.after_step()
     for p in tracker.params:
         p.grad = None

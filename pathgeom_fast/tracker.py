@@ -53,7 +53,6 @@ from typing import Any
 
 import torch
 
-from .geometry import geometry
 from .ops import secant_stats, secant_stats_multi
 
 Tensor = torch.Tensor
@@ -141,19 +140,27 @@ def _is_dtensor(t) -> bool:
     return is_dtensor(t)
 
 
+def _div(x: float, y: float) -> float:
+    """x / y with torch's semantics for zero denominators (inf or nan), without tensors."""
+    if y != 0.0:
+        return x / y
+    return math.nan if x == 0.0 or math.isnan(x) else math.copysign(math.inf, x)
+
+
 def _row(step, kind, sample, stats: Tensor, lr, loss) -> dict[str, Any]:
+    """One record; the metrics are those of pathgeom_fast.geometry, in plain floats (this runs
+    every step, where a handful of tensor ops would cost more than the fused pass)."""
     a, b, c = (float(v) for v in stats.tolist())
-    geo = geometry(stats)
     return {
         "step": step,
         "kind": kind,
         "sample": sample,
         "lr": lr,
         "loss": loss,
-        "rsi": float(geo.rsi),
-        "eb": float(geo.eb),
-        "cos": float(geo.cos),
-        "eta_star": float(geo.eta_star),
+        "rsi": _div(a, c),
+        "eb": math.sqrt(_div(b, c)),
+        "cos": _div(a, math.sqrt(b * c)),
+        "eta_star": _div(a, b),
         "a": a,
         "b": b,
         "c": c,

@@ -227,3 +227,33 @@ def fsdp_tracker(rank, world, tmpdir):
         assert (a["step"], a["kind"]) == (b["step"], b["kind"])
         for key in ("a", "b", "c"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a, b)
+
+    # post-hoc analysis of snapshots, sharded, equals the single-process analysis
+    from pathgeom_fast.snapshots import SnapshotRecorder, analyze_snapshots
+
+    snaps = os.path.join(tmpdir, "snaps")
+    torch.manual_seed(1)
+    m1 = make()
+    rec = SnapshotRecorder(m1, snaps, every=2) if rank == 0 else None
+    opt = torch.optim.SGD(m1.parameters(), lr=0.1)
+    for s in range(5):
+        if rec:
+            rec.maybe_save(s)
+        loss_fn(m1, (X[s * 8 : s * 8 + 8], Y[s * 8 : s * 8 + 8])).backward()
+        opt.step()
+        opt.zero_grad()
+    dist.barrier()
+    probes = [(X[:16], Y[:16]), (X[16:32], Y[16:32])]
+    full = [(X[:40], Y[:40]), (X[40:], Y[40:])]
+    single_rows, _ = analyze_snapshots(snaps, make(), loss_fn, probes, full, progress=False)
+    sharded2 = make()
+    for layer in sharded2:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(sharded2, mesh=mesh)
+    sharded_rows, _ = analyze_snapshots(snaps, sharded2, loss_fn, probes, full, progress=False)
+    assert len(single_rows) == len(sharded_rows) == 3 * 4  # snapshots 0, 2, 4 x (minibatch, 2 probes, full)
+    for a, b in zip(single_rows, sharded_rows):
+        assert (a["step"], a["kind"], a["sample"]) == (b["step"], b["kind"], b["sample"])
+        for key in ("a", "b", "c"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a, b)
