@@ -15,7 +15,7 @@ def _load_callable(spec: str, what: str):
     try:
         return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"pathgeom: cannot load {what} {spec!r}: {exc}")
+        raise SystemExit(f"pathgeom: cannot load {what} {spec!r}: {exc}") from exc
 
 
 def _is_rank0() -> bool:

@@ -91,7 +91,6 @@ def _mesh_group(mesh, dims: list[int]):
 def dispatch(op, lists, params, refs, per_tensor, weight_decay, backend, group, run):
     """Local compute with ``run`` (ops._run) then, for sharded inputs, one all-reduce."""
     K, T = len(lists), len(params)
-    multi = op == "secant_stats_multi"
     if T and any(is_dtensor(t) for t in (params[0], refs[0], lists[0][0])):
         if group is not None:
             raise ValueError(f"{op}: group= is for plain local shards; DTensors carry their own mesh")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import _ext, reference, triton_kernels
+from . import _ext, distributed, reference, triton_kernels
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
@@ -288,8 +288,6 @@ def secant_stats(
     grads = as_tensor_list(grads, "grads")
     params = as_tensor_list(params, "params")
     refs = as_tensor_list(refs, "refs")
-    from . import distributed
-
     return distributed.dispatch(
         "secant_stats", [grads], params, refs, per_tensor, float(weight_decay), backend, group, _run
     )
@@ -322,8 +320,6 @@ def secant_stats_multi(
             raise ValueError(
                 f"secant_stats_multi: grads_lists[{k}] has {len(g)} tensors but params has {len(params)}"
             )
-    from . import distributed
-
     return distributed.dispatch(
         "secant_stats_multi", lists, params, refs, per_tensor, float(weight_decay), backend, group, _run
     )

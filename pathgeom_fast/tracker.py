@@ -268,13 +268,8 @@ class PathTracker:
         return float(lr.item() if isinstance(lr, Tensor) else lr)
 
     def _grads(self) -> list[Tensor]:
-        out = []
-        for n, p in zip(self.names, self.params):
-            if p.grad is None:  # unused in this step: the optimizer leaves it, so does u
-                out.append(torch.zeros_like(p))
-            else:
-                out.append(p.grad)
-        return out
+        # a parameter unused in this step has no .grad: the optimizer leaves it, so does u
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
 
     # -- the measurement ----------------------------------------------------------------
 

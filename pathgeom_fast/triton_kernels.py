@@ -130,7 +130,9 @@ def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_de
             "the interpreter (set TRITON_INTERPRET=1 before importing pathgeom_fast)"
         )
     KP = _next_pow2(K)
-    keep = []  # contiguous copies of non-contiguous inputs (only those)
+    # Contiguous copies of non-contiguous inputs (only those). They may be freed once the launches
+    # are queued: the caching allocator reuses memory in stream order, after the kernels.
+    keep = []
 
     def addr(t: torch.Tensor) -> int:
         if t.numel() and not t.is_contiguous():
@@ -179,7 +181,6 @@ def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_de
             CHUNK=CHUNK,
             BLOCK=BLOCK,
         )
-    del keep
 
     W = 3 * K
     seg = (first if per_tensor else torch.tensor([0, total], dtype=torch.int64)).to(device)

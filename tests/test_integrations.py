@@ -62,7 +62,7 @@ def test_hf_trainer_logs_pre_clip_geometry(tmp_path, monkeypatch):
         seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
-    cb = PathGeometryCallback.attach(trainer, reference=ref_path, every=1, snapshot_dir=str(tmp_path / "snaps"), snapshot_every=2)
+    PathGeometryCallback.attach(trainer, reference=ref_path, every=1, snapshot_dir=str(tmp_path / "snaps"), snapshot_every=2)
     trainer.train()
 
     logged = [h for h in trainer.state.log_history if "pathgeom/rsi" in h]
@@ -82,7 +82,7 @@ def test_hf_trainer_logs_pre_clip_geometry(tmp_path, monkeypatch):
 
 
 def test_hf_callback_needs_attach(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="install the hf extra")
+    pytest.importorskip("transformers", reason="install the hf extra")
     from pathgeom_fast.integrations.hf import PathGeometryCallback
 
     model = torch.nn.Linear(2, 2)

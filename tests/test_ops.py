@@ -11,7 +11,7 @@ import torch
 import pathgeom_fast as pg
 from pathgeom_fast import _ext
 
-from utils import ALL_DTYPES, HAS_CUDA, assert_stats_close, backends_for, make_lists, ref_multi
+from utils import ALL_DTYPES, assert_stats_close, backends_for, make_lists, ref_multi
 
 CPU_BACKENDS = backends_for("cpu")
 ODD_SIZES = [1, 3, 1023, 65537, 0, 8, 70001]
