@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 1 << 16
-BLOCK = 1024
+BLOCK = 1024  # elements per step for one gradient list; divided by K (padded) for more
 ROWS = 64  # partial rows summed per step by the segment kernel
 
 
@@ -179,7 +179,9 @@ def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_de
             ACC=tl.float64 if any64 else tl.float32,
             HAS_WD=weight_decay != 0.0,
             CHUNK=CHUNK,
-            BLOCK=BLOCK,
+            # two [KP, BLOCK] fp32 accumulators per program: keep them near 2 x 1024 values so
+            # that K = 8 does not spill registers on a GPU
+            BLOCK=max(128, BLOCK // KP),
         )
 
     W = 3 * K
