@@ -41,9 +41,11 @@ inline Acc load(const T* p, int64_t i) {
 }
 
 constexpr int64_t kTile = 1024;
-// Multi: long enough tiles that each of the K + 2 streams is read in runs the hardware
-// prefetcher follows; d and x (2 x 32 KiB in fp32) stay in L2.
-constexpr int64_t kMultiTile = 8192;
+// Multi: long tiles (a whole CPU chunk) so that each of the K + 2 streams is read in runs the
+// hardware prefetcher follows (0.79 of the probe for K = 8, against 0.57 with 2048-element
+// tiles); d and x (2 x 128 KiB in fp32) stay in L2. Each fp32 lane then sums up to
+// kMultiTile / kLanes = 1024 products before the fp64 combine (measured error 2e-8 relative).
+constexpr int64_t kMultiTile = 32768;
 constexpr int kLanes = 32;
 
 // One gradient list: a single fused pass over g, x and x*.
