@@ -11,16 +11,15 @@ import torch.distributed as dist
 
 def launch(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` processes; re-raise the first failure."""
-    import socket
+    import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # file:// rendezvous: no TCP port to pick (and lose to another process) beforehand
+    init = "file://" + os.path.join(tempfile.mkdtemp(prefix="pg-dist-"), "rendezvous")
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, errors, args)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, init, errors, args)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -35,17 +34,20 @@ def launch(fn, world: int, *args) -> None:
         raise AssertionError(f"workers exited with {bad}")
 
 
-def _entry(fn, rank, world, port, errors, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _entry(fn, rank, world, init, errors, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         fn(rank, world, *args)
+        dist.barrier()  # nobody tears down while a peer is still communicating
+        dist.destroy_process_group()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        os._exit(1)  # no teardown: peers may be blocked in a collective with us
+    # Skip interpreter shutdown: destructors of gloo's C++ threads there have aborted a worker
+    # ("terminate called without an active exception") after all its work had passed.
+    os._exit(0)
 
 
 def close(out, ref, rel=1e-6, what=""):

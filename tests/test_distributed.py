@@ -38,7 +38,7 @@ def test_torchrun_fsdp2_demo_matches_single_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pathgeom_fast.cli"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pathgeom_fast.cli"]
         + args + ["--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=600,
     )
