@@ -121,15 +121,14 @@ def _dtensor(op, lists, params, refs, per_tensor, weight_decay, backend, run):
     sub_lists = [[loc(g[i]) for i in keep] for g in lists]
     sub_p = [loc(params[i]) for i in keep]
     sub_r = [loc(refs[i]) for i in keep]
+    from .ops import _out_shape  # ops imports this module
+
     device = params[0].to_local().device
-    if keep:
-        part = run(op, [t for g in sub_lists for t in g], sub_p, sub_r, K, per_tensor, weight_decay, backend)
-    else:
-        shape = (K, 0, 3) if (per_tensor and multi) else ((0, 3) if per_tensor else ((K, 3) if multi else (3,)))
-        part = torch.zeros(shape, dtype=torch.float64, device=device)
+    # with nothing kept here, run() returns zeros of the right shape (on the CPU)
+    part = run(op, [t for g in sub_lists for t in g], sub_p, sub_r, K, per_tensor, weight_decay, backend)
     part = part.to(device)
     if per_tensor:  # scatter the kept rows to their positions; other rows come from other ranks
-        full = torch.zeros((K, T, 3) if multi else (T, 3), dtype=torch.float64, device=device)
+        full = torch.zeros(_out_shape(T, K, True, multi), dtype=torch.float64, device=device)
         idx = torch.tensor(keep, dtype=torch.long, device=device)
         if multi:
             full[:, idx] = part
