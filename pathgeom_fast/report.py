@@ -25,7 +25,7 @@ import numpy as np
 
 QUANTILES = (0, 5, 25, 50, 75, 95, 100)
 METRICS = ("rsi", "eb", "cos", "eta_star")
-COLUMNS = ["step", "kind", "sample", "lr", "loss", "rsi", "eb", "cos", "eta_star", "a", "b", "c"]
+COLUMNS = ["step", "kind", "sample", "reference", "lr", "loss", "rsi", "eb", "cos", "eta_star", "a", "b", "c"]
 
 
 def write_csv(rows: list[dict], path: str, columns: list[str] = COLUMNS) -> None:
@@ -43,6 +43,7 @@ def read_csv(path: str) -> list[dict]:
             row = dict(r)
             for k in ("step", "sample"):
                 row[k] = int(row[k])
+            row["reference"] = row.get("reference") or "xstar"
             for k in ("lr", "loss", "rsi", "eb", "cos", "eta_star", "a", "b", "c"):
                 if k in row:
                     row[k] = float(row[k]) if row[k] != "" else None
@@ -79,45 +80,71 @@ def tail_start(records: list[dict], tail_fraction: float) -> float:
     return math.inf if tail_fraction <= 0 else hi - tail_fraction * (hi - lo + 1) + 1
 
 
-def summarize(records: list[dict], numel: int | None = None, tail_fraction: float = 0.1) -> dict:
-    """The summary.json content (see module docstring)."""
-    if not 0 <= tail_fraction < 1:
-        raise ValueError(f"tail_fraction must be in [0, 1), got {tail_fraction}")
+def _summarize_one(records: list[dict], cut: float) -> tuple[dict, dict]:
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_kind[r["kind"]].append(r)
+    overall, per_step = {}, {}
+    for kind, rows in by_kind.items():
+        body = [r for r in rows if r["step"] < cut] or rows
+        overall[kind] = _block(body)
+        steps: dict[int, list[dict]] = defaultdict(list)
+        for r in rows:
+            steps[r["step"]].append(r)
+        per_step[kind] = [{"step": s, **_block(rs)} for s, rs in sorted(steps.items())]
+    return overall, per_step
+
+
+def references_of(records: list[dict]) -> list[str]:
+    """Reference names in the order they first appear (the first is the primary one)."""
+    return list(dict.fromkeys(r.get("reference") or "xstar" for r in records))
+
+
+def summarize(records: list[dict], numel: int | None = None, tail_fraction: float = 0.1) -> dict:
+    """The summary.json content (see module docstring).
+
+    ``overall`` and ``steps`` are those of the primary reference (the first one in the
+    records); ``by_reference`` holds the same for every reference."""
+    if not 0 <= tail_fraction < 1:
+        raise ValueError(f"tail_fraction must be in [0, 1), got {tail_fraction}")
     cut = tail_start(records, tail_fraction)
-    summary = {
+    refs = references_of(records)
+    by_ref = {}
+    for name in refs:
+        overall, steps = _summarize_one([r for r in records if (r.get("reference") or "xstar") == name], cut)
+        by_ref[name] = {"overall": overall, "steps": steps}
+    primary = by_ref[refs[0]] if refs else {"overall": {}, "steps": {}}
+    return {
         "numel": numel,
         "chance_cos": 1.0 / math.sqrt(numel) if numel else None,
         "tail_fraction": tail_fraction,
         "overall_steps_below": None if math.isinf(cut) else cut,
-        "overall": {},
-        "steps": {},
+        "primary_reference": refs[0] if refs else None,
+        "overall": primary["overall"],
+        "steps": primary["steps"],
+        "by_reference": by_ref,
     }
-    for kind, rows in by_kind.items():
-        body = [r for r in rows if r["step"] < cut] or rows
-        summary["overall"][kind] = _block(body)
-        steps: dict[int, list[dict]] = defaultdict(list)
-        for r in rows:
-            steps[r["step"]].append(r)
-        summary["steps"][kind] = [{"step": s, **_block(rs)} for s, rs in sorted(steps.items())]
-    return summary
 
 
 def format_table(summary: dict) -> str:
-    """A short text table of the overall summary, one line per kind of gradient."""
+    """A short text table of the overall summary, one line per kind of gradient (a block per
+    reference when there are several)."""
     head = f"{'kind':<13}{'n':>6}{'RSI med':>11}{'EB med':>11}{'cos med':>11}{'eta* med':>11}{'cos>0':>8}{'mu':>11}{'L':>10}{'rate':>9}"
-    lines = [head, "-" * len(head)]
+    lines = []
 
     def f(v, w, p=4):
         return f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}g}"
 
-    for kind, b in summary["overall"].items():
-        lines.append(
-            f"{kind:<13}{b['n']:>6}{f(b['rsi']['q50'], 11)}{f(b['eb']['q50'], 11)}{f(b['cos']['q50'], 11)}"
-            f"{f(b['eta_star']['q50'], 11)}{f(b['share_cos_positive'], 8, 3)}{f(b['mu'], 11)}{f(b['L'], 10)}{f(b['rate'], 9)}"
-        )
+    blocks = summary.get("by_reference") or {summary.get("primary_reference") or "xstar": {"overall": summary["overall"]}}
+    for name, block in blocks.items():
+        if len(blocks) > 1:
+            lines.append(f"against reference {name!r}:")
+        lines += [head, "-" * len(head)]
+        for kind, b in block["overall"].items():
+            lines.append(
+                f"{kind:<13}{b['n']:>6}{f(b['rsi']['q50'], 11)}{f(b['eb']['q50'], 11)}{f(b['cos']['q50'], 11)}"
+                f"{f(b['eta_star']['q50'], 11)}{f(b['share_cos_positive'], 8, 3)}{f(b['mu'], 11)}{f(b['L'], 10)}{f(b['rate'], 9)}"
+            )
     if summary.get("overall_steps_below") is not None:
         lines.append(f"(overall: steps below {summary['overall_steps_below']:g}; the last {summary['tail_fraction']:.0%} of the path, where x ~ x*, is left out)")
     if summary.get("chance_cos"):
@@ -132,6 +159,9 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    primary = summary.get("primary_reference")
+    if primary is not None:
+        records = [r for r in records if (r.get("reference") or "xstar") == primary]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     band_kind = next((k for k in ("probe", "full", "minibatch") if k in summary["steps"]), None)
 

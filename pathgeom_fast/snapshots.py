@@ -9,87 +9,23 @@ gradients and the full-batch gradient at every snapshot.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .tracker import PathTracker, Reference, trainable
+from .checkpoints import (  # noqa: F401  (the snapshot I/O lives in checkpoints; names kept here)
+    Reference,
+    list_snapshots,
+    load_snapshot,
+    save_snapshot,
+    snapshot_keys,
+    snapshot_meta,
+    snapshot_path,
+)
+from .tracker import PathTracker
 
 Tensor = torch.Tensor
-_NAME = re.compile(r"^step_(\d+)\.safetensors$")
-
-
-def snapshot_path(directory: str, step: int) -> str:
-    return os.path.join(directory, f"step_{step:08d}.safetensors")
-
-
-def save_snapshot(model: torch.nn.Module, path: str, step: int, lr: float | None = None) -> None:
-    """Save the trainable parameters. Sharded (DTensor) parameters are gathered and written by
-    rank 0 alone (collective: every rank must call this)."""
-    from .distributed import is_dtensor
-
-    named = trainable(model)
-    sharded = bool(named) and is_dtensor(named[0][1])
-    tensors = {n: (p.detach().full_tensor() if sharded else p.detach()).cpu().contiguous() for n, p in named}
-    if sharded:
-        import torch.distributed as dist
-
-        if dist.get_rank() != 0:
-            return
-    meta = {"step": str(step), "lr": "" if lr is None else repr(float(lr))}
-    save_file(tensors, path, metadata=meta)
-
-
-def load_snapshot(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a snapshot; a clear error for a missing or corrupt file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"snapshot {path} does not exist")
-    meta = snapshot_meta(path)
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"snapshot {path} is not a readable safetensors file ({exc})") from exc
-    return tensors, meta
-
-
-def _header(path: str) -> tuple[list[str], dict[str, str]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"snapshot {path} does not exist")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys()), dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"snapshot {path} is not a readable safetensors file ({exc})") from exc
-
-
-def snapshot_keys(path: str) -> list[str]:
-    """Tensor names of a snapshot, without reading the tensors."""
-    return _header(path)[0]
-
-
-def snapshot_meta(path: str) -> dict[str, str]:
-    """Metadata of a snapshot (step, lr), without reading the tensors."""
-    return _header(path)[1]
-
-
-def list_snapshots(directory: str) -> list[tuple[int, str]]:
-    """(step, path) of every ``step_*.safetensors`` in ``directory``, by step."""
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"snapshot directory {directory} does not exist")
-    out = []
-    for name in os.listdir(directory):
-        m = _NAME.match(name)
-        if m:
-            out.append((int(m.group(1)), os.path.join(directory, name)))
-    if not out:
-        raise FileNotFoundError(f"no step_*.safetensors snapshots in {directory}")
-    return sorted(out)
 
 
 class SnapshotRecorder:

@@ -1,7 +1,8 @@
 """Measuring the geometry along a training run (the paper's two-run protocol).
 
-Run 1 trains and keeps its final point x* (``Reference``). Run 2 retraces the same path and,
-at every step, calls a :class:`PathTracker` between ``backward()`` and ``optimizer.step()``::
+Run 1 trains and keeps its final point x* (a :class:`Reference`). Run 2 retraces the same
+path and, at every step, calls a :class:`PathTracker` between ``backward()`` and
+``optimizer.step()``::
 
     tracker = PathTracker(model, Reference.from_file(model, "xstar.safetensors"), optimizer,
                           loss_fn=loss_fn, probe_batches=fixed_batches, probe_every=10)
@@ -25,11 +26,25 @@ What is measured (each a row of ``tracker.records``; a, b, c as in DESIGN.md sec
   and <u, x_t - x*> = <u, x_{t+1} - x*> + ||u||^2 is computed in one fused pass.
 * ``probe``: every ``probe_every`` steps, the gradients of K fixed minibatches at x_t
   (``secant_stats_multi``: params and x* read once for all K), and ``full`` the full-batch
-  gradient when ``full_batch=`` is given. Probes use ``torch.autograd.grad`` (the training
-  ``.grad`` is untouched; for sharded FSDP2 models, whose gradients only reach the sharded
-  parameters through backward hooks, ``backward()`` with the training ``.grad`` set aside and
-  restored), a forked RNG and restored buffers (BatchNorm statistics), so they do not change
-  the replayed path. Memory: the K probe gradients (one gradient for the full batch).
+  gradient when ``full_batch=`` is given; with ``weight_decay=`` also ``probe_wd`` and
+  ``full_wd`` (g + wd * x). Probes use ``torch.autograd.grad`` (the training ``.grad`` is
+  untouched; for sharded FSDP2 models, whose gradients only reach the sharded parameters
+  through backward hooks, ``backward()`` with the training ``.grad`` set aside and restored),
+  a forked RNG and restored buffers (BatchNorm statistics), so they do not change the
+  replayed path. Memory: the K probe gradients (one gradient for the full batch).
+
+Several references. ``reference`` may be one :class:`Reference` or several (a mapping
+name -> Reference, or a list of References with distinct ``name``): for example x* of run 1,
+x* of a run with another seed, and x_0 (``Reference.from_model(model, name="x0")`` before
+training). Every row carries the ``reference`` it was measured against; the first reference
+is the primary one (the one :meth:`finish` checks the replay against).
+
+No host synchronisation. Statistics stay on the device where they were computed; rows become
+Python numbers only when they are read (:attr:`records`, :meth:`flush`, :meth:`finish`), all
+pending steps in one device-to-host transfer. A measured step performs no device-to-host
+conversion (the loss given to :meth:`step` is kept as a tensor too), so measuring does not
+stall a GPU's queue. :meth:`last_stats` gives the last measured step's statistics as device
+tensors, for loggers that accept tensors (Lightning).
 
 Sharded models (FSDP2 ``fully_shard``, DTensor parameters) work as they are: statistics are
 computed on local shards with one all-reduce per call, and ``Reference.from_file`` reads only
@@ -39,8 +54,8 @@ Deterministic replay. Two runs retrace the same path when they start from the sa
 initialisation (same seed), see the same batches in the same order (seeded shuffling), and
 run deterministic kernels (``torch.use_deterministic_algorithms(True)``; on GPU also
 ``CUBLAS_WORKSPACE_CONFIG=:4096:8``) on the same device type and dtypes. Give the tracker the
-losses recorded in run 1 (``expected_losses=``) to be warned at the first step that drifts;
-``finish()`` also warns if x_T is not x* at the end.
+losses recorded in run 1 (``expected_losses=``) to be warned, when the rows are read, of the
+first step that drifted; :meth:`finish` also warns if x_T is not x* at the end.
 """
 
 from __future__ import annotations
@@ -53,85 +68,13 @@ from typing import Any
 
 import torch
 
+from .batches import batch_size, default_loss
+from .checkpoints import Reference, trainable
 from .ops import secant_stats, secant_stats_multi
 
 Tensor = torch.Tensor
 
-
-def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The named parameters that train (requires_grad), in ``named_parameters()`` order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-class Reference:
-    """The reference point x*, aligned parameter by parameter with a model."""
-
-    def __init__(self, names: Sequence[str], tensors: Sequence[Tensor]):
-        self.names = list(names)
-        self.tensors = list(tensors)
-
-    @classmethod
-    def from_state_dict(cls, model: torch.nn.Module, state: Mapping[str, Tensor], *, source: str = "state dict") -> "Reference":
-        """Match ``state`` to the model's trainable parameters by name; errors list what is off."""
-        named = trainable(model)
-        missing = [n for n, _ in named if n not in state]
-        if missing:
-            raise KeyError(
-                f"reference {source} lacks {len(missing)} of the model's parameters: {missing[:5]}"
-                + (" ..." if len(missing) > 5 else "")
-                + f" (it has {len(state)} keys, e.g. {list(state)[:3]})"
-            )
-        tensors = []
-        for n, p in named:
-            t = state[n]
-            if not isinstance(t, Tensor):
-                raise TypeError(f"reference {source}: {n!r} is a {type(t).__name__}, not a tensor")
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"reference {source}: {n!r} has shape {list(t.shape)} but the model's parameter has {list(p.shape)}"
-                )
-            if _is_dtensor(p) and not _is_dtensor(t):
-                from .distributed_path import shard_like
-
-                t = shard_like(t, p)
-            else:
-                t = t.detach().to(p.device)
-            tensors.append(t)
-        return cls([n for n, _ in named], tensors)
-
-    @classmethod
-    def from_file(cls, model: torch.nn.Module, path: str) -> "Reference":
-        """x* from a safetensors snapshot (never unpickled).
-
-        For a sharded model (DTensor parameters, e.g. FSDP2) each rank reads only its own
-        slice of each tensor from the file.
-        """
-        from .snapshots import load_snapshot, snapshot_keys
-
-        named = trainable(model)
-        if named and _is_dtensor(named[0][1]):
-            from .distributed_path import read_sharded
-
-            keys = snapshot_keys(path)
-            missing = [n for n, _ in named if n not in keys]
-            if missing:
-                raise KeyError(f"reference file {path} lacks {len(missing)} of the model's parameters: {missing[:5]}")
-            return cls([n for n, _ in named], [read_sharded(path, n, p) for n, p in named])
-        return cls.from_state_dict(model, load_snapshot(path)[0], source=f"file {path}")
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "Reference":
-        """A copy of the model's current trainable parameters (e.g. the end of run 1)."""
-        named = trainable(model)
-        return cls([n for n, _ in named], [p.detach().clone() for _, p in named])
-
-    def check_matches(self, model: torch.nn.Module) -> None:
-        names = [n for n, _ in trainable(model)]
-        if names != self.names:
-            raise ValueError(
-                f"reference parameters {self.names[:3]}... do not match the model's {names[:3]}... "
-                f"({len(self.names)} vs {len(names)} tensors)"
-            )
+__all__ = ["PathTracker", "Reference", "trainable", "metrics"]
 
 
 def _is_dtensor(t) -> bool:
@@ -147,29 +90,67 @@ def _div(x: float, y: float) -> float:
     return math.nan if x == 0.0 or math.isnan(x) else math.copysign(math.inf, x)
 
 
-def _row(step, kind, sample, stats: Tensor, lr, loss) -> dict[str, Any]:
-    """One record; the metrics are those of pathgeom_fast.geometry, in plain floats (this runs
-    every step, where a handful of tensor ops would cost more than the fused pass)."""
-    a, b, c = (float(v) for v in stats.tolist())
+def metrics(a: float, b: float, c: float) -> dict[str, float]:
+    """rsi, eb, cos, eta_star of one (a, b, c), in plain floats (pathgeom_fast.geometry's formulas)."""
     return {
-        "step": step,
-        "kind": kind,
-        "sample": sample,
-        "lr": lr,
-        "loss": loss,
         "rsi": _div(a, c),
-        "eb": math.sqrt(_div(b, c)),
-        "cos": _div(a, math.sqrt(b * c)),
+        "eb": math.sqrt(_div(b, c)) if not (b < 0 or c < 0) else math.nan,
+        "cos": _div(a, math.sqrt(b * c)) if b * c >= 0 else math.nan,
         "eta_star": _div(a, b),
-        "a": a,
-        "b": b,
-        "c": c,
     }
 
 
-def _batch_len(batch) -> int:
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return len(first)
+def _as_references(reference) -> dict[str, Reference]:
+    if isinstance(reference, Reference):
+        return {reference.name: reference}
+    if isinstance(reference, Mapping):
+        items = list(reference.items())
+    elif isinstance(reference, Sequence) and not isinstance(reference, (str, bytes)):
+        items = [(r.name if isinstance(r, Reference) else None, r) for r in reference]
+    else:
+        raise TypeError(
+            f"reference must be a Reference, a mapping name -> Reference or a list of References, "
+            f"got {type(reference).__name__}"
+        )
+    out: dict[str, Reference] = {}
+    for name, r in items:
+        if not isinstance(r, Reference):
+            raise TypeError(f"reference {name!r} is a {type(r).__name__}, not a pathgeom_fast Reference")
+        if name in out:
+            raise ValueError(f"two references are named {name!r}; give each a distinct name")
+        out[name] = r
+    if not out:
+        raise ValueError("PathTracker needs at least one reference")
+    return out
+
+
+class _Block:
+    """Rows of one measurement call, still on the device: stats [n, 3] and one key per row."""
+
+    __slots__ = ("stats", "keys", "lr", "loss", "per_tensor")
+
+    def __init__(self, stats: Tensor, keys: list[tuple], lr, loss, per_tensor: bool = False):
+        self.stats, self.keys, self.lr, self.loss, self.per_tensor = stats, keys, lr, loss, per_tensor
+
+
+def _to_host(values: list) -> list:
+    """Tensors (any device) -> CPU float64 tensors, in one transfer per device; others as they are."""
+    out = list(values)
+    by_dev: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            if _is_dtensor(v):
+                out[i] = v = v.to_local()
+            by_dev.setdefault(v.device, []).append(i)
+    for idx in by_dev.values():
+        shapes = [out[i].shape for i in idx]
+        flat = [out[i].detach().reshape(-1).to(torch.float64) for i in idx]
+        host = torch.cat(flat).cpu() if len(flat) > 1 else flat[0].cpu()
+        pos = 0
+        for i, f, shape in zip(idx, flat, shapes):
+            out[i] = host[pos : pos + f.numel()].reshape(shape)
+            pos += f.numel()
+    return out
 
 
 class PathTracker:
@@ -177,25 +158,30 @@ class PathTracker:
 
     Args:
         model: the model being trained.
-        reference: x* (:class:`Reference`).
+        reference: x* (:class:`Reference`), or several (mapping name -> Reference, or a list of
+            References with distinct names); the first is the primary reference.
         optimizer: the optimizer whose steps are measured (needed for ``update`` rows and lr).
-        loss_fn: ``loss_fn(model, batch) -> scalar loss`` for probe and full-batch gradients.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` for probe and full-batch gradients;
+            default :func:`pathgeom_fast.batches.default_loss` (dict batches: the model's own
+            ``.loss``; ``(inputs, targets)``: cross-entropy).
         probe_batches: K fixed batches whose gradients are measured every ``probe_every`` steps.
         probe_every: measure probes (and the full batch) at steps divisible by this; 0 = never.
         full_batch: batches covering the whole training set (their mean gradient, weighted by
-            batch length, is the full-batch gradient), measured with the probes.
-        weight_decay: also record the ``minibatch_wd`` row for g + weight_decay * x.
+            batch size, is the full-batch gradient), measured with the probes.
+        weight_decay: also record ``minibatch_wd`` (and ``probe_wd``, ``full_wd``) rows for
+            g + weight_decay * x.
         per_tensor: also keep per-tensor rows of the minibatch gradient in ``per_tensor_records``.
         update: "auto" (identities where they hold, else one parameter copy), "copy", or "off".
         expected_losses: {step: loss} recorded in run 1, to warn when the replay drifts.
         backend, group: passed to :func:`pathgeom_fast.secant_stats`.
-        writer: optional object with ``add_scalar(tag, value, step)`` (TensorBoard).
+        writer: optional object with ``add_scalar(tag, value, step)`` (TensorBoard), written to
+            when rows are read.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        reference: Reference,
+        reference: Reference | Mapping[str, Reference] | Sequence[Reference],
         optimizer: torch.optim.Optimizer | None = None,
         *,
         loss_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
@@ -211,20 +197,22 @@ class PathTracker:
         group=None,
         writer=None,
     ):
-        reference.check_matches(model)
+        self.refs = _as_references(reference)
+        for r in self.refs.values():
+            r.check_matches(model)
         if update not in ("auto", "copy", "off"):
             raise ValueError(f"update must be 'auto', 'copy' or 'off', got {update!r}")
-        if (probe_batches or full_batch is not None) and loss_fn is None:
-            raise ValueError("probe_batches / full_batch need loss_fn(model, batch) -> loss")
         if probe_every < 0:
             raise ValueError(f"probe_every must be >= 0, got {probe_every}")
         self.model = model
-        self.ref = reference
+        self.ref = next(iter(self.refs.values()))  # the primary reference
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
+        self.loss_fn = loss_fn or default_loss
         self.probe_batches = list(probe_batches or [])
         self.probe_every = probe_every
         self.full_batch = list(full_batch) if full_batch is not None else None
+        if self.full_batch is not None and not self.full_batch:
+            raise ValueError("full_batch is empty; pass the batches covering the training set, or None")
         self.weight_decay = weight_decay
         self.per_tensor = per_tensor
         self.expected_losses = dict(expected_losses or {})
@@ -235,14 +223,18 @@ class PathTracker:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.sharded = bool(self.params) and _is_dtensor(self.params[0])
-        self.records: list[dict[str, Any]] = []
-        self.per_tensor_records: list[dict[str, Any]] = []
         self.update_mode = self._update_mode(update)
+        self._records: list[dict[str, Any]] = []
+        self._per_tensor_records: list[dict[str, Any]] = []
+        self._blocks: list[_Block] = []
+        self._last: dict[tuple[str, str], tuple[int, Tensor]] = {}
         self._copy: list[Tensor] | None = None
         self._pending: dict[str, Any] | None = None
         self._drift_warned = False
-        self.first_c: float | None = None
+        self._zero_warned = False
+        self._first_c: dict[str, Tensor] = {}
         self.last_step: int | None = None
+        self.final_distance_ratios: dict[str, float] = {}
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -261,66 +253,133 @@ class PathTracker:
         pos = {id(p): i for i, p in enumerate(self.params)}
         return [(g, [pos[id(p)] for p in g["params"] if id(p) in pos]) for g in self.optimizer.param_groups]
 
-    def _lr(self) -> float | None:
+    def _lr(self):
+        """The first param group's learning rate: a float, or a tensor kept as it is (no sync)."""
         if self.optimizer is None:
             return None
         lr = self.optimizer.param_groups[0]["lr"]
-        return float(lr.item() if isinstance(lr, Tensor) else lr)
+        return lr.detach().clone() if isinstance(lr, Tensor) else float(lr)
 
-    def _grads(self) -> list[Tensor]:
+    def _grads(self, step: int) -> list[Tensor]:
+        grads = [p.grad for p in self.params]
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                f"PathTracker: step {step} has no gradient at all (every trainable parameter's .grad is None); "
+                "measure after backward() and before optimizer.zero_grad()"
+            )
         # a parameter unused in this step has no .grad: the optimizer leaves it, so does u
-        return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+    # -- pending rows -------------------------------------------------------------------
+
+    def _add(self, step: int, kind: str, ref: str, stats: Tensor, lr, loss, samples: int = 0) -> None:
+        """Queue rows (stats [3] or [K, 3], still on the device)."""
+        stats = stats.reshape(-1, 3)
+        keys = [(step, kind, k if samples else 0, ref, None) for k in range(stats.shape[0])]
+        self._blocks.append(_Block(stats, keys, lr, loss))
+        self._last[(kind, ref)] = (step, stats)
+
+    def _add_per_tensor(self, step: int, kind: str, ref: str, stats: Tensor, lr, loss) -> None:
+        keys = [(step, kind, 0, ref, name) for name in self.names]
+        self._blocks.append(_Block(stats.reshape(-1, 3), keys, lr, loss, per_tensor=True))
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Turn the pending rows into Python numbers (one transfer per device) and return the new
+        (whole-model) rows. Runs the replay-drift and zero-gradient checks and writes to ``writer``."""
+        blocks, self._blocks = self._blocks, []
+        if not blocks:
+            return []
+        values = _to_host([b.stats for b in blocks] + [b.loss for b in blocks] + [b.lr for b in blocks])
+        n = len(blocks)
+        new: list[dict[str, Any]] = []
+        for b, stats, loss, lr in zip(blocks, values[:n], values[n : 2 * n], values[2 * n :]):
+            loss = None if loss is None else float(loss)
+            lr = None if lr is None else float(lr)
+            for (step, kind, sample, ref, tensor), (a, bb, c) in zip(b.keys, stats.tolist()):
+                row = {"step": step, "kind": kind, "sample": sample, "reference": ref, "lr": lr, "loss": loss}
+                row.update(metrics(a, bb, c))
+                row.update(a=a, b=bb, c=c)
+                if tensor is None:
+                    new.append(row)
+                else:
+                    row["tensor"] = tensor
+                    self._per_tensor_records.append(row)
+        self._records.extend(new)
+        self._check_rows(new)
+        if self.writer is not None:
+            for row in new:
+                tag = row["kind"] if row["sample"] == 0 else f"{row['kind']}_{row['sample']}"
+                if row["reference"] != self.ref.name:
+                    tag = f"{tag}@{row['reference']}"
+                for key in ("rsi", "eb", "cos", "eta_star"):
+                    self.writer.add_scalar(f"pathgeom/{tag}/{key}", row[key], row["step"])
+        return new
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every whole-model row so far (reading them converts the pending ones)."""
+        self.flush()
+        return self._records
+
+    @property
+    def per_tensor_records(self) -> list[dict[str, Any]]:
+        """Per-tensor rows (with ``per_tensor=True``), each with a ``tensor`` name."""
+        self.flush()
+        return self._per_tensor_records
+
+    def last_stats(self) -> dict[tuple[str, str], tuple[int, Tensor]]:
+        """{(kind, reference): (step, stats [n, 3] on the device)} of the latest rows of each kind,
+        without any transfer (for loggers that take tensors)."""
+        return dict(self._last)
 
     # -- the measurement ----------------------------------------------------------------
 
-    def _add(self, row: dict[str, Any]) -> None:
-        self.records.append(row)
-        if self.writer is not None:
-            tag = row["kind"] if row["sample"] in (None, 0) else f"{row['kind']}_{row['sample']}"
-            for key in ("rsi", "eb", "cos", "eta_star"):
-                self.writer.add_scalar(f"pathgeom/{tag}/{key}", row[key], row["step"])
-
     @torch.no_grad()
-    def _stats(self, grads, *, weight_decay: float = 0.0, per_tensor: bool = False, idx=None) -> Tensor:
-        p, r = self.params, self.ref.tensors
+    def _stats(self, grads, ref: Reference, *, weight_decay: float = 0.0, per_tensor: bool = False, idx=None) -> Tensor:
+        p, r = self.params, ref.tensors
         if idx is not None:
             grads, p, r = [grads[i] for i in idx], [p[i] for i in idx], [r[i] for i in idx]
-        return secant_stats(grads, p, r, weight_decay=weight_decay, per_tensor=per_tensor, **self.kw).cpu()
+        return secant_stats(grads, p, r, weight_decay=weight_decay, per_tensor=per_tensor, **self.kw)
 
-    def measure(self, step: int | None = None, loss: float | Tensor | None = None) -> dict[str, Any]:
-        """Measure at x_t: call after ``backward()`` and before ``optimizer.step()``."""
+    def measure(self, step: int | None = None, loss: float | Tensor | None = None) -> None:
+        """Measure at x_t: call after ``backward()`` and before ``optimizer.step()``.
+
+        Nothing is converted to Python numbers here (see :meth:`flush`)."""
         if self._pending is not None:
             raise RuntimeError("PathTracker.measure() called twice without after_step() in between")
         step = (self.last_step + 1 if self.last_step is not None else 0) if step is None else int(step)
         self.last_step = step
-        loss_v = float(loss.detach()) if isinstance(loss, Tensor) else (None if loss is None else float(loss))
-        self._check_drift(step, loss_v)
+        loss_v = loss.detach() if isinstance(loss, Tensor) else (None if loss is None else float(loss))
         lr = self._lr()
-        grads = self._grads()
-        s = self._stats(grads)
-        row = _row(step, "minibatch", 0, s, lr, loss_v)
-        self._add(row)
-        if self.first_c is None:
-            self.first_c = row["c"]
-        if self.weight_decay:
-            self._add(_row(step, "minibatch_wd", 0, self._stats(grads, weight_decay=self.weight_decay), lr, loss_v))
-        if self.per_tensor:
-            per = self._stats(grads, per_tensor=True)
-            for name, st in zip(self.names, per):
-                pr = _row(step, "minibatch", 0, st, lr, loss_v)
-                pr["tensor"] = name
-                self.per_tensor_records.append(pr)
+        grads = self._grads(step)
+        c_now: dict[str, Tensor] = {}
+        for name, ref in self.refs.items():
+            if self.per_tensor:
+                per = self._stats(grads, ref, per_tensor=True)
+                self._add_per_tensor(step, "minibatch", name, per, lr, loss_v)
+                s = per.sum(0)
+            else:
+                s = self._stats(grads, ref)
+            self._add(step, "minibatch", name, s, lr, loss_v)
+            c_now[name] = s[2]
+            self._first_c.setdefault(name, s[2])
+            if self.weight_decay:
+                self._add(step, "minibatch_wd", name, self._stats(grads, ref, weight_decay=self.weight_decay), lr, loss_v)
         if self.probe_every and step % self.probe_every == 0:
             self._probes(step, lr)
-        self._pending = {"step": step, "c": row["c"], "lr": lr, "loss": loss_v}
+        self._pending = {"step": step, "c": c_now, "lr": lr, "loss": loss_v}
         if self.update_mode == "sgd":
-            a = b = 0.0
-            for g, idx in self._groups():
-                sg = self._stats(grads, weight_decay=float(g.get("weight_decay", 0.0)), idx=idx)
-                lr_g = float(g["lr"])
-                a += lr_g * float(sg[0])
-                b += lr_g * lr_g * float(sg[1])
-            self._pending["ab"] = (a, b)
+            # u = sum over groups of lr_g (g + wd_g x): a, b from the gradient stats of each group
+            ab = {}
+            for name, ref in self.refs.items():
+                a = b = None
+                for g, idx in self._groups():
+                    sg = self._stats(grads, ref, weight_decay=float(g.get("weight_decay", 0.0)), idx=idx)
+                    lr_g = float(g["lr"])
+                    a = lr_g * sg[0] if a is None else a + lr_g * sg[0]
+                    b = lr_g * lr_g * sg[1] if b is None else b + lr_g * lr_g * sg[1]
+                ab[name] = (a, b)
+            self._pending["ab"] = ab
         elif self.update_mode == "copy":
             if self._copy is None:
                 self._copy = [p.detach().clone() for p in self.params]
@@ -329,40 +388,34 @@ class PathTracker:
                     c.copy_(p.detach())
             else:
                 torch._foreach_copy_(self._copy, [p.detach() for p in self.params])
-        return row
 
     @torch.no_grad()
-    def after_step(self) -> dict[str, Any] | None:
+    def after_step(self) -> None:
         """Record the update u = x_t - x_{t+1}: call right after ``optimizer.step()``."""
         pend, self._pending = self._pending, None
         if pend is None:
             raise RuntimeError("PathTracker.after_step() called without measure() before the step")
         if self.update_mode == "off":
-            return None
-        if self.update_mode == "sgd":
-            a, b = pend["ab"]
-        elif self.update_mode == "momentum":
-            a = b = 0.0
-            for g, idx in self._groups():
-                lr_g = float(g["lr"])
-                bufs = []
-                for i in idx:
-                    st = self.optimizer.state.get(self.params[i], {})
-                    buf = st.get("momentum_buffer")
-                    bufs.append(buf if buf is not None else torch.zeros_like(self.params[i]))
-                p = [self.params[i] for i in idx]
-                r = [self.ref.tensors[i] for i in idx]
-                s = secant_stats(bufs, p, r, **self.kw).cpu()
-                # x_t = x_{t+1} + lr buf:  <u, x_t - x*> = lr <buf, x_{t+1} - x*> + lr^2 ||buf||^2
-                a += lr_g * float(s[0]) + lr_g * lr_g * float(s[1])
-                b += lr_g * lr_g * float(s[1])
-        else:  # copy: h = x_t - x_{t+1} = u via weight_decay = -1 on params = x_{t+1}
-            s = secant_stats(self._copy, self.params, self.ref.tensors, weight_decay=-1.0, **self.kw).cpu()
-            a, b = float(s[0]) + float(s[1]), float(s[1])
-        stats = torch.tensor([a, b, pend["c"]], dtype=torch.float64)
-        row = _row(pend["step"], "update", 0, stats, pend["lr"], pend["loss"])
-        self._add(row)
-        return row
+            return
+        for name, ref in self.refs.items():
+            if self.update_mode == "sgd":
+                a, b = pend["ab"][name]
+            elif self.update_mode == "momentum":
+                a = b = None
+                for g, idx in self._groups():
+                    lr_g = float(g["lr"])
+                    bufs = []
+                    for i in idx:
+                        buf = self.optimizer.state.get(self.params[i], {}).get("momentum_buffer")
+                        bufs.append(buf if buf is not None else torch.zeros_like(self.params[i]))
+                    s = secant_stats(bufs, [self.params[i] for i in idx], [ref.tensors[i] for i in idx], **self.kw)
+                    # x_t = x_{t+1} + lr buf:  <u, x_t - x*> = lr <buf, x_{t+1} - x*> + lr^2 ||buf||^2
+                    ga, gb = lr_g * s[0] + lr_g * lr_g * s[1], lr_g * lr_g * s[1]
+                    a, b = (ga, gb) if a is None else (a + ga, b + gb)
+            else:  # copy: h = x_t - x_{t+1} = u via weight_decay = -1 on params = x_{t+1}
+                s = secant_stats(self._copy, self.params, ref.tensors, weight_decay=-1.0, **self.kw)
+                a, b = s[0] + s[1], s[1]
+            self._add(pend["step"], "update", name, torch.stack([a, b, pend["c"][name]]), pend["lr"], pend["loss"])
 
     @contextlib.contextmanager
     def step(self, step: int | None = None, loss=None):
@@ -390,13 +443,14 @@ class PathTracker:
                 for p, g in zip(self.params, saved):
                     p.grad = g
 
-    def _grad_of(self, batches: Sequence[Any]) -> list[Tensor]:
-        """Mean gradient over batches (weighted by batch length), leaving ``.grad`` as it was."""
-        total = sum(_batch_len(b) for b in batches)
+    def gradient_of(self, batches: Sequence[Any]) -> list[Tensor]:
+        """Mean gradient over batches (weighted by batch size), leaving ``.grad`` as it was."""
+        sizes = [batch_size(b) for b in batches]
+        total = sum(sizes)
         acc = None
-        for b in batches:
+        for b, n in zip(batches, sizes):
             gs = self._one_grad(b)
-            w = _batch_len(b) / total
+            w = n / total
             if acc is None:
                 acc = [g * w for g in gs] if len(batches) > 1 else gs
             else:
@@ -404,52 +458,90 @@ class PathTracker:
                     a.add_(g, alpha=w)
         return acc
 
-    def _probes(self, step: int, lr) -> None:
+    @contextlib.contextmanager
+    def isolated(self):
+        """Gradient computations that leave no trace on the run: forked RNG, restored buffers."""
         devices = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        buffers = [b for b in self.model.buffers()]
+        buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]
-        with torch.random.fork_rng(devices=devices):
+        try:
+            with torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
+
+    def _probes(self, step: int, lr) -> None:
+        with self.isolated():
             if self.probe_batches:
-                grads = [self._grad_of([b]) for b in self.probe_batches]
-                s = secant_stats_multi(grads, self.params, self.ref.tensors, **self.kw).cpu()
-                for k, sk in enumerate(s):
-                    self._add(_row(step, "probe", k, sk, lr, None))
+                grads = [self.gradient_of([b]) for b in self.probe_batches]
+                for name, ref in self.refs.items():
+                    s = secant_stats_multi(grads, self.params, ref.tensors, **self.kw)
+                    self._add(step, "probe", name, s, lr, None, samples=len(grads))
+                    if self.weight_decay:
+                        s = secant_stats_multi(grads, self.params, ref.tensors, weight_decay=self.weight_decay, **self.kw)
+                        self._add(step, "probe_wd", name, s, lr, None, samples=len(grads))
                 del grads
             if self.full_batch is not None:
-                g = self._grad_of(self.full_batch)
-                self._add(_row(step, "full", 0, self._stats(g), lr, None))
-        with torch.no_grad():
-            for b, v in zip(buffers, saved):
-                b.copy_(v)
+                g = self.gradient_of(self.full_batch)
+                for name, ref in self.refs.items():
+                    self._add(step, "full", name, self._stats(g, ref), lr, None)
+                    if self.weight_decay:
+                        self._add(step, "full_wd", name, self._stats(g, ref, weight_decay=self.weight_decay), lr, None)
 
     # -- replay checks ------------------------------------------------------------------
 
-    def _check_drift(self, step: int, loss: float | None) -> None:
-        if loss is None or step not in self.expected_losses or self._drift_warned:
-            return
-        want = self.expected_losses[step]
-        if not math.isclose(loss, want, rel_tol=self.drift_rtol, abs_tol=self.drift_rtol):
-            self._drift_warned = True
-            warnings.warn(
-                f"replay drifts from the recorded path at step {step}: loss {loss!r}, recorded {want!r}. "
-                "Same seed, data order and deterministic algorithms are needed (see PathTracker docs); "
-                "the measurements past this step are against a different path.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    def _check_rows(self, rows: list[dict[str, Any]]) -> None:
+        primary = self.ref.name
+        for row in rows:
+            if row["kind"] != "minibatch" or row["reference"] != primary:
+                continue
+            step, loss = row["step"], row["loss"]
+            if not self._zero_warned and row["b"] == 0.0:
+                self._zero_warned = True
+                warnings.warn(
+                    f"PathTracker: the gradient measured at step {row['step']} is exactly zero (||g||^2 = 0): "
+                    "was it measured after optimizer.zero_grad(set_to_none=False)? Its rsi/eb/cos rows are 0 or nan.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            if self._drift_warned or loss is None or step not in self.expected_losses:
+                continue
+            want = self.expected_losses[step]
+            if not math.isclose(loss, want, rel_tol=self.drift_rtol, abs_tol=self.drift_rtol):
+                self._drift_warned = True
+                warnings.warn(
+                    f"replay drifts from the recorded path at step {step}: loss {loss!r}, recorded {want!r}. "
+                    "Same seed, data order and deterministic algorithms are needed (see PathTracker docs); "
+                    "the measurements past this step are against a different path.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     @torch.no_grad()
     def finish(self, rtol: float = 1e-4) -> float:
-        """||x_T - x*|| / ||x_0 - x*||; warns if the replay did not end at x*."""
+        """||x_T - x*|| / ||x_0 - x*|| for the primary reference (all of them in
+        ``final_distance_ratios``); converts every pending row and warns if the replay did not
+        end at the primary reference."""
         if self._pending is not None:
             raise RuntimeError("finish() called between measure() and after_step()")
-        s = secant_stats(self.params, self.params, self.ref.tensors, **self.kw).cpu()
-        c_end = float(s[2])
-        ratio = math.sqrt(c_end / self.first_c) if self.first_c else 0.0
+        ends = {name: secant_stats(self.params, self.params, ref.tensors, **self.kw)[2] for name, ref in self.refs.items()}
+        names = list(ends)
+        vals = _to_host([ends[n] for n in names] + [self._first_c.get(n) for n in names])
+        for i, n in enumerate(names):
+            c_end, c0 = float(vals[i]), vals[len(names) + i]
+            if c0 is None:  # nothing was measured
+                self.final_distance_ratios[n] = math.nan
+            else:
+                c0 = float(c0)
+                self.final_distance_ratios[n] = math.sqrt(c_end / c0) if c0 else (0.0 if c_end == 0 else math.inf)
+        self.flush()
+        ratio = self.final_distance_ratios[self.ref.name]
         if ratio > rtol:
             warnings.warn(
-                f"the replayed run ended at distance {math.sqrt(c_end):.3e} from the reference "
-                f"({ratio:.2e} of the starting distance): it did not retrace the recorded path",
+                f"the replayed run ended at distance {math.sqrt(float(vals[0])):.3e} from the reference "
+                f"{self.ref.name!r} ({ratio:.2e} of the starting distance): it did not retrace the recorded path",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -27,7 +27,7 @@ def test_demo_writes_the_report(demo_dir, capsys):
     assert (demo_dir / "geometry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = report.read_csv(str(demo_dir / "records.csv"))
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"minibatch", "minibatch_wd", "update", "probe", "full"}
+    assert kinds == {"minibatch", "minibatch_wd", "update", "probe", "probe_wd", "full", "full_wd"}
     assert len([r for r in rows if r["kind"] == "minibatch"]) == 30
     assert len([r for r in rows if r["kind"] == "probe"]) == 3 * 3
     summary = json.loads((demo_dir / "summary.json").read_text())

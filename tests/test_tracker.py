@@ -154,11 +154,11 @@ def test_drift_and_final_distance_warnings():
     losses = {r["step"]: r["loss"] for r in t1.records if r["kind"] == "minibatch"}
     losses[2] += 1e-3
     with pytest.warns(RuntimeWarning, match="drifts from the recorded path at step 2"):
-        run("sgd", probes=False, steps=3, tracker_kwargs={"expected_losses": losses})
+        run("sgd", probes=False, steps=3, tracker_kwargs={"expected_losses": losses})[1].records  # checked when read
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         losses[2] -= 1e-3
-        run("sgd", probes=False, steps=3, tracker_kwargs={"expected_losses": losses})
+        run("sgd", probes=False, steps=3, tracker_kwargs={"expected_losses": losses})[1].records
 
 
 def test_end_of_replay_at_reference_is_silent():
@@ -174,13 +174,114 @@ def test_reference_errors():
     model = tiny_model()
     sd = {n: p.detach().clone() for n, p in model.named_parameters()}
     del sd["2.bias"]
-    with pytest.raises(KeyError, match=r"lacks 1 of the model's parameters: \['2.bias'\]"):
+    with pytest.raises(KeyError, match=r"reference state dict lacks 1 of the model's 4 trainable parameters, first '2.bias'"):
         Reference.from_state_dict(model, sd)
     sd["2.bias"] = torch.zeros(4)
     with pytest.raises(ValueError, match=r"'2.bias' has shape \[4\] but the model's parameter has \[3\]"):
         Reference.from_state_dict(model, sd)
     other = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="do not match the model"):
+    with pytest.raises(ValueError, match="does not match the model"):
         PathTracker(other, Reference.from_model(model))
     with pytest.raises(RuntimeError, match="without measure"):
         PathTracker(model, Reference.from_model(model), torch.optim.SGD(model.parameters(), lr=0.1)).after_step()
+
+
+class _NoHostConversion(torch.overrides.TorchFunctionMode):
+    """Fails on every tensor -> Python number / host conversion (item, tolist, float, cpu, ...)."""
+
+    BANNED = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        kwargs = kwargs or {}
+        to_cpu = name == "to" and any(str(a) == "cpu" for a in list(args[1:]) + list(kwargs.values()))
+        if name in self.BANNED or to_cpu:
+            raise AssertionError(f"host conversion inside a measured step: Tensor.{name}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_wd_groups", "momentum", "adam"])
+def test_measured_step_does_no_host_conversion(opt_name):
+    """On a GPU each conversion is a host synchronisation; on CPU the same calls are caught here."""
+    torch.manual_seed(0)
+    model = tiny_model(bn=True)
+    if opt_name == "sgd_wd_groups":
+        opt = torch.optim.SGD([{"params": model[0].parameters(), "weight_decay": 0.05}, {"params": model[-1].parameters()}], lr=0.1)
+    else:
+        opt = OPTIMIZERS[opt_name](model.parameters())
+    X, Y = data()
+    refs = {"xstar": Reference.from_model(model), "x0": Reference.from_model(model, name="x0")}
+    with torch.no_grad():
+        for t in refs["xstar"].tensors:
+            t.add_(torch.randn_like(t))
+    tracker = PathTracker(
+        model, refs, opt, loss_fn=loss_fn, probe_batches=[(X[:8], Y[:8]), (X[8:16], Y[8:16])], probe_every=1,
+        full_batch=[(X, Y)], weight_decay=0.01, per_tensor=True,
+    )
+    for step in range(3):
+        loss = loss_fn(model, (X[step * 8 : step * 8 + 8], Y[step * 8 : step * 8 + 8]))
+        loss.backward()
+        with _NoHostConversion():
+            tracker.measure(step, loss)
+        opt.step()  # the optimizer's own conversions (Adam's step count on CPU) are not ours
+        with _NoHostConversion():
+            tracker.after_step()
+        opt.zero_grad()
+    rows = tracker.records  # converted here, outside the measured steps
+    kinds = {(r["kind"], r["reference"]) for r in rows}
+    assert {k for k, _ in kinds} == {"minibatch", "minibatch_wd", "probe", "probe_wd", "full", "full_wd", "update"}
+    assert {ref for _, ref in kinds} == {"xstar", "x0"}
+    assert all(isinstance(r["loss"], float) for r in rows if r["kind"] == "minibatch")
+    assert len(tracker.per_tensor_records) == 3 * 2 * 6  # steps x references x tensors (with BatchNorm)
+
+
+def test_several_references_match_fp64():
+    torch.manual_seed(0)
+    model = tiny_model()
+    x0 = Reference.from_model(model, name="x0")
+    xstar = Reference([n for n, _ in model.named_parameters()], [torch.randn_like(p) for p in model.parameters()])
+    model, tracker, history, *_ = run("adam", probes=False, xstar=xstar, seed=0)
+    # the run re-creates the model from seed 0, so x0 above is its starting point
+    tracker2 = None
+    torch.manual_seed(0)
+    m = tiny_model()
+    opt = OPTIMIZERS["adam"](m.parameters())
+    tracker2 = PathTracker(m, [xstar, x0], opt)
+    X, Y = data()
+    for step in range(6):
+        idx = slice((step * 16) % 64, (step * 16) % 64 + 16)
+        loss = loss_fn(m, (X[idx], Y[idx]))
+        opt.zero_grad()
+        loss.backward()
+        with tracker2.step(step, loss):
+            opt.step()
+    rows = {(r["step"], r["kind"], r["reference"]): r for r in tracker2.records}
+    for step, (before, grads, after) in enumerate(history):
+        x, g = flat(before), flat(grads)
+        for name, ref in (("xstar", flat(xstar.tensors)), ("x0", flat(x0.tensors))):
+            for kind, vec in (("minibatch", g), ("update", x - flat(after))):
+                want = abc(vec, x, ref)
+                row = rows[(step, kind, name)]
+                got = torch.tensor([row["a"], row["b"], row["c"]], dtype=torch.float64)
+                scale = torch.sqrt(want[1] * want[2])
+                assert abs(got[0] - want[0]) <= 1e-5 * scale + 1e-12, (step, kind, name, got, want)
+                assert torch.allclose(got[1:], want[1:], rtol=1e-5, atol=1e-14), (step, kind, name, got, want)
+    assert rows[(0, "minibatch", "x0")]["c"] == 0.0  # x_0 measured against itself
+    with pytest.raises(ValueError, match="two references are named 'xstar'"):
+        PathTracker(m, [xstar, xstar])
+
+
+def test_step_without_gradient_is_an_error_and_zero_gradient_warns():
+    torch.manual_seed(0)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = PathTracker(model, Reference([n for n, _ in model.named_parameters()], [torch.randn_like(p) for p in model.parameters()]), opt)
+    with pytest.raises(RuntimeError, match="step 0 has no gradient at all"):
+        tracker.measure(0)
+    X, Y = data()
+    loss_fn(model, (X, Y)).backward()
+    opt.zero_grad(set_to_none=False)  # gradients present but zero
+    with tracker.step(1):
+        opt.step()
+    with pytest.warns(RuntimeWarning, match="gradient measured at step 1 is exactly zero"):
+        tracker.records

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from ..checkpoints import Reference
 from ..snapshots import SnapshotRecorder
-from ..tracker import PathTracker, Reference
+from ..tracker import PathTracker
 
 KEYS = ("rsi", "eb", "cos", "eta_star")
 
@@ -72,7 +73,7 @@ class StepMeasurer:
         self.recorder: SnapshotRecorder | None = None
         self._pending = False
         self._seen_step: int | None = None
-        self.last: dict[str, Any] | None = None  # rows of the last measured step, by kind
+        self._measured_step: int | None = None
 
     def _setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> PathTracker:
         if self.tracker is None or self.tracker.model is not model or self.tracker.optimizer is not optimizer:
@@ -96,22 +97,34 @@ class StepMeasurer:
             self.recorder.maybe_save(step, lr)
         if not self.wants(step):
             return None
-        row = tracker.measure(step, loss)
+        tracker.measure(step, loss)
         self._pending = True
-        self.last = {"minibatch": row}
-        if self.kw["weight_decay"]:
-            self.last["minibatch_wd"] = tracker.records[-1]
-        return row
+        self._measured_step = step
+        return None
 
-    def after_step(self) -> dict | None:
-        """Measure the update just taken (call after ``optimizer.step()``)."""
+    def after_step(self) -> bool:
+        """Measure the update just taken (call after ``optimizer.step()``); True when this
+        optimizer step was measured."""
         if not self._pending:
-            return None
+            return False
         self._pending = False
-        row = self.tracker.after_step()
-        if row is not None:
-            self.last["update"] = row
-        return row
+        self.tracker.after_step()
+        return True
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """Rows of the last measured step, by kind (reading them converts pending rows)."""
+        if self.tracker is None or self._measured_step is None:
+            return None
+        self.tracker.flush()
+        ref = self.tracker.ref.name
+        out = {}
+        for row in reversed(self.tracker._records):
+            if row["step"] != self._measured_step:
+                break
+            if row["reference"] == ref and row["sample"] == 0 and row["kind"] not in out:
+                out[row["kind"]] = row
+        return out or None
 
     @contextlib.contextmanager
     def step(self, model, optimizer, step: int, loss=None):
@@ -122,7 +135,7 @@ class StepMeasurer:
     def scalars(self, prefix: str = "pathgeom/") -> dict[str, float]:
         """The last measured step's metrics as flat scalars for a logger."""
         out: dict[str, float] = {}
-        for kind, row in (self.last or {}).items():
+        for kind, row in sorted((self.last or {}).items()):
             tag = "" if kind == "minibatch" else f"{kind}_"
             for k in KEYS:
                 out[f"{prefix}{tag}{k}"] = float(row[k])

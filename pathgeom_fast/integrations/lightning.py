@@ -36,5 +36,5 @@ class PathGeometryCallback(pl.Callback):
         self.measurer.before_step(pl_module, optimizer, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.measurer.after_step() is not None:
+        if self.measurer.after_step():
             pl_module.log_dict(self.measurer.scalars(), on_step=True, on_epoch=False)
