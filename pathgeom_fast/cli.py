@@ -24,17 +24,37 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _parse_lags(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    try:
+        lags = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lags must be comma-separated positive integers or 'none', got {text!r}") from None
+    if any(k < 1 for k in lags):
+        raise argparse.ArgumentTypeError(f"--lags must be positive integers, got {text!r}")
+    return lags
+
+
 def _cmd_demo(args) -> int:
+    import time
+
     from . import report
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(
-        out=args.out, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        schedule=args.schedule, weight_decay=args.weight_decay, model=args.model, probe_batches=args.probe_batches,
-        probe_every=args.probe_every, full_batch=not args.no_full_batch, per_tensor=args.per_tensor,
-        snapshot_every=args.snapshot_every, device=args.device, seed=args.seed, backend=args.backend,
-        progress=not args.quiet,
-    )
+    t0 = time.perf_counter()
+    try:
+        cfg = DemoConfig(
+            out=args.out, task=args.task, model=args.model, steps=args.steps, batch_size=args.batch_size,
+            optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, weight_decay=args.weight_decay,
+            clip_grad_norm=args.clip_grad_norm, probe_batches=args.probe_batches, probe_every=args.probe_every,
+            full_batch=not args.no_full_batch, per_tensor=args.per_tensor, snapshot_every=args.snapshot_every,
+            lags=args.lags, lag_every=args.lag_every, cross_seed=args.cross_seed, x0_reference=args.x0_reference,
+            width=args.width, depth=args.depth, context=args.context, train_size=args.train_size,
+            threads=args.threads, device=args.device, seed=args.seed, backend=args.backend, progress=not args.quiet,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"pathgeom demo: {exc}") from None
     summary = run_demo(cfg)
     if not _is_rank0():
         return 0
@@ -42,9 +62,10 @@ def _cmd_demo(args) -> int:
     print(
         f"final train loss {summary['final_train_loss']:.4f}, accuracy {summary['final_train_accuracy']:.3f}; "
         f"replay ended {summary['replay_final_distance_ratio']:.1e} of the initial distance from x*; "
-        f"{summary['seconds']:.1f} s"
+        f"{time.perf_counter() - t0:.1f} s in all ({summary['threads']} CPU thread(s); load average "
+        f"{summary['load_average_at_start'] if summary['load_average_at_start'] is not None else 'unknown'} at the start)"
     )
-    print(f"wrote {os.path.join(args.out, 'records.csv')}, summary.json, geometry.png, snapshots/")
+    print(f"wrote {os.path.join(args.out, 'records.csv')}, summary.json, geometry.png, findings.md")
     return 0
 
 
@@ -109,29 +130,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
+    from .tasks import TASK_SPECS, TASKS
+
+    table = "; ".join(
+        f"{name}: {t.summary}, {t.defaults.get('steps')} steps, {t.defaults.get('optimizer')} lr {t.defaults.get('lr')}"
+        for name, t in TASK_SPECS.items()
+    )
     demo = sub.add_parser(
         "demo",
-        help="run the two-run protocol on a small network and scikit-learn's digits (CPU, about a minute)",
-        description="Run 1 trains and keeps x*; run 2 replays the same path and measures, every step, the "
-        "training gradient and the optimizer's update, and every --probe-every steps K fixed probe minibatches "
-        "and the full-batch gradient. Writes records.csv, summary.json, geometry.png, snapshots/ and "
-        "xstar.safetensors to --out and prints a summary table. Under `torchrun --nproc-per-node N -m "
-        "pathgeom_fast.cli demo` the model is sharded with FSDP2 (gloo on CPU, NCCL with --device cuda).",
+        help="the paper's two-run protocol on a small workload on CPU (--task mlp|cnn|wide-mlp|lm), with findings.md",
+        description="Run 1 trains and keeps x*; with --cross-seed a second run 1 from seed+1 gives another end point "
+        "x*'; run 2 replays run 1's path and measures, every step, the training gradient (before clipping) and the "
+        "optimizer's update, every --probe-every steps K fixed probe minibatches and the full-batch gradient (their "
+        "weight-decay variants with --weight-decay), and the lagged orthogonal cosine (--lags), against x* (and x*', and "
+        "x_0 with --x0-reference). Writes records.csv, summary.json, geometry.png, findings.md, snapshots/ and "
+        "xstar.safetensors to --out and prints a summary table. Options left unset take the task's defaults. "
+        f"Tasks: {table}. Under `torchrun --nproc-per-node N -m pathgeom_fast.cli demo` the model is sharded with "
+        "FSDP2 (gloo on CPU, NCCL with --device cuda; no lagged cosine there).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    task_default = "the task's"
+    demo.add_argument("--task", choices=TASKS, default=None, help="workload (default: mlp)")
+    demo.add_argument("--model", choices=MODELS, default=None, help=argparse.SUPPRESS)  # old name of --task
     demo.add_argument("--out", default=d.out, help="output directory")
-    demo.add_argument("--steps", type=int, default=d.steps, help="training steps per run")
-    demo.add_argument("--batch-size", type=int, default=d.batch_size)
-    demo.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="momentum = SGD with momentum 0.9; adam = AdamW")
-    demo.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    demo.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule")
-    demo.add_argument("--weight-decay", type=float, default=d.weight_decay, help="also measured as g + wd*x when > 0")
-    demo.add_argument("--model", choices=MODELS, default=d.model)
-    demo.add_argument("--probe-batches", type=int, default=d.probe_batches, help="K fixed probe minibatches")
-    demo.add_argument("--probe-every", type=int, default=d.probe_every, help="measure probes every N steps (0: never)")
+    demo.add_argument("--steps", type=int, default=None, help=f"training steps per run (default: {task_default})")
+    demo.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: the task's)")
+    demo.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                      help="momentum/nesterov = SGD with momentum 0.9; adam = adamw = AdamW (decoupled decay); "
+                      "adam-l2 = torch.optim.Adam with coupled L2, as the paper (default: the task's)")
+    demo.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the task's)")
+    demo.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: the task's)")
+    demo.add_argument("--weight-decay", type=float, default=None,
+                      help="weight decay of the optimizer; when > 0 also measured as g + wd*x (*_wd rows) (default: the task's)")
+    demo.add_argument("--clip-grad-norm", type=float, default=None,
+                      help="clip the gradient norm (0: off); gradients are measured before clipping (default: the task's)")
+    demo.add_argument("--probe-batches", type=int, default=None, help="K fixed probe minibatches (default: the task's)")
+    demo.add_argument("--probe-every", type=int, default=None, help="measure probes every N steps, 0: never (default: the task's)")
     demo.add_argument("--no-full-batch", action="store_true", help="skip the full-batch gradient")
     demo.add_argument("--per-tensor", action="store_true", help="also write per_tensor.csv")
-    demo.add_argument("--snapshot-every", type=int, default=d.snapshot_every, help="snapshot run 1 every N steps")
+    demo.add_argument("--snapshot-every", type=int, default=None, help="snapshot run 1 every N steps, 0: only x* (default: the task's)")
+    demo.add_argument("--lags", type=_parse_lags, default=d.lags, metavar="K,K,...",
+                      help="lags of the lagged orthogonal cosine, or 'none' (default: the paper's 1,2,5,10,20,50)")
+    demo.add_argument("--lag-every", type=int, default=None,
+                      help="anchor steps of the lagged cosine; one parameter copy is kept per live anchor (default: the task's)")
+    demo.add_argument("--cross-seed", action=argparse.BooleanOptionalAction, default=None,
+                      help="control: run 1 again from seed+1 and measure the path against that end point too "
+                      "(default: on for mlp and cnn, off for wide-mlp and lm, where it costs a third training run)")
+    demo.add_argument("--x0-reference", action=argparse.BooleanOptionalAction, default=None,
+                      help="control: measure against x_0, the start of the path, too (default: on, except for wide-mlp "
+                      "where it costs a 200 MB copy and two more passes per step)")
+    demo.add_argument("--width", type=int, default=None, help="hidden width / channels / d_model (default: the task's)")
+    demo.add_argument("--depth", type=int, default=None, help="hidden layers / transformer blocks (default: the task's)")
+    demo.add_argument("--context", type=int, default=None, help="lm: tokens per sequence (default: 64)")
+    demo.add_argument("--train-size", type=int, default=None,
+                      help="training examples (digits: first N of 1797; lm: N windows, default 512)")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="CPU threads (default: torch's, or 1 when the machine's load average is already at or above its "
+                      "core count: spin-waiting OpenMP threads are then several times slower)")
     demo.add_argument("--device", default=d.device, help="cpu or cuda")
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--backend", choices=BACKENDS, default=d.backend, help="kernel backend")

@@ -1,12 +1,22 @@
-"""The main job: the two-run protocol on a small network and a real dataset, on CPU.
+"""The main job: the paper's two-run protocol on a real workload, on CPU, in minutes.
 
-Data: scikit-learn's handwritten digits (1797 images of 8x8, shipped inside scikit-learn;
-nothing is downloaded). Run 1 trains from a seed and saves x* (and snapshots); run 2 replays
-the identical path with a :class:`PathTracker` measuring every step, and writes the report.
+``pathgeom demo --task mlp|cnn|wide-mlp|lm`` (the workloads are in :mod:`pathgeom_fast.tasks`).
+Run 1 trains from a seed and saves x* (and snapshots); with ``--cross-seed`` a second run 1
+from another seed (another initialisation and data order) gives a second end point x*'; run 2
+replays run 1's path exactly, with a :class:`PathTracker` measuring every step against x*
+(and x*', and x_0 with ``--x0-reference``), and writes records.csv, summary.json,
+geometry.png and findings.md (the paper's claims, each with its numbers and a verdict).
+
+What run 2 measures (rows of records.csv; see :mod:`pathgeom_fast.tracker`): the training
+minibatch gradient (before clipping), the optimizer's update, K fixed probe minibatches and
+the full-batch gradient every ``--probe-every`` steps, their weight-decay variants
+(``*_wd``, g + wd x) with ``--weight-decay``, and the lagged orthogonal cosine
+(``lagged``: components of g_t and g_{t+k} orthogonal to their own x - x*).
 
 ``make_model``, ``make_data`` and ``loss_fn`` follow the contract of ``pathgeom analyze``,
 so ``pathgeom analyze DIR/snapshots --model pathgeom_fast.demo:make_model
---data pathgeom_fast.demo:make_data`` re-analyses the demo's snapshots.
+--data pathgeom_fast.demo:make_data`` re-analyses the default demo's snapshots (other tasks:
+the entry points in :mod:`pathgeom_fast.tasks`).
 
 Under ``torchrun --nproc-per-node N -m pathgeom_fast.cli demo`` (gloo on CPU, NCCL on GPUs)
 the model is sharded with FSDP2 ``fully_shard`` and every batch is split across the ranks;
@@ -25,74 +35,111 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import report
+from . import report, tasks
 from .snapshots import SnapshotRecorder, save_snapshot
 from .tracker import PathTracker, Reference
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adam-l2")
 SCHEDULES = ("constant", "cosine", "step", "warmup-cosine")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn")  # the old --model choices, now tasks
+TASKS = tasks.TASKS
+PAPER_LAGS = (1, 2, 5, 10, 20, 50)
+SIZE_FIELDS = ("width", "depth", "context", "train_size")
+
+# Settings every task shares unless it says otherwise (see tasks.TASK_SPECS[...].defaults).
+_COMMON = {"steps": 400, "batch_size": 32, "optimizer": "momentum", "lr": 0.05, "schedule": "cosine", "weight_decay": 0.0,
+           "clip_grad_norm": 0.0, "probe_batches": 8, "probe_every": 10, "snapshot_every": 50, "lag_every": 10,
+           "cross_seed": False, "x0_reference": True}
 
 
 @dataclass
 class DemoConfig:
+    """Settings of one demo. ``None`` means "the task's default" (resolved when built)."""
+
     out: str = "pathgeom-demo"
-    steps: int = 400
-    batch_size: int = 32
-    optimizer: str = "momentum"
-    lr: float = 0.05
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    model: str = "mlp"
-    probe_batches: int = 8
-    probe_every: int = 10
+    task: str | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    clip_grad_norm: float | None = None  # 0: no clipping; the tracker measures before clipping
+    model: str | None = None  # old name of --task (mlp or cnn)
+    probe_batches: int | None = None
+    probe_every: int | None = None
     full_batch: bool = True
     per_tensor: bool = False
-    snapshot_every: int = 50
+    snapshot_every: int | None = None  # 0: only the end point
+    lags: tuple[int, ...] = PAPER_LAGS  # (): no lagged cosine
+    lag_every: int | None = None
+    cross_seed: bool | None = None
+    x0_reference: bool | None = None
+    width: int | None = None
+    depth: int | None = None
+    context: int | None = None
+    train_size: int | None = None
+    threads: int | None = None  # None: torch's default, or 1 when the machine is busier than its cores
     device: str = "cpu"
     seed: int = 0
     backend: str = "auto"
     progress: bool = True
     fsdp: bool = False  # set when launched with torchrun (WORLD_SIZE > 1)
 
+    def __post_init__(self):
+        if self.model is not None and self.task is not None and self.model != self.task:
+            raise ValueError(f"--model {self.model!r} and --task {self.task!r} disagree; --model is the old name of --task")
+        self.task = self.task or self.model or "mlp"
+        spec = tasks.get_task(self.task)
+        self.model = self.task
+        for key, value in {**_COMMON, **spec.defaults}.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for key in ("steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        for key in ("probe_batches", "probe_every", "snapshot_every", "weight_decay", "clip_grad_norm"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
+        self.lags = tuple(sorted({int(k) for k in self.lags or ()}))
+        if any(k < 1 for k in self.lags):
+            raise ValueError(f"--lags must be positive integers, got {self.lags}")
+        if self.lag_every < 1:
+            raise ValueError(f"--lag-every must be >= 1, got {self.lag_every}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+
+    @property
+    def sizes(self) -> dict:
+        return {k: getattr(self, k) for k in SIZE_FIELDS}
+
+    @property
+    def cross_seed_value(self) -> int:
+        return self.seed + 1
+
+
+# ------------------------------------------------------------------------------------------
+# Model, data, loss (the `pathgeom analyze` contract for the default task)
+# ------------------------------------------------------------------------------------------
+
 
 def make_data(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Digits as (X float32 [1797, 64] standardised, y int64 [1797])."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32)
-    X = (X - X.mean(0)) / (X.std(0) + 1e-6)
-    return X.to(device), torch.tensor(y, dtype=torch.int64, device=device)
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = torch.nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = x.view(-1, 1, 8, 8)
-        x = F.relu(self.conv1(x))
-        x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
+    return tasks.digits_data(device)
 
 
 def make_model(kind: str = "mlp") -> torch.nn.Module:
-    if kind == "mlp":
-        return torch.nn.Sequential(
-            torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
-        )
-    if kind == "cnn":
-        return SmallCNN()
-    raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
+    """The model of a task at its default size (``mlp`` by default)."""
+    if kind not in TASKS:
+        raise ValueError(f"model must be one of {TASKS}, got {kind!r}")
+    return tasks.get_task(kind).model()
 
 
-def loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
+loss_fn = tasks.loss_fn
 
 
 def sharded_loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
@@ -102,7 +149,10 @@ def sharded_loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
 
     x, y = batch
     rank, world = dist.get_rank(), dist.get_world_size()
-    return F.cross_entropy(model(x[rank::world]), y[rank::world], reduction="sum") * (world / len(x))
+    logits = model(x[rank::world])
+    mine = y[rank::world]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mine.reshape(-1), reduction="sum")
+    return total * (world / y.numel())
 
 
 def _global_loss(loss: torch.Tensor) -> torch.Tensor:
@@ -143,18 +193,28 @@ def lr_at(step: int, cfg: DemoConfig) -> float:
 
 
 def make_optimizer(cfg: DemoConfig, params) -> torch.optim.Optimizer:
+    """sgd; momentum (0.9); nesterov (0.9); adam/adamw = AdamW (decoupled decay); adam-l2 =
+    torch.optim.Adam with coupled L2 (weight_decay added to the gradient, as the paper's code)."""
+    wd = cfg.weight_decay
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=wd)
     if cfg.optimizer == "momentum":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=wd)
+    if cfg.optimizer == "nesterov":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    if cfg.optimizer in ("adam", "adamw"):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
+    if cfg.optimizer == "adam-l2":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
 
 
-def batch_order(n: int, cfg: DemoConfig) -> list[torch.Tensor]:
+def batch_order(n: int, cfg: DemoConfig, seed: int | None = None) -> list[torch.Tensor]:
     """The data order: seeded epochs of random permutations, identical in both runs."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    seed = cfg.seed if seed is None else seed
+    gen = torch.Generator().manual_seed(seed + 1)
+    if cfg.batch_size > n:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({n} examples)")
     out, perm, pos = [], torch.randperm(n, generator=gen), 0
     for _ in range(cfg.steps):
         if pos + cfg.batch_size > n:
@@ -169,19 +229,42 @@ def probe_set(X, y, cfg: DemoConfig):
     return [(X[i], y[i]) for i in (torch.randperm(len(X), generator=gen)[: cfg.batch_size] for _ in range(cfg.probe_batches))]
 
 
-def train(cfg: DemoConfig, X, y, order, tracker_fn=None, recorder_dir=None, desc="train"):
-    """One run. ``tracker_fn(model, optimizer)`` makes the PathTracker of run 2."""
+def full_batches(X, y, cfg: DemoConfig):
+    """The whole training set in chunks (their size-weighted mean gradient is the full-batch gradient)."""
+    chunk = tasks.get_task(cfg.task).full_chunk
+    return [(X[i : i + chunk], y[i : i + chunk]) for i in range(0, len(X), chunk)]
+
+
+@torch.no_grad()
+def accuracy(model, X, y, cfg: DemoConfig) -> float:
+    """Share of training examples (of next tokens, for the language model) predicted right."""
+    right = total = 0
+    for xb, yb in full_batches(X, y, cfg):
+        right += int((model(xb).argmax(-1) == yb).sum())
+        total += yb.numel()
+    return right / total
+
+
+def train(cfg: DemoConfig, X, y, order, tracker_fn=None, recorder_dir=None, desc="train", seed=None):
+    """One run. ``tracker_fn(model, optimizer)`` makes the PathTracker of run 2. Gradients are
+    clipped (``cfg.clip_grad_norm``) inside the measured step, so they are measured before clipping."""
     from tqdm.auto import tqdm
 
-    torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model).to(cfg.device)
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    model = tasks.get_task(cfg.task).model(cfg.sizes).to(cfg.device)
     if cfg.fsdp:
         model = shard_model(model, cfg.device)
     lossf = sharded_loss_fn if cfg.fsdp else loss_fn
     opt = make_optimizer(cfg, model.parameters())
     tracker = tracker_fn(model, opt) if tracker_fn else None
-    recorder = SnapshotRecorder(model, recorder_dir, every=cfg.snapshot_every) if recorder_dir else None
+    recorder = SnapshotRecorder(model, recorder_dir, every=cfg.snapshot_every) if recorder_dir and cfg.snapshot_every else None
     losses = {}
+
+    def step_fn():
+        if cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+        opt.step()
+
     for step in tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -194,10 +277,10 @@ def train(cfg: DemoConfig, X, y, order, tracker_fn=None, recorder_dir=None, desc
         shown = _global_loss(loss) if cfg.fsdp else loss.detach()
         losses[step] = float(shown)
         if tracker is not None:
-            with tracker.step(step, shown):
-                opt.step()
+            with tracker.step(step, shown):  # measures g here, before clipping
+                step_fn()
         else:
-            opt.step()
+            step_fn()
         opt.zero_grad(set_to_none=True)
     if recorder:
         recorder.maybe_save(cfg.steps, lr_at(cfg.steps, cfg), force=True)
@@ -222,44 +305,98 @@ def _init_distributed(cfg: DemoConfig) -> bool:
     return rank == 0
 
 
+def choose_threads(cfg: DemoConfig) -> int:
+    """CPU threads for both runs (the same in both: a matmul's rounding can depend on the count).
+
+    With ``threads=None``: torch's default, except on a machine already busier than its cores
+    (1-minute load average >= cores), where OpenMP threads that spin-wait for each other lose
+    more than they gain, and one thread per process is several times faster."""
+    if cfg.threads is not None:
+        return cfg.threads
+    n = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return n
+    return 1 if n > 1 and load >= (os.cpu_count() or n) else n
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _barrier(cfg: DemoConfig) -> None:
+    if cfg.fsdp:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run both passes and write the report to cfg.out. Returns the summary (every rank)."""
+    """Run the protocol and write the report to cfg.out. Returns the summary (every rank)."""
     writer_rank = _init_distributed(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     torch.use_deterministic_algorithms(True)
+    threads = choose_threads(cfg) if cfg.device == "cpu" else torch.get_num_threads()
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    X, y = make_data(cfg.device)
+    spec = tasks.get_task(cfg.task)
+    X, y = spec.data(cfg.sizes, cfg.device)
     order = batch_order(len(X), cfg)
+    seconds = {}
 
     # Run 1: train, keep x* and the losses.
+    t = time.perf_counter()
     model1, losses, _ = train(cfg, X, y, order, recorder_dir=os.path.join(cfg.out, "snapshots"), desc="run 1 (find x*)")
     xstar_path = os.path.join(cfg.out, "xstar.safetensors")
     save_snapshot(model1, xstar_path, cfg.steps)  # collective when sharded; rank 0 writes
     if writer_rank:
         with open(os.path.join(cfg.out, "trajectory.json"), "w") as f:
             json.dump({"losses": losses}, f)
-    if cfg.fsdp:
-        import torch.distributed as dist
+    acc = accuracy(model1, X, y, cfg)
+    del model1
+    seconds["run1"] = time.perf_counter() - t
 
-        dist.barrier()  # x* is on disk before run 2 reads its slices
-    with torch.no_grad():
-        acc = float((model1(X).argmax(1) == y).float().mean())
+    # Control: run 1 from another seed gives another end point x*'.
+    cross = None
+    if cfg.cross_seed:
+        t = time.perf_counter()
+        s2 = cfg.cross_seed_value
+        model_c, losses_c, _ = train(cfg, X, y, batch_order(len(X), cfg, s2), desc=f"run 1' (seed {s2})", seed=s2)
+        cross_path = os.path.join(cfg.out, f"xstar_seed{s2}.safetensors")
+        save_snapshot(model_c, cross_path, cfg.steps)
+        cross = {"name": f"xstar_seed{s2}", "seed": s2, "path": cross_path, "final_train_loss": losses_c[cfg.steps - 1],
+                 "final_train_accuracy": accuracy(model_c, X, y, cfg)}
+        del model_c
+        seconds["run1_cross_seed"] = time.perf_counter() - t
+    _barrier(cfg)  # the end points are on disk before run 2 reads its slices
 
     # Run 2: replay the same path and measure every step.
+    t = time.perf_counter()
     probes = probe_set(X, y, cfg)
     writer = report.tensorboard_writer(os.path.join(cfg.out, "tensorboard")) if writer_rank else None
 
     def make_tracker(model, opt):
+        refs = [Reference.from_file(model, xstar_path, name="xstar")]
+        if cross:
+            refs.append(Reference.from_file(model, cross["path"], name=cross["name"]))
+        if cfg.x0_reference:
+            refs.append(Reference.from_model(model, name="x0"))
         return PathTracker(
             model,
-            Reference.from_file(model, xstar_path),
+            refs,
             opt,
             loss_fn=sharded_loss_fn if cfg.fsdp else loss_fn,
             probe_batches=probes,
             probe_every=cfg.probe_every,
-            full_batch=[(X, y)] if cfg.full_batch else None,
+            full_batch=full_batches(X, y, cfg) if cfg.full_batch else None,
             weight_decay=cfg.weight_decay or None,
             per_tensor=cfg.per_tensor,
+            lags=cfg.lags or None,
+            lag_every=cfg.lag_every,
             expected_losses=losses,
             backend=cfg.backend,
             writer=writer,
@@ -267,21 +404,33 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     model2, _, tracker = train(cfg, X, y, order, tracker_fn=make_tracker, desc="run 2 (measure)")
     replay_ratio = tracker.finish()
+    seconds["run2"] = time.perf_counter() - t
     if writer is not None:
         writer.close()
     numel = sum(p.numel() for p in model2.parameters())  # global sizes, also for DTensors
     extra = {
+        "task": cfg.task,
+        "task_description": spec.describe(cfg.sizes),
         "config": asdict(cfg),
         "final_train_accuracy": acc,
         "final_train_loss": losses[cfg.steps - 1],
         "replay_final_distance_ratio": replay_ratio,
+        "final_distance_ratios": dict(tracker.final_distance_ratios),
+        "cross_seed": {k: v for k, v in cross.items() if k != "path"} if cross else None,
         "update_mode": tracker.update_mode,
-        "seconds": time.perf_counter() - t0,
+        "optimizer": cfg.optimizer,
+        "lr_comparable_to_eta_star": cfg.optimizer in ("sgd", "momentum", "nesterov"),
+        "seconds_by_run": seconds,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "threads": threads,
+        "load_average_at_start": _load(),
+        "seconds": time.perf_counter() - t0,
     }
-    title = f"digits {cfg.model}, {cfg.optimizer}, lr {cfg.lr} {cfg.schedule}, {cfg.steps} steps"
+    title = (f"{cfg.task}: {spec.describe(cfg.sizes)}, D={numel:,}; {cfg.optimizer}, lr {cfg.lr:g} {cfg.schedule}"
+             + (f", wd {cfg.weight_decay:g}" if cfg.weight_decay else "") + (f", clip {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else "")
+             + f", {cfg.steps} steps")
     if writer_rank:
-        return report.write_report(cfg.out, tracker.records, tracker.per_tensor_records, numel, title, extra)
+        return report.write_report(cfg.out, tracker.records, tracker.per_tensor_records, numel, title, extra, findings=True)
     summary = report.summarize(tracker.records, numel)
     summary.update(extra)
     return summary

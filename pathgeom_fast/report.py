@@ -56,11 +56,15 @@ def _finite(v) -> float | None:
 
 
 def _block(rows: list[dict]) -> dict:
-    vals = {m: np.array([r[m] for r in rows], dtype=np.float64) for m in METRICS}
+    vals = {m: np.array([np.nan if r.get(m) is None else r[m] for r in rows], dtype=np.float64) for m in METRICS}
     out = {"n": len(rows)}
     for m, v in vals.items():
         v = v[np.isfinite(v)]
-        out[m] = {f"q{q}": _finite(np.percentile(v, q)) if v.size else None for q in QUANTILES}
+        if v.size:
+            qs = np.percentile(v, QUANTILES)  # all quantiles in one call (summaries have thousands of blocks)
+            out[m] = {f"q{q}": _finite(x) for q, x in zip(QUANTILES, qs)}
+        else:
+            out[m] = {f"q{q}": None for q in QUANTILES}
     cos = vals["cos"][np.isfinite(vals["cos"])]
     out["share_cos_positive"] = float((cos > 0).mean()) if cos.size else None
     mu = _finite(np.nanmin(vals["rsi"])) if np.isfinite(vals["rsi"]).any() else None
@@ -80,10 +84,14 @@ def tail_start(records: list[dict], tail_fraction: float) -> float:
     return math.inf if tail_fraction <= 0 else hi - tail_fraction * (hi - lo + 1) + 1
 
 
+LAGGED = "lagged"
+
+
 def _summarize_one(records: list[dict], cut: float) -> tuple[dict, dict]:
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_kind[r["kind"]].append(r)
+        if r["kind"] != LAGGED:  # summarised per lag, see _lagged_summary
+            by_kind[r["kind"]].append(r)
     overall, per_step = {}, {}
     for kind, rows in by_kind.items():
         body = [r for r in rows if r["step"] < cut] or rows
@@ -95,6 +103,70 @@ def _summarize_one(records: list[dict], cut: float) -> tuple[dict, dict]:
     return overall, per_step
 
 
+def _quantiles(v) -> dict:
+    v = np.asarray(v, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return {f"q{q}": None for q in QUANTILES}
+    return {f"q{q}": _finite(x) for q, x in zip(QUANTILES, np.percentile(v, QUANTILES))}
+
+
+def _lagged_summary(records: list[dict], cut: float) -> dict:
+    """Per lag k (as a string key): quantiles of the lagged orthogonal cosine over the anchors t
+    whose both ends (t and t + k) lie before the tail, its mean and share of positive values."""
+    by_lag: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        if r["kind"] == LAGGED and r["step"] + r["sample"] < cut and r["cos"] is not None and math.isfinite(r["cos"]):
+            by_lag[r["sample"]].append(r["cos"])
+    out = {}
+    for k in sorted(by_lag):
+        v = np.array(by_lag[k])
+        out[str(k)] = {"n": int(v.size), "cos": _quantiles(v), "mean": float(v.mean()), "share_positive": float((v > 0).mean())}
+    return out
+
+
+def _path_summary(records: list[dict], cut: float) -> dict:
+    """How fast the path itself approached this reference over the body: the mean contraction
+    of ||x - x*||^2 per step, (c_last / c_first)^(1 / steps), from the minibatch rows' c."""
+    rows = sorted((r for r in records if r["kind"] == "minibatch" and r["c"] is not None and r["c"] > 0), key=lambda r: r["step"])
+    body = [r for r in rows if r["step"] < cut] or rows
+    if not body:
+        return {}
+    first, last = body[0], body[-1]
+    n = last["step"] - first["step"]
+    out = {"first_step": first["step"], "last_step": last["step"], "distance_first": math.sqrt(first["c"]),
+           "distance_last": math.sqrt(last["c"]), "observed_rate": None, "observed_steps_to_halve": None}
+    if n > 0:
+        rate = (last["c"] / first["c"]) ** (1.0 / n)
+        out["observed_rate"] = rate
+        out["observed_steps_to_halve"] = math.log(0.5) / math.log(rate) if 0 < rate < 1 else None
+    return out
+
+
+def _step_summary(records: list[dict], cut: float) -> dict | None:
+    """The step the optimizer took against the locally optimal one, per step of the body:
+    ``step_per_unit_gradient`` = ||u|| / ||g|| (update u = x_t - x_{t+1}, g the minibatch
+    gradient measured at x_t, before clipping; equal to lr for plain SGD), and eta* (of g)
+    divided by it and by the learning rate."""
+    mb = {r["step"]: r for r in records if r["kind"] == "minibatch"}
+    up = {r["step"]: r for r in records if r["kind"] == "update"}
+    steps = sorted(t for t in mb if t in up and t < cut and mb[t]["b"] and mb[t]["b"] > 0)
+    if not steps:
+        return None
+    per_g = np.array([math.sqrt(up[t]["b"] / mb[t]["b"]) for t in steps])
+    eta = np.array([np.nan if mb[t]["eta_star"] is None else mb[t]["eta_star"] for t in steps])
+    lr = np.array([np.nan if mb[t]["lr"] is None else mb[t]["lr"] for t in steps])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "n": len(steps),
+            "step_per_unit_gradient": _quantiles(per_g),
+            "lr": _quantiles(lr),
+            "eta_star": _quantiles(eta),
+            "eta_star_over_step": _quantiles(eta / per_g),
+            "eta_star_over_lr": _quantiles(eta / lr),
+        }
+
+
 def references_of(records: list[dict]) -> list[str]:
     """Reference names in the order they first appear (the first is the primary one)."""
     return list(dict.fromkeys(r.get("reference") or "xstar" for r in records))
@@ -103,17 +175,20 @@ def references_of(records: list[dict]) -> list[str]:
 def summarize(records: list[dict], numel: int | None = None, tail_fraction: float = 0.1) -> dict:
     """The summary.json content (see module docstring).
 
-    ``overall`` and ``steps`` are those of the primary reference (the first one in the
-    records); ``by_reference`` holds the same for every reference."""
+    ``overall``, ``steps``, ``path``, ``lagged`` and ``step_size`` are those of the primary
+    reference (the first one in the records); ``by_reference`` holds overall, steps and path
+    for every reference."""
     if not 0 <= tail_fraction < 1:
         raise ValueError(f"tail_fraction must be in [0, 1), got {tail_fraction}")
     cut = tail_start(records, tail_fraction)
     refs = references_of(records)
     by_ref = {}
     for name in refs:
-        overall, steps = _summarize_one([r for r in records if (r.get("reference") or "xstar") == name], cut)
-        by_ref[name] = {"overall": overall, "steps": steps}
-    primary = by_ref[refs[0]] if refs else {"overall": {}, "steps": {}}
+        mine = [r for r in records if (r.get("reference") or "xstar") == name]
+        overall, steps = _summarize_one(mine, cut)
+        by_ref[name] = {"overall": overall, "steps": steps, "path": _path_summary(mine, cut)}
+    primary = by_ref[refs[0]] if refs else {"overall": {}, "steps": {}, "path": {}}
+    mine = [r for r in records if (r.get("reference") or "xstar") == refs[0]] if refs else []
     return {
         "numel": numel,
         "chance_cos": 1.0 / math.sqrt(numel) if numel else None,
@@ -122,6 +197,9 @@ def summarize(records: list[dict], numel: int | None = None, tail_fraction: floa
         "primary_reference": refs[0] if refs else None,
         "overall": primary["overall"],
         "steps": primary["steps"],
+        "path": primary["path"],
+        "lagged": _lagged_summary(mine, cut),
+        "step_size": _step_summary(mine, cut),
         "by_reference": by_ref,
     }
 
@@ -145,6 +223,9 @@ def format_table(summary: dict) -> str:
                 f"{kind:<13}{b['n']:>6}{f(b['rsi']['q50'], 11)}{f(b['eb']['q50'], 11)}{f(b['cos']['q50'], 11)}"
                 f"{f(b['eta_star']['q50'], 11)}{f(b['share_cos_positive'], 8, 3)}{f(b['mu'], 11)}{f(b['L'], 10)}{f(b['rate'], 9)}"
             )
+    if summary.get("lagged"):
+        lag = "  ".join(f"k={k}: {f(v['cos']['q50'], 0, 3).strip()}" for k, v in summary["lagged"].items())
+        lines.append(f"lagged orthogonal cos (median by lag k): {lag}")
     if summary.get("overall_steps_below") is not None:
         lines.append(f"(overall: steps below {summary['overall_steps_below']:g}; the last {summary['tail_fraction']:.0%} of the path, where x ~ x*, is left out)")
     if summary.get("chance_cos"):
@@ -152,100 +233,237 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+REFERENCE_LABELS = {"xstar": "x* (end of run 1)", "x0": "x_0 (start of the path)"}
+
+
+def reference_label(name: str) -> str:
+    if name.startswith("xstar_seed"):
+        return f"x*' (end of a run with seed {name[len('xstar_seed'):]})"
+    return REFERENCE_LABELS.get(name, name)
+
+
+def _series(records, kind, key, sample=0):
+    rows = [r for r in records if r["kind"] == kind and r["sample"] == sample]
+    x = np.array([r["step"] for r in rows], dtype=float)
+    y = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+    return x, y
+
+
+def _finite_values(*arrays) -> np.ndarray:
+    v = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays if a is not None and len(a)] or [np.array([])])
+    return v[np.isfinite(v)]
+
+
+def _symlog_limits(ax, values, scale_values) -> None:
+    """Symmetric log scale whose linear part (|y| < linthresh) is small against the body's
+    typical size, and limits that hold the body's 1-99 % range (outliers are clipped)."""
+    v = _finite_values(values)
+    if not v.size:
+        return
+    ref = np.abs(_finite_values(scale_values))
+    ref = ref[ref > 0]
+    lt = float(np.percentile(ref, 10)) if ref.size else float(np.percentile(np.abs(v[v != 0]), 10)) if (v != 0).any() else 1.0
+    ax.set_yscale("symlog", linthresh=lt, linscale=1.0)
+    lo, hi = np.percentile(v, 1), np.percentile(v, 99)
+    lo = min(lo, 0.0)
+    hi = max(hi, 0.0)
+    ax.set_ylim(lo * 2 if lo < -lt else lo - lt, hi * 2 if hi > lt else hi + lt)
+
+
 def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None:
-    """geometry.png: the paper-style figure."""
+    """geometry.png: six panels, against the primary reference unless said otherwise.
+
+    RSI (symmetric log scale, so that the body of the path and its sign are both visible),
+    EB (log), eta* against the step the optimizer took (the learning rate for SGD; for every
+    optimizer the step per unit gradient ||u|| / ||g||), cos against the chance band +-1/sqrt(D)
+    (with the update's cosine), the lagged orthogonal cosine by lag, and the controls: cos of
+    the full-batch gradient against each reference. Probe minibatches are drawn as 5-95 % and
+    25-75 % bands around their median; the last ``tail_fraction`` of the path (x ~ x*, where
+    the ratios are ill-conditioned) is shaded and left out of the axis limits; rows with
+    c = 0 (the reference point itself) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    every = [r for r in records if r.get("c") is not None and r["c"] > 0]  # x = reference: nothing to plot
     primary = summary.get("primary_reference")
-    if primary is not None:
-        records = [r for r in records if (r.get("reference") or "xstar") == primary]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    band_kind = next((k for k in ("probe", "full", "minibatch") if k in summary["steps"]), None)
-
-    def series(kind, key):
-        rows = [r for r in records if r["kind"] == kind and r["sample"] == 0]
-        return np.array([r["step"] for r in rows]), np.array([r[key] if r[key] is not None else np.nan for r in rows], dtype=float)
-
-    def bands(ax, metric, label):
-        if band_kind is None:
-            return
-        st = summary["steps"][band_kind]
-        x = np.array([s["step"] for s in st])
-        q = {k: np.array([np.nan if s[metric][k] is None else s[metric][k] for s in st]) for k in ("q5", "q25", "q50", "q75", "q95")}
-        if band_kind == "probe":
-            ax.fill_between(x, q["q5"], q["q95"], alpha=0.2, color="C0", label=f"{label} probes 5-95%")
-            ax.fill_between(x, q["q25"], q["q75"], alpha=0.35, color="C0", label="25-75%")
-        ax.plot(x, q["q50"], color="C0", lw=1.5, label=f"{band_kind} median")
-
+    refs = references_of(every)
+    records = [r for r in every if (r.get("reference") or "xstar") == (primary or refs[0] if refs else None)]
+    steps = summary.get("steps", {})
     cut = summary.get("overall_steps_below")
-    body = [r for r in records if cut is None or r["step"] < cut]
+    in_body = (lambda x: x < cut) if cut is not None else (lambda x: np.ones_like(x, dtype=bool))
+    last_step = max((r["step"] for r in records), default=0)
+    band_kind = next((k for k in ("probe", "full", "minibatch") if k in steps), None)
 
-    def scale_to_body(ax, metric, log):
-        v = np.array([r[metric] for r in body if r[metric] is not None], dtype=float)
-        v = v[np.isfinite(v)]
-        if v.size:
-            lo, hi = np.percentile(v, 0.5), np.percentile(v, 99.5)
-            if log and lo > 0:
-                ax.set_ylim(lo / 2, hi * 2)
-            else:
-                pad = 0.1 * (hi - lo + 1e-12)
-                ax.set_ylim(lo - pad, hi + pad)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 13.5), layout="constrained")
+
+    def bands(ax, metric, color="C0"):
+        """Probe quantile bands and median; returns (x, median) for the axis limits."""
+        if band_kind != "probe":
+            return np.array([]), np.array([])
+        st = steps["probe"]
+        x = np.array([s["step"] for s in st], dtype=float)
+        q = {k: np.array([np.nan if s[metric][k] is None else s[metric][k] for s in st]) for k in ("q5", "q25", "q50", "q75", "q95")}
+        K = max(s["n"] for s in st)
+        ax.fill_between(x, q["q5"], q["q95"], alpha=0.18, color=color, lw=0, label=f"{K} probe minibatches, 5-95 %")
+        ax.fill_between(x, q["q25"], q["q75"], alpha=0.35, color=color, lw=0, label="probes 25-75 %")
+        ax.plot(x, q["q50"], color=color, lw=1.6, label="probe median")
+        return x, q["q50"]
 
     def shade_tail(ax):
-        if cut is not None:
-            ax.axvspan(cut, max(r["step"] for r in records), color="gray", alpha=0.12, lw=0, label="tail (x ~ x*)")
+        if cut is not None and last_step >= cut:
+            ax.axvspan(cut, last_step, color="gray", alpha=0.12, lw=0, label="tail (x ~ x*), not in the limits")
 
-    for ax, metric, name in ((axes[0, 0], "rsi", "RSI"), (axes[0, 1], "eb", "EB")):
-        if "minibatch" in summary["steps"]:
-            x, y = series("minibatch", metric)
-            ax.plot(x, y, color="C1", lw=0.6, alpha=0.7, label="training minibatch")
-        bands(ax, metric, name)
-        if "full" in summary["steps"]:
-            x, y = series("full", metric)
-            ax.plot(x, y, "k.", ms=3, label="full batch")
-        ax.set_title(f"{name} along training")
+    def legend(ax):
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=7.5, frameon=False)
+
+    def body_values(*pairs):
+        return _finite_values(*[y[in_body(x)] for x, y in pairs if len(x)])
+
+    # RSI and EB
+    for ax, metric, name in ((axes[0, 0], "rsi", "RSI = <g, x - x*> / ||x - x*||^2"), (axes[0, 1], "eb", "EB = ||g|| / ||x - x*||")):
+        pairs = []
+        if "minibatch" in steps:
+            x, y = _series(records, "minibatch", metric)
+            ax.plot(x, y, color="C1", lw=0.6, alpha=0.75, label="training minibatch g (before clipping)")
+            pairs.append((x, y))
+        pairs.append(bands(ax, metric))
+        if "full" in steps:
+            x, y = _series(records, "full", metric)
+            ax.plot(x, y, "k.", ms=4, label="full-batch gradient")
+            pairs.append((x, y))
         ax.set_xlabel("step")
+        ax.set_ylabel(name)
         shade_tail(ax)
-        ax.legend(fontsize=7)
-    axes[0, 0].axhline(0, color="gray", lw=0.5)
-    scale_to_body(axes[0, 0], "rsi", log=False)
-    axes[0, 1].set_yscale("log")
-    scale_to_body(axes[0, 1], "eb", log=True)
+        if metric == "rsi":
+            ax.axhline(0, color="gray", lw=0.6)
+            scale = [y[in_body(x)] for x, y in pairs[1:] if len(x)] or [pairs[0][1]]
+            _symlog_limits(ax, body_values(*pairs), np.concatenate(scale) if scale else [])
+            ax.set_title("RSI along the path (symmetric log scale)")
+        else:
+            ax.set_yscale("log")
+            v = body_values(*pairs)
+            v = v[v > 0]
+            if v.size:
+                ax.set_ylim(np.percentile(v, 0.5) / 1.5, np.percentile(v, 99.5) * 1.5)
+            ax.set_title("EB along the path")
+        legend(ax)
 
+    # eta* against the step taken
     ax = axes[1, 0]
-    bands(ax, "eta_star", "eta*")
-    if "minibatch" in summary["steps"]:
-        x, y = series("minibatch", "eta_star")
-        ax.plot(x, y, color="C1", lw=0.6, alpha=0.7, label="eta* training minibatch")
-        lr_rows = [r for r in records if r["kind"] == "minibatch" and r["lr"] is not None]
-        if lr_rows:
-            ax.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], "r--", lw=1.2, label="learning rate used")
-    ax.set_yscale("symlog", linthresh=1e-3)
+    pairs = [bands(ax, "eta_star")]
+    if "minibatch" in steps:
+        x, y = _series(records, "minibatch", "eta_star")
+        ax.plot(x, y, color="C1", lw=0.6, alpha=0.75, label="eta* of the training minibatch g")
+        pairs.append((x, y))
+    if "full" in steps:
+        x, y = _series(records, "full", "eta_star")
+        ax.plot(x, y, "k.", ms=4, label="eta* of the full-batch gradient")
+        pairs.append((x, y))
+    comparable = summary.get("lr_comparable_to_eta_star", True)
+    lr_rows = [r for r in records if r["kind"] == "minibatch" and r["lr"] is not None]
+    if lr_rows and comparable:
+        ax.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], "r--", lw=1.3, label="learning rate used")
+    mb = {r["step"]: r for r in records if r["kind"] == "minibatch" and r["sample"] == 0}
+    up = [r for r in records if r["kind"] == "update" and r["step"] in mb and mb[r["step"]]["b"]]
+    if up:
+        x = np.array([r["step"] for r in up], dtype=float)
+        y = np.array([math.sqrt(r["b"] / mb[r["step"]]["b"]) for r in up])
+        ax.plot(x, y, color="C2", lw=1.2, label="step taken per unit gradient ||u|| / ||g||")
+    ax.axhline(0, color="gray", lw=0.6)
     shade_tail(ax)
-    ax.set_title("locally optimal step eta* vs learning rate")
+    _symlog_limits(ax, body_values(*[p for p in pairs if len(p[0])]), pairs[0][1] if len(pairs[0][0]) else body_values(*pairs))
+    what = "learning rate and " if comparable else ""
+    ax.set_title(f"locally optimal step eta* = <g, x - x*> / ||g||^2 vs {what}step taken", fontsize=10)
     ax.set_xlabel("step")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("step size (units of g)")
+    legend(ax)
 
+    # cos
     ax = axes[1, 1]
-    bands(ax, "cos", "cos")
-    if "minibatch" in summary["steps"]:
-        x, y = series("minibatch", "cos")
-        ax.plot(x, y, color="C1", lw=0.6, alpha=0.7, label="training minibatch")
+    pairs = [bands(ax, "cos")]
+    if "minibatch" in steps:
+        x, y = _series(records, "minibatch", "cos")
+        ax.plot(x, y, color="C1", lw=0.6, alpha=0.75, label="training minibatch g")
+        pairs.append((x, y))
+    if "update" in steps:
+        x, y = _series(records, "update", "cos")
+        ax.plot(x, y, color="C4", lw=0.9, alpha=0.9, label="update u = x_t - x_{t+1}")
+        pairs.append((x, y))
+    if "full" in steps:
+        x, y = _series(records, "full", "cos")
+        ax.plot(x, y, "k.", ms=4, label="full-batch gradient")
+        pairs.append((x, y))
     if summary.get("chance_cos"):
         ch = summary["chance_cos"]
-        ax.axhspan(-ch, ch, color="gray", alpha=0.3, label="+-1/sqrt(D) (chance)")
-    ax.axhline(0, color="gray", lw=0.5)
+        ax.axhspan(-ch, ch, color="red", alpha=0.35, lw=0, label=f"chance +-1/sqrt(D) = +-{ch:.2g}")
+    ax.axhline(0, color="gray", lw=0.6)
     shade_tail(ax)
+    v = body_values(*[p for p in pairs if len(p[0])])
+    if v.size:
+        lo, hi = np.percentile(v, 0.5), np.percentile(v, 99.5)
+        pad = 0.08 * (hi - lo + 1e-9)
+        ax.set_ylim(max(-1.02, min(lo - pad, -0.05)), min(1.02, hi + pad))
     ax.set_title("cos(g, x - x*)")
     ax.set_xlabel("step")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("cosine")
+    legend(ax)
+
+    # lagged orthogonal cosine
+    ax = axes[2, 0]
+    lagged = [r for r in records if r["kind"] == LAGGED and r["cos"] is not None and math.isfinite(r["cos"])]
+    lags = sorted({r["sample"] for r in lagged})
+    if lags:
+        data = [[r["cos"] for r in lagged if r["sample"] == k and (cut is None or r["step"] + k < cut)] or [np.nan] for k in lags]
+        ax.boxplot(data, positions=range(len(lags)), whis=(5, 95), showfliers=False, widths=0.5,
+                   medianprops={"color": "C0", "lw": 2}, label=None)
+        for i, d in enumerate(data):
+            ax.plot(np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d)), d, ".", color="C1", ms=3, alpha=0.6)
+        ax.set_xticks(range(len(lags)), [str(k) for k in lags])
+        if summary.get("chance_cos"):
+            ch = summary["chance_cos"]
+            ax.axhspan(-ch, ch, color="red", alpha=0.35, lw=0, label=f"chance +-1/sqrt(D) = +-{ch:.2g}")
+        ax.axhline(0, color="gray", lw=0.6)
+        ax.plot([], [], "s", color="white", mec="k", label="box 25-75 %, whiskers 5-95 %, line median")
+        ax.plot([], [], ".", color="C1", label="one anchor step t")
+        legend(ax)
+    else:
+        ax.text(0.5, 0.5, "lagged cosine not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("lagged cosine of the components orthogonal to x - x*")
+    ax.set_xlabel("lag k (steps)")
+    ax.set_ylabel("cos(g_t perp, g_{t+k} perp)")
+
+    # controls: the same cosine against every reference
+    ax = axes[2, 1]
+    kind = next((k for k in ("full", "probe", "minibatch") if k in steps), None)
+    pairs = []
+    for i, name in enumerate(refs):
+        if kind is None:
+            break
+        mine = [r for r in every if (r.get("reference") or "xstar") == name]
+        if kind == "probe":
+            st = summary.get("by_reference", {}).get(name, {}).get("steps", {}).get("probe", [])
+            x = np.array([s["step"] for s in st], dtype=float)
+            y = np.array([np.nan if s["cos"]["q50"] is None else s["cos"]["q50"] for s in st])
+        else:
+            x, y = _series(mine, kind, "cos")
+        ax.plot(x, y, "-" if kind == "minibatch" else ".-", color=f"C{[0, 3, 2, 5, 6][i % 5]}", lw=1, ms=4, label=reference_label(name))
+        pairs.append((x, y))
+    if summary.get("chance_cos"):
+        ch = summary["chance_cos"]
+        ax.axhspan(-ch, ch, color="red", alpha=0.35, lw=0, label="chance +-1/sqrt(D)")
+    ax.axhline(0, color="gray", lw=0.6)
+    shade_tail(ax)
+    what = {"full": "full-batch gradient", "probe": "probe median", "minibatch": "training minibatch"}.get(kind, "")
+    ax.set_title(f"controls: cos({what}, x - reference) per reference", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cosine")
+    legend(ax)
+
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -258,8 +476,11 @@ def tensorboard_writer(log_dir: str):
     return SummaryWriter(log_dir=log_dir)
 
 
-def write_report(out_dir: str, records, per_tensor_records=(), numel=None, title="", extra=None, tail_fraction=0.1) -> dict:
-    """Write records.csv, per_tensor.csv (if any), summary.json and geometry.png to out_dir."""
+def write_report(
+    out_dir: str, records, per_tensor_records=(), numel=None, title="", extra=None, tail_fraction=0.1, findings: bool = False
+) -> dict:
+    """Write records.csv, per_tensor.csv (if any), summary.json and geometry.png to out_dir, and
+    with ``findings=True`` findings.md (the paper's claims checked against the summary)."""
     os.makedirs(out_dir, exist_ok=True)
     write_csv(records, os.path.join(out_dir, "records.csv"))
     if per_tensor_records:
@@ -270,4 +491,9 @@ def write_report(out_dir: str, records, per_tensor_records=(), numel=None, title
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot(records, summary, os.path.join(out_dir, "geometry.png"), title)
+    if findings:
+        from .findings import findings_markdown
+
+        with open(os.path.join(out_dir, "findings.md"), "w") as f:
+            f.write(findings_markdown(summary, title))
     return summary

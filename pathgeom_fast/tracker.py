@@ -24,6 +24,16 @@ What is measured (each a row of ``tracker.records``; a, b, c as in DESIGN.md sec
   u = lr * momentum_buffer is read after the step, nothing extra either; for every other
   optimizer (Adam, Nesterov, maximize, ...) one copy of the parameters is kept (same dtypes),
   and <u, x_t - x*> = <u, x_{t+1} - x*> + ||u||^2 is computed in one fused pass.
+* ``lagged`` (with ``lags=``): the paper's lagged orthogonal cosine. For the training gradient
+  g_t, its component orthogonal to its own x_t - x* (primary reference) is
+  g_t⊥ = g_t - (a_t / c_t)(x_t - x*), with ||g_t⊥||^2 = b_t - a_t^2 / c_t. The row of anchor
+  step t and lag k (``step`` = t, ``sample`` = k) has a = <g_t⊥, g_{t+k}⊥>,
+  b = ||g_{t+k}⊥||^2, c = ||g_t⊥||^2, so ``cos`` = a / sqrt(bc) is the cosine between the two
+  orthogonal components (its rsi, eb and eta_star are left empty). Anchors are the steps
+  divisible by ``lag_every``; at an anchor one copy u = g_t⊥ is kept on the device until its
+  largest lag has passed (memory: about max(lags) / lag_every copies of the parameters), and at
+  step s = t + k the cross terms <g_s, u> and <x_s - x*, u> of all anchors due come from one
+  fused :func:`pathgeom_fast.secant_gram` pass: <g_s⊥, u> = <g_s, u> - (a_s / c_s) <x_s - x*, u>.
 * ``probe``: every ``probe_every`` steps, the gradients of K fixed minibatches at x_t
   (``secant_stats_multi``: params and x* read once for all K), and ``full`` the full-batch
   gradient when ``full_batch=`` is given; with ``weight_decay=`` also ``probe_wd`` and
@@ -176,6 +186,9 @@ class PathTracker:
         backend, group: passed to :func:`pathgeom_fast.secant_stats`.
         writer: optional object with ``add_scalar(tag, value, step)`` (TensorBoard), written to
             when rows are read.
+        lags: record ``lagged`` rows for these lags k (the paper's: 1, 2, 5, 10, 20, 50);
+            None = off. Not available for sharded (DTensor) parameters.
+        lag_every: anchor steps of the lagged cosine (steps divisible by it).
     """
 
     def __init__(
@@ -196,6 +209,8 @@ class PathTracker:
         backend: str = "auto",
         group=None,
         writer=None,
+        lags: Sequence[int] | None = None,
+        lag_every: int = 10,
     ):
         self.refs = _as_references(reference)
         for r in self.refs.values():
@@ -224,6 +239,15 @@ class PathTracker:
         self.params = [p for _, p in named]
         self.sharded = bool(self.params) and _is_dtensor(self.params[0])
         self.update_mode = self._update_mode(update)
+        self.lags = tuple(sorted({int(k) for k in lags})) if lags else ()
+        if any(k < 1 for k in self.lags):
+            raise ValueError(f"lags must be positive integers, got {list(lags)}")
+        if lag_every < 1:
+            raise ValueError(f"lag_every must be >= 1, got {lag_every}")
+        if self.lags and self.sharded:
+            raise NotImplementedError("lags= (the lagged orthogonal cosine) is not available for sharded (DTensor) parameters")
+        self.lag_every = int(lag_every)
+        self._anchors: list[tuple[int, list[Tensor], Tensor]] = []
         self._records: list[dict[str, Any]] = []
         self._per_tensor_records: list[dict[str, Any]] = []
         self._blocks: list[_Block] = []
@@ -298,6 +322,8 @@ class PathTracker:
             for (step, kind, sample, ref, tensor), (a, bb, c) in zip(b.keys, stats.tolist()):
                 row = {"step": step, "kind": kind, "sample": sample, "reference": ref, "lr": lr, "loss": loss}
                 row.update(metrics(a, bb, c))
+                if kind == "lagged":  # only the cosine means something for these rows
+                    row.update(rsi=None, eb=None, eta_star=None)
                 row.update(a=a, b=bb, c=c)
                 if tensor is None:
                     new.append(row)
@@ -312,7 +338,8 @@ class PathTracker:
                 if row["reference"] != self.ref.name:
                     tag = f"{tag}@{row['reference']}"
                 for key in ("rsi", "eb", "cos", "eta_star"):
-                    self.writer.add_scalar(f"pathgeom/{tag}/{key}", row[key], row["step"])
+                    if row[key] is not None:
+                        self.writer.add_scalar(f"pathgeom/{tag}/{key}", row[key], row["step"])
         return new
 
     @property
@@ -353,6 +380,7 @@ class PathTracker:
         lr = self._lr()
         grads = self._grads(step)
         c_now: dict[str, Tensor] = {}
+        primary_stats = None
         for name, ref in self.refs.items():
             if self.per_tensor:
                 per = self._stats(grads, ref, per_tensor=True)
@@ -362,9 +390,12 @@ class PathTracker:
                 s = self._stats(grads, ref)
             self._add(step, "minibatch", name, s, lr, loss_v)
             c_now[name] = s[2]
+            primary_stats = s if primary_stats is None else primary_stats
             self._first_c.setdefault(name, s[2])
             if self.weight_decay:
                 self._add(step, "minibatch_wd", name, self._stats(grads, ref, weight_decay=self.weight_decay), lr, loss_v)
+        if self.lags:
+            self._lagged(step, grads, primary_stats, lr)
         if self.probe_every and step % self.probe_every == 0:
             self._probes(step, lr)
         self._pending = {"step": step, "c": c_now, "lr": lr, "loss": loss_v}
@@ -388,6 +419,37 @@ class PathTracker:
                     c.copy_(p.detach())
             else:
                 torch._foreach_copy_(self._copy, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def _lagged(self, step: int, grads: list[Tensor], stats: Tensor, lr) -> None:
+        """Rows ``lagged`` for the anchors due at this step, then this step's anchor (if any)."""
+        ref = self.ref
+        due = [(t, u, uu) for t, u, uu in self._anchors if step - t in self.lags]
+        if due:
+            from .ops import secant_gram
+
+            # Gram of (g_s, u_1..u_m, x_s - x*) in one fused pass; K = index of x_s - x*
+            G = secant_gram([grads] + [u for _, u, _ in due], self.params, ref.tensors, **self.kw)
+            K = len(due) + 1
+            a_s, b_s, c_s = G[0, K], G[0, 0], G[K, K]
+            cross = G[0, 1:K] - (a_s / c_s) * G[1:K, K]  # <g_s⊥, u_i>
+            perp = (b_s - a_s * a_s / c_s).expand(K - 1)  # ||g_s⊥||^2
+            rows = torch.stack([cross, perp, torch.stack([uu for _, _, uu in due])], dim=1)
+            keys = [(t, "lagged", step - t, ref.name, None) for t, _, _ in due]
+            self._blocks.append(_Block(rows, keys, lr, None))
+            self._last[("lagged", ref.name)] = (step, rows)
+        biggest = self.lags[-1]
+        self._anchors = [an for an in self._anchors if step - an[0] < biggest]
+        if step % self.lag_every == 0:
+            a, b, c = stats[0], stats[1], stats[2]
+            ratio = a / c
+            u = []
+            for g, p, r in zip(grads, self.params, ref.tensors):
+                dt = torch.promote_types(torch.promote_types(p.dtype, r.dtype), torch.float32)
+                v = torch.sub(p.detach().to(dt), r.to(dt))  # x - x* (at least fp32), then g - ratio (x - x*)
+                v.mul_(-ratio)
+                u.append(v.add_(g))
+            self._anchors.append((step, u, b - a * a / c))
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -526,6 +588,7 @@ class PathTracker:
         end at the primary reference."""
         if self._pending is not None:
             raise RuntimeError("finish() called between measure() and after_step()")
+        self._anchors = []  # the lagged cosine's copies are no longer needed
         ends = {name: secant_stats(self.params, self.params, ref.tensors, **self.kw)[2] for name, ref in self.refs.items()}
         names = list(ends)
         vals = _to_host([ends[n] for n in names] + [self._first_c.get(n) for n in names])
