@@ -5,8 +5,9 @@ runs, which partial row each program writes, and where every kernel argument liv
 int64 buffer. It depends only on the tensor sizes, a group key per tensor (the dtype
 combination and the alignment, one kernel specialisation each) and K; the tensor addresses
 are written into the buffer afterwards, at the slots the plan lists, by one NumPy scatter.
-So a plan is cached by (sizes, keys, K), and the per-call host work for T tensors is one
-``data_ptr()`` per tensor plus array operations, whatever T.
+So a plan is cached by (sizes, keys, K, per_tensor), and the per-call host work for T
+tensors is reading each tensor's address, dtype, size and contiguity plus a few NumPy array
+operations, whatever T.
 
 Layout (what the kernels and the tests rely on):
 
@@ -30,7 +31,8 @@ Layout (what the kernels and the tests rely on):
   [ntensors], then per program ``chunk_local`` (row of the table), ``chunk_index`` (chunk
   number q within the tensor: the kernel starts at q * chunk, a multiple of the chunk, so an
   aligned base stays aligned) and ``chunk_row`` (partial row); at the end the ``segments``
-  array of the final sum ([T + 1] row bounds per tensor, or [0, total_rows]).
+  array of the final sum ([T + 1] row bounds per tensor, or [0, total_rows]). Every array
+  starts at an even int64 offset, so each argument is as 16-byte aligned as the buffer.
 
 The CUDA backend plans in C++ (csrc/plan.h), exposed as ``pathgeom_fast._C.plan_cuda``.
 """
