@@ -2,8 +2,11 @@
 #   make demo   set up (venv, torch, build) and run the main job: `pathgeom demo`
 #   make test   set up and run the test suite
 # Set-up: a virtual environment in $(VENV) with torch $(TORCH_SPEC) (the 2.14.1 CUDA 13.0
-# build runs on CPU and lets the CUDA kernels compile and link where nvcc is found), then
-# the package built against it with --no-build-isolation.
+# build runs on CPU and lets the CUDA kernels compile and link where nvcc is found) and numpy
+# (installed before the build: torch imported without numpy prints "Failed to initialize
+# NumPy"), then the package built against it with --no-build-isolation.
+# `make test` includes the compiled-kernel checks (Triton AOT for sm_80/sm_90, nvcc -Xptxas -v;
+# no GPU needed) and the packaging tests (pure-Python install, python -m build).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,14 +19,14 @@ DEMO_OUT ?= pathgeom-demo
 
 export CUDA_HOME MAX_JOBS
 
-.PHONY: setup demo test bench bench-gpu clean
+.PHONY: setup demo test bench bench-gpu compile-check dist clean
 
 setup: $(VENV)/.built
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy ninja
 	touch $@
 
 $(VENV)/.built: $(VENV)/.torch $(SOURCES)
@@ -42,5 +45,13 @@ bench: setup
 bench-gpu:
 	bash bench/gpu.sh
 
+# The compiled-kernel table (registers, spills, 16-byte loads) into bench/results/.
+compile-check: setup
+	env -u TRITON_INTERPRET $(PY) -m pathgeom_fast.compile_check --out bench/results/compiled-kernels-$$(date -u +%Y-%m-%d).txt
+
+# sdist and a pure-Python wheel, without downloading anything.
+dist: setup
+	PATHGEOM_BUILD_EXT=0 $(PY) -m build --no-isolation --outdir dist .
+
 clean:
-	rm -rf build *.egg-info pathgeom_fast/*.so pathgeom_fast/_build_info.py $(VENV)
+	rm -rf build dist *.egg-info pathgeom_fast/*.so pathgeom_fast/_build_info.py $(VENV)

@@ -1,16 +1,67 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: rebuild the extension, run the GPU tests (CUDA, compiled Triton,
-# >2^31 elements), check correctness against fp64, and time the GPU table.
-# Usage: bash bench/gpu.sh [OUT_DIR]   (writes gpu-tests.log, gpu-bench.json, gpu-bench.txt)
-# The GPU machines bring their own torch/triton: build against them without dependencies.
+# The one call a session with a GPU runs first:
+#
+#   bash bench/gpu.sh [OUT_DIR]        (default bench/results/gpu-<date>)
+#
+# 1. device, driver and versions        -> OUT/gpu-device.txt
+# 2. rebuild the extension (CUDA)       -> OUT/gpu-build.log
+# 3. every GPU test (CUDA kernel, compiled Triton, plans, >2^31 elements, opcheck/compile)
+#                                       -> OUT/gpu-tests.log
+# 4. the sync-free check                -> OUT/gpu-sync-check.txt
+# 5. the compiled-kernel table on this machine's toolchain and GPU arch, plus the
+#    resource usage of the built extension -> OUT/compiled-kernels.txt (.json)
+# 6. the GPU benchmark table            -> OUT/gpu-bench.txt, gpu-bench.json
+#
+# Each step's exit status is recorded and the script goes on after a failing step; a summary
+# is printed last (and written to OUT/summary.txt). Exit status: the number of failed steps.
+# The GPU machines bring their own torch/triton: the build uses them, without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-${OUT:-bench/results}}"
+OUT="${1:-${OUT:-bench/results/gpu-$(date -u +%Y-%m-%d)}}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PATHGEOM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1 PATHGEOM_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+unset TRITON_INTERPRET
 PY="${PYTHON:-python3}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu-device.txt"
-$PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
-$PY -c "import pathgeom_fast as pg, torch; print('extension', pg.extension_available(), pg.extension_error(), torch.__version__)"
-$PY -m pytest tests/test_ops_cuda.py tests/test_ops.py -q -rs -x 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
-$PY -m pathgeom_fast.cli bench --device cuda --repeats 20 --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/gpu-bench.txt"
+declare -a NAMES STATUS SECS
+
+step() {  # step NAME LOGFILE COMMAND...
+  local name="$1" log="$2"; shift 2
+  local t0=$SECONDS
+  echo "== $name" | tee -a "$OUT/summary.txt"
+  "$@" > "$log" 2>&1
+  local rc=$?
+  tail -n 25 "$log"
+  NAMES+=("$name"); STATUS+=("$rc"); SECS+=("$((SECONDS - t0))")
+  echo "-- $name: exit $rc ($((SECONDS - t0)) s), log $log" | tee -a "$OUT/summary.txt"
+}
+
+: > "$OUT/summary.txt"
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "command: bash bench/gpu.sh $OUT"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l | tr -d ' ') uncommitted changes"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  $PY -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch.cuda.get_device_capability() if torch.cuda.is_available() else '')" 2>&1
+  $PY -c "import triton; print('triton', triton.__version__)" 2>&1
+  (nvcc --version 2>/dev/null || "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version) 2>&1 | tail -2
+} | tee "$OUT/gpu-device.txt"
+
+step build "$OUT/gpu-build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
+step version "$OUT/gpu-version.txt" $PY -m pathgeom_fast.cli --version
+step tests "$OUT/gpu-tests.log" $PY -m pytest tests/test_ops_cuda.py tests/test_ops.py tests/test_triton_kernels.py \
+  tests/test_plan.py tests/test_compiled_kernels.py -q -rs
+step sync-check "$OUT/gpu-sync-check.txt" $PY bench/gpu_sync_check.py
+step compiled-kernels "$OUT/compiled-kernels.log" $PY -m pathgeom_fast.compile_check --device \
+  --out "$OUT/compiled-kernels.txt" --json "$OUT/compiled-kernels.json"
+step bench "$OUT/gpu-bench.txt" $PY -m pathgeom_fast.cli bench --device cuda --repeats 20 --json "$OUT/gpu-bench.json"
+
+failed=0
+echo
+echo "summary ($OUT):" | tee -a "$OUT/summary.txt"
+for i in "${!NAMES[@]}"; do
+  s="ok"; [ "${STATUS[$i]}" != 0 ] && { s="FAILED (exit ${STATUS[$i]})"; failed=$((failed + 1)); }
+  printf '  %-18s %-18s %5s s\n' "${NAMES[$i]}" "$s" "${SECS[$i]}" | tee -a "$OUT/summary.txt"
+done
+echo "--- benchmark table"; tail -n 40 "$OUT/gpu-bench.txt"
+exit "$failed"

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "binding.h"
+#include "plan_python.h"
 
 namespace pathgeom {
 namespace {
@@ -368,6 +369,7 @@ PyMethodDef methods[] = {
     {"secant_stats_direct", direct, METH_VARARGS,
      "secant_stats_direct(grads, params, refs, num_grads, per_tensor, weight_decay, multi)"},
     {"cpu_isa", isa, METH_NOARGS, "instruction set of the CPU kernel"},
+    PATHGEOM_PLAN_METHODS,
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

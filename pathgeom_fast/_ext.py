@@ -23,6 +23,13 @@ def _load() -> None:
             "`pip install --no-build-isolation -e .` (see setup.py for the build flags)"
         )
         return
+    if not getattr(_build_info, "EXTENSION", True):
+        _ERROR = (
+            f"pathgeom_fast was installed without its compiled extension ({_build_info.REASON}); the torch "
+            "and Triton backends work. Build it with `pip install --no-build-isolation .` where a C++ "
+            "compiler and torch are available (see setup.py for the build flags)"
+        )
+        return
     if _build_info.TORCH_VERSION != torch.__version__:
         _ERROR = (
             f"pathgeom_fast._C was built against torch {_build_info.TORCH_VERSION} but torch "

@@ -119,6 +119,40 @@ def _cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def version_text() -> str:
+    """Package, torch and Triton versions and what is compiled (for --version and bug reports)."""
+    import platform
+
+    import torch
+
+    from . import __version__, _ext
+
+    lines = [f"pathgeom_fast {__version__}", f"torch {torch.__version__} (CUDA {torch.version.cuda or '-'})"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton not installed (backend='triton' unavailable)")
+    if _ext.available():
+        what = "CPU" + (" + CUDA kernels" if _ext.WITH_CUDA else " kernel only (built without CUDA)")
+        lines.append(f"extension: built, {what}; CPU instruction set {_ext._C.cpu_isa()}")
+    else:
+        lines.append(f"extension: not loaded: {_ext.load_error()}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
+    lines.append(f"python {platform.python_version()}, GPU {gpu}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import MODELS, OPTIMIZERS, SCHEDULES, DemoConfig
     from .ops import BACKENDS
@@ -128,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pathgeom",
         description="Measure the geometry of optimization paths (RSI, EB, cosine, optimal step) with fused kernels.",
     )
+    p.add_argument("--version", action=_VersionAction, help="print the versions and the extension status, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     from .tasks import TASK_SPECS, TASKS

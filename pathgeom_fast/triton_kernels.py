@@ -1,9 +1,35 @@
 """Triton backend: the CUDA kernel's algorithm written in Triton.
 
 One program per chunk of ``CHUNK`` elements of one tensor; tensors are reached through an
-int64 table of addresses, one kernel specialisation per (grad, param, ref) dtype combination.
-Each program writes one fp64 partial row per gradient list; a second kernel sums each
-tensor's rows (or all rows) in a fixed order, so results are bitwise reproducible.
+int64 table of addresses, one kernel specialisation per (grad, param, ref) dtype combination
+and alignment. Each program writes one fp64 partial row per gradient list; a second kernel
+sums each tensor's rows (or all rows) in a fixed order, so results are bitwise reproducible.
+The launch plan (which programs, which rows, where each argument lives) is
+``pathgeom_fast.plan.plan_triton``, torch-free and unit-tested on CPU.
+
+Vector loads. The addresses come from a table, so Triton cannot infer their alignment. When
+every address of a launch is 16-byte aligned (``data_ptr() % 16 == 0``; chunk starts are
+multiples of CHUNK, so aligned bases stay aligned), the launch uses the ``ALIGNED``
+specialisation: the addresses carry ``tl.multiple_of(.., 16)`` and the hot loop runs over
+whole blocks without a mask, so it compiles to 16-byte loads; the last partial block of a
+chunk is masked. Tensors that are not aligned (views at an odd offset) go to a separate
+launch of the general specialisation, with scalar loads. ``pathgeom_fast.compile_check``
+proves the 16-byte loads, the register counts and the absence of spills from the PTX,
+without a GPU.
+
+Host work per call: one ``data_ptr()``/``dtype``/contiguity check per tensor, the rest in
+NumPy on a cached plan; all kernel arguments live in one int64 buffer, copied to the device
+with one non-blocking copy from pinned memory, and that device buffer is itself cached by
+content (addresses included).
+
+CUDA graphs: capture after one warm-up call with the same tensors (same addresses, sizes,
+dtypes, K, per_tensor). The captured call then finds its argument buffer in the cache and
+does no host-to-device copy, no synchronisation and no allocation besides its partial and
+output tensors (from the graph's pool); buffers used during a capture are kept for the life
+of the process, since a graph may replay them at any time. A call whose buffer is not cached
+raises a clear error during capture instead of capturing a copy from host memory that could
+change. Non-contiguous inputs are copied on every call, so their addresses change: make
+them contiguous before capturing. (Reasoned from the code; no GPU has run this yet.)
 
 Runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before import),
 which is how CI tests it.
@@ -12,8 +38,13 @@ which is how CI tests it.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 
+import numpy as np
 import torch
+
+from . import plan as _plan
 
 try:
     import triton
@@ -24,13 +55,43 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
     HAVE_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CHUNK = 1 << 16
-BLOCK = 1024  # elements per step for one gradient list; divided by K (padded) for more
+CHUNK = _plan.CHUNK
 ROWS = 64  # partial rows summed per step by the segment kernel
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 
 
 def available() -> bool:
     return HAVE_TRITON
+
+
+NUM_WARPS = 4
+
+
+def kernel_config(key: int) -> dict:
+    """Constexprs of the partials kernel for a group key (see ``group_key``), less KC/KCP.
+
+    V consecutive elements per thread and step: 8 for aligned launches accumulating in fp32
+    (one or two 16-byte loads per stream; 8 is 16 bytes of a 16-bit type), 2 for aligned
+    fp64 accumulation (16 bytes of fp64; more would spill at K = 8) and for misaligned
+    launches (scalar loads anyway; keeps registers low). The step is BLOCK = V x threads.
+    """
+    gd, xd, rd, aligned = unpack_key(key)
+    any64 = torch.float64 in (gd, xd, rd)
+    v = 8 if aligned and not any64 else 2
+    cfg = dict(G_DT=gd, X_DT=xd, R_DT=rd, ACC=torch.float64 if any64 else torch.float32, ALIGNED=aligned)
+    cfg.update(V=v, BLOCK=v * 32 * NUM_WARPS, num_warps=NUM_WARPS)
+    return cfg
+
+
+def group_key(gd: torch.dtype, xd: torch.dtype, rd: torch.dtype, aligned: bool) -> int:
+    """One integer per kernel specialisation: the dtype combination and the alignment."""
+    return ((_CODE[gd] * 4 + _CODE[xd]) * 4 + _CODE[rd]) * 2 + int(aligned)
+
+
+def unpack_key(key: int) -> tuple:
+    key = int(key)
+    return _DTYPES[key // 32], _DTYPES[(key // 8) % 4], _DTYPES[(key // 2) % 4], bool(key & 1)
 
 
 if HAVE_TRITON:
@@ -42,56 +103,104 @@ if HAVE_TRITON:
     }
 
     @triton.jit
+    def _accumulate(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, m, kmask, wd,
+                    ACC: tl.constexpr, HAS_WD: tl.constexpr, MASKED: tl.constexpr, KMASKED: tl.constexpr,
+                    KCP: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr):
+        # One step of BLOCK elements: every byte is read once, hence evict_first.
+        if MASKED:
+            xv = tl.load(x_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
+            d = xv - tl.load(r_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
+            gm = kmask[:, None] & m[None, :]
+            h = tl.load(g_ptrs[:, None] + offs[None, :], mask=gm, other=0.0, eviction_policy="evict_first").to(ACC)
+            if HAS_WD:
+                h = tl.where(gm, h + wd * xv[None, :], 0.0)
+        else:
+            xv = tl.load(x_ptr + offs, eviction_policy="evict_first").to(ACC)
+            d = xv - tl.load(r_ptr + offs, eviction_policy="evict_first").to(ACC)
+            if KMASKED:  # padding rows of the table hold address 0
+                h = tl.load(g_ptrs[:, None] + offs[None, :], mask=kmask[:, None], other=0.0,
+                            eviction_policy="evict_first").to(ACC)
+                if HAS_WD:
+                    h = tl.where(kmask[:, None], h + wd * xv[None, :], 0.0)
+            else:
+                h = tl.load(g_ptrs[:, None] + offs[None, :], eviction_policy="evict_first").to(ACC)
+                if HAS_WD:
+                    h = h + wd * xv[None, :]
+        # Sum each thread's V consecutive elements at once (no data crosses threads), so the
+        # accumulators hold BLOCK // V values per gradient list, not BLOCK.
+        acc_c += tl.sum(tl.reshape(d * d, [BLOCK // V, V]), axis=1)
+        acc_a += tl.sum(tl.reshape(h * d[None, :], [KCP, BLOCK // V, V]), axis=2)
+        acc_b += tl.sum(tl.reshape(h * h, [KCP, BLOCK // V, V]), axis=2)
+        return acc_a, acc_b, acc_c
+
+    @triton.jit
     def _partials_kernel(
-        ptr_table,  # int64 [T, KP + 2]: K gradient addresses (padded to KP), x, x*
-        numel_ptr,  # int64 [T]
-        chunk_tensor_ptr,  # int64 [nchunks]
-        chunk_begin_ptr,  # int64 [nchunks]
-        chunk_row_ptr,  # int64 [nchunks]: row of `out_ptr` that chunk c writes
-        out_ptr,  # float64 [nchunks_total, K, 3]
+        table_ptr,  # int64 [ntensors, KCP + 2]: KC gradient addresses (padded to KCP), x, x*
+        numel_ptr,  # int64 [ntensors]
+        chunk_local_ptr,  # int64 [programs]: table row of program c
+        chunk_index_ptr,  # int64 [programs]: chunk number q within the tensor (starts at q * CHUNK)
+        chunk_row_ptr,  # int64 [programs]: partial row of program c
+        out_ptr,  # float64 partials, offset to column 3 * k0 of row 0; rows of W values
         wd,
-        K: tl.constexpr,
-        KP: tl.constexpr,
+        W,  # row width of out_ptr: 3 K
+        KC: tl.constexpr,
+        KCP: tl.constexpr,
         G_DT: tl.constexpr,
         X_DT: tl.constexpr,
         R_DT: tl.constexpr,
         ACC: tl.constexpr,
         HAS_WD: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every address of the launch is 16-byte aligned
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
+        V: tl.constexpr,  # consecutive elements per thread and step (8: 16 bytes of a 16-bit type)
     ):
         c = tl.program_id(0)
-        t = tl.load(chunk_tensor_ptr + c)
-        begin = tl.load(chunk_begin_ptr + c)
-        end = tl.minimum(begin + CHUNK, tl.load(numel_ptr + t))
-        row = ptr_table + t * (KP + 2)
-        x_ptr = tl.load(row + KP).to(tl.pointer_type(X_DT))
-        r_ptr = tl.load(row + KP + 1).to(tl.pointer_type(R_DT))
-        ks = tl.arange(0, KP)
-        kmask = ks < K
-        g_ptrs = tl.load(row + ks).to(tl.pointer_type(G_DT))  # [KP]
-        acc_a = tl.zeros([KP, BLOCK], dtype=ACC)
-        acc_b = tl.zeros([KP, BLOCK], dtype=ACC)
-        acc_c = tl.zeros([BLOCK], dtype=ACC)
-        for start in range(begin, end, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < end
-            xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
-            d = xv - tl.load(r_ptr + offs, mask=m, other=0.0).to(ACC)
-            acc_c += d * d
-            gm = kmask[:, None] & m[None, :]
-            h = tl.load(g_ptrs[:, None] + offs[None, :], mask=gm, other=0.0).to(ACC)
-            if HAS_WD:
-                h = tl.where(gm, h + wd * xv[None, :], 0.0)
-            acc_a += h * d[None, :]
-            acc_b += h * h
-        a = tl.sum(acc_a.to(tl.float64), axis=1)  # [KP]
+        j = tl.load(chunk_local_ptr + c)
+        begin = tl.load(chunk_index_ptr + c) * CHUNK  # a multiple of CHUNK: aligned stays aligned
+        end = tl.minimum(begin + CHUNK, tl.load(numel_ptr + j))
+        row = table_ptr + j * (KCP + 2)
+        ks = tl.arange(0, KCP)
+        kmask = ks < KC
+        xa = tl.load(row + KCP)
+        ra = tl.load(row + KCP + 1)
+        ga = tl.load(row + ks)  # [KCP]
+        if ALIGNED:
+            # Triton's alignment analysis does not follow an integer cast to a pointer
+            # (tt.int_to_ptr), but it does follow pointer + offset: address the inputs from
+            # table_ptr (a 16-byte aligned argument) with element offsets that are multiples
+            # of 16 bytes. Exact divisions: every address is 16-byte aligned here.
+            base = table_ptr.to(tl.int64, bitcast=True)
+            XS: tl.constexpr = X_DT.primitive_bitwidth // 8
+            RS: tl.constexpr = R_DT.primitive_bitwidth // 8
+            GS: tl.constexpr = G_DT.primitive_bitwidth // 8
+            x_ptr = table_ptr.to(tl.pointer_type(X_DT), bitcast=True) + tl.multiple_of((xa - base) // XS, 16 // XS)
+            r_ptr = table_ptr.to(tl.pointer_type(R_DT), bitcast=True) + tl.multiple_of((ra - base) // RS, 16 // RS)
+            g_ptrs = table_ptr.to(tl.pointer_type(G_DT), bitcast=True) + tl.multiple_of((ga - base) // GS, 16 // GS)
+        else:
+            x_ptr = xa.to(tl.pointer_type(X_DT))
+            r_ptr = ra.to(tl.pointer_type(R_DT))
+            g_ptrs = ga.to(tl.pointer_type(G_DT))
+        acc_a = tl.zeros([KCP, BLOCK // V], dtype=ACC)
+        acc_b = tl.zeros([KCP, BLOCK // V], dtype=ACC)
+        acc_c = tl.zeros([BLOCK // V], dtype=ACC)
+        nfull = (end - begin) // BLOCK
+        for i in range(0, nfull):  # whole blocks, no mask: 16-byte loads when ALIGNED
+            offs = begin + i * BLOCK + tl.arange(0, BLOCK)
+            acc_a, acc_b, acc_c = _accumulate(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, offs < end, kmask,
+                                              wd, ACC, HAS_WD, False, KC < KCP, KCP, BLOCK, V)
+        tail = begin + nfull * BLOCK
+        if tail < end:
+            offs = tail + tl.arange(0, BLOCK)
+            acc_a, acc_b, acc_c = _accumulate(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, offs < end, kmask,
+                                              wd, ACC, HAS_WD, True, KC < KCP, KCP, BLOCK, V)
+        a = tl.sum(acc_a.to(tl.float64), axis=1)  # [KCP]
         b = tl.sum(acc_b.to(tl.float64), axis=1)
         cc = tl.sum(acc_c.to(tl.float64), axis=0)
-        out = out_ptr + tl.load(chunk_row_ptr + c) * (3 * K) + ks * 3
+        out = out_ptr + tl.load(chunk_row_ptr + c) * W + ks * 3
         tl.store(out, a, mask=kmask)
         tl.store(out + 1, b, mask=kmask)
-        tl.store(out + 2, tl.zeros([KP], dtype=tl.float64) + cc, mask=kmask)
+        tl.store(out + 2, tl.zeros([KCP], dtype=tl.float64) + cc, mask=kmask)
 
     @triton.jit
     def _segment_sum_kernel(
@@ -114,82 +223,203 @@ if HAVE_TRITON:
         tl.store(out_ptr + s * W + ws, tl.sum(acc, axis=0), mask=ws < W)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+# --------------------------------------------------------------------------------------
+# Host side: plans and argument buffers, cached
+# --------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_PLANS: OrderedDict = OrderedDict()  # (numels, keys, K, per_tensor) -> TritonPlan
+_BUFFERS: OrderedDict = OrderedDict()  # (device, plan key, addresses) -> device int64 buffer
+_CAPTURED: dict = {}  # buffers used during a CUDA graph capture: never evicted
+_MAX_PLANS = 32
+_MAX_BUFFERS = 32
+
+
+def _cached(cache: OrderedDict, key, make, limit: int):
+    with _LOCK:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit, True
+    value = make()
+    with _LOCK:
+        cache[key] = value
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    return value, False
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def clear_caches() -> None:
+    """Forget cached plans and device buffers (not those a CUDA graph captured)."""
+    with _LOCK:
+        _PLANS.clear()
+        _BUFFERS.clear()
+
+
+def cache_info() -> dict:
+    with _LOCK:
+        return {"plans": len(_PLANS), "buffers": len(_BUFFERS), "captured": len(_CAPTURED)}
+
+
+def prepare(grads, params, refs, K: int, per_tensor: bool):
+    """(plan, addresses, copies): the cached plan of this call, the K * T + 2 T input addresses
+    (grads[k * T + i], then params, then refs) and the contiguous copies made of
+    non-contiguous inputs (keep them alive until the launches are queued)."""
+    T = len(params)
+    keep = []
+
+    def addr(t: torch.Tensor) -> int:
+        if not t.is_contiguous():
+            t = t.contiguous()
+            keep.append(t)
+        return t.data_ptr()
+
+    members = list(grads) + list(params) + list(refs)
+    addrs = np.fromiter((addr(t) for t in members), dtype=np.uint64, count=len(members))
+    numel = np.fromiter((p.numel() for p in params), dtype=np.int64, count=T)
+    code = np.fromiter((_CODE[t.dtype] for t in members[:T] + members[K * T :]), dtype=np.int64, count=3 * T)
+    # group key (see group_key): dtype combination (grad of list 0, param, ref) and whether all
+    # K + 2 addresses of the tensor are 16-byte aligned
+    aligned = ((addrs.reshape(K + 2, T) % 16) == 0).all(axis=0)
+    keys = ((code[:T] * 4 + code[T : 2 * T]) * 4 + code[2 * T :]) * 2 + aligned
+    plan_key = (numel.tobytes(), keys.tobytes(), K, bool(per_tensor))
+    plan, _ = _cached(_PLANS, plan_key, lambda: _plan.plan_triton(numel, keys, K, per_tensor), _MAX_PLANS)
+    return plan, plan_key, addrs, keep
 
 
 def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_decay: float) -> torch.Tensor:
     """[T or 1, K, 3] float64 rows. Inputs already validated (see ops._validate)."""
     if not HAVE_TRITON:
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    T, K = len(params), num_grads
+    K = num_grads
     device = params[0].device
     if device.type == "cpu" and not INTERPRET:
         raise ValueError(
             "backend='triton' got CPU tensors; Triton runs on GPUs, or on CPU tensors only under "
             "the interpreter (set TRITON_INTERPRET=1 before importing pathgeom_fast)"
         )
-    KP = _next_pow2(K)
-    # Contiguous copies of non-contiguous inputs (only those). They may be freed once the launches
-    # are queued: the caching allocator reuses memory in stream order, after the kernels.
-    keep = []
+    # Contiguous copies of non-contiguous inputs (only those) are in `keep`. They may be freed once
+    # the launches are queued: the caching allocator reuses memory in stream order, after the kernels.
+    plan, plan_key, addrs, keep = prepare(grads, params, refs, K, per_tensor)
+    capturing = _capturing(device)
+    buf_key = (str(device), plan_key, addrs.tobytes())
 
-    def addr(t: torch.Tensor) -> int:
-        if t.numel() and not t.is_contiguous():
-            t = t.contiguous()
-            keep.append(t)
-        return t.data_ptr()
+    def make_buffer() -> torch.Tensor:
+        if capturing:
+            raise RuntimeError(
+                "backend='triton' under CUDA graph capture: its argument buffer for these tensors is not "
+                "cached, and copying it from host memory during capture is not safe. Call the op once with "
+                "the same tensors before capturing (see pathgeom_fast.triton_kernels)."
+            )
+        host = torch.from_numpy(plan.fill(addrs))
+        if device.type == "cpu":
+            return host
+        # one copy from pinned memory, asynchronous: no synchronisation with the host
+        return host.pin_memory().to(device, non_blocking=True)
 
-    i64 = dict(dtype=torch.int64, device=device)
-    numel = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    nchunks = (numel + CHUNK - 1) // CHUNK
-    first = torch.zeros(T + 1, dtype=torch.int64)
-    first[1:] = torch.cumsum(nchunks, 0)
-    total = int(first[-1])
-    partials = torch.empty(total, K, 3, dtype=torch.float64, device=device)
+    buf, _ = _cached(_BUFFERS, buf_key, make_buffer, _MAX_BUFFERS)
+    if capturing:
+        with _LOCK:
+            _CAPTURED[buf_key] = buf
 
-    # Group by dtype combination: one kernel specialisation each. Chunk rows are laid out by
-    # tensor (tensor i owns rows first[i] .. first[i+1]), whatever the groups.
-    groups: dict[tuple, list[int]] = {}
-    for i in range(T):
-        groups.setdefault((grads[i].dtype, params[i].dtype, refs[i].dtype), []).append(i)
-    for (gd, xd, rd), idx in groups.items():
-        sel = torch.tensor(idx, dtype=torch.int64)
-        counts = nchunks[sel]
-        n = int(counts.sum())
-        if n == 0:
-            continue
-        table = [[addr(grads[k * T + i]) for k in range(K)] + [0] * (KP - K) + [addr(params[i]), addr(refs[i])] for i in idx]
-        local = torch.repeat_interleave(torch.arange(len(idx)), counts)
-        within = torch.arange(n) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        any64 = torch.float64 in (gd, xd, rd)
-        _partials_kernel[(n,)](
-            torch.tensor(table, **i64),
-            numel[sel].to(device),
-            local.to(device),
-            (within * CHUNK).to(device),
-            (first[sel][local] + within).to(device),
-            partials,
-            float(weight_decay),
-            K=K,
-            KP=KP,
-            G_DT=_TL[gd],
-            X_DT=_TL[xd],
-            R_DT=_TL[rd],
-            ACC=tl.float64 if any64 else tl.float32,
-            HAS_WD=weight_decay != 0.0,
-            CHUNK=CHUNK,
-            # two [KP, BLOCK] fp32 accumulators per program: keep them near 2 x 1024 values so
-            # that K = 8 does not spill registers on a GPU
-            BLOCK=max(128, BLOCK // KP),
+    partials = torch.empty(plan.total_rows, K, 3, dtype=torch.float64, device=device)
+    flat = partials.view(-1)
+    wd = float(weight_decay)
+    for L in plan.launches:
+        cfg = kernel_config(L.key)
+        _partials_kernel[(L.programs,)](
+            buf[L.table :],
+            buf[L.numel :],
+            buf[L.chunk_local :],
+            buf[L.chunk_index :],
+            buf[L.chunk_row :],
+            flat[3 * L.k0 :],
+            wd,
+            3 * K,
+            KC=L.kc,
+            KCP=L.kcp,
+            G_DT=_TL[cfg["G_DT"]],
+            X_DT=_TL[cfg["X_DT"]],
+            R_DT=_TL[cfg["R_DT"]],
+            ACC=_TL[cfg["ACC"]],
+            HAS_WD=wd != 0.0,
+            ALIGNED=cfg["ALIGNED"],
+            CHUNK=plan.chunk,
+            BLOCK=cfg["BLOCK"],
+            V=cfg["V"],
+            num_warps=cfg["num_warps"],
         )
+    del keep
 
     W = 3 * K
-    seg = (first if per_tensor else torch.tensor([0, total], dtype=torch.int64)).to(device)
-    out = torch.empty(seg.numel() - 1, K, 3, dtype=torch.float64, device=device)
-    if out.shape[0]:
-        if total == 0:
+    out = torch.empty(plan.nsegments, K, 3, dtype=torch.float64, device=device)
+    if plan.nsegments:
+        if plan.total_rows == 0:
             out.zero_()
         else:
-            _segment_sum_kernel[(out.shape[0],)](partials, seg, out, W=W, WP=_next_pow2(W), ROWS=ROWS)
+            _segment_sum_kernel[(plan.nsegments,)](partials, buf[plan.segments :], out, W=W, WP=_plan.next_pow2(W), ROWS=ROWS)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# What the compiled-kernel checks build (pathgeom_fast.compile_check)
+# --------------------------------------------------------------------------------------
+
+# The dtype combinations we ship as fast paths: (grad, param, ref).
+SHIPPED_DTYPES = {
+    "f32": (torch.float32, torch.float32, torch.float32),
+    "bf16g-f32": (torch.bfloat16, torch.float32, torch.float32),
+    "f16": (torch.float16, torch.float16, torch.float16),
+    "f64": (torch.float64, torch.float64, torch.float64),
+}
+
+
+def compile_specs() -> list[dict]:
+    """Every specialisation that ``pathgeom_fast.compile_check`` compiles ahead of time.
+
+    Each spec: kernel (name of the @triton.jit function in this module), variant (a label),
+    signature (runtime argument -> Triton type; pointer arguments get 16-byte divisibility,
+    as every buffer passed here is 16-byte aligned), constexprs, num_warps, and vector16: the
+    hot loop must use only 16-byte loads. A new kernel whose name ends in ``_kernel`` must
+    be listed here, or the check fails and names it.
+    """
+    if not HAVE_TRITON:
+        return []
+    specs = []
+    partials_sig = dict(
+        table_ptr="*i64", numel_ptr="*i64", chunk_local_ptr="*i64", chunk_index_ptr="*i64",
+        chunk_row_ptr="*i64", out_ptr="*fp64", wd="fp32", W="i32",
+    )
+    for name, (gd, xd, rd) in SHIPPED_DTYPES.items():
+        for aligned in (True, False):
+            cfg = kernel_config(group_key(gd, xd, rd, aligned))
+            for kc, wd in ((1, False), (8, False), (8, True)):
+                specs.append(
+                    dict(
+                        kernel="_partials_kernel",
+                        variant=f"{name} K={kc}{' wd' if wd else ''} {'aligned' if aligned else 'misaligned'} V={cfg['V']}",
+                        signature=partials_sig,
+                        constexprs=dict(
+                            KC=kc, KCP=_plan.next_pow2(kc), G_DT=_TL[gd], X_DT=_TL[xd], R_DT=_TL[rd], ACC=_TL[cfg["ACC"]],
+                            HAS_WD=wd, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=cfg["BLOCK"], V=cfg["V"],
+                        ),
+                        num_warps=cfg["num_warps"],
+                        vector16=aligned,
+                    )
+                )
+    for K in (1, 8):
+        specs.append(
+            dict(
+                kernel="_segment_sum_kernel",
+                variant=f"K={K}",
+                signature=dict(rows_ptr="*fp64", first_ptr="*i64", out_ptr="*fp64"),
+                constexprs=dict(W=3 * K, WP=_plan.next_pow2(3 * K), ROWS=ROWS),
+                num_warps=4,
+                vector16=False,
+            )
+        )
+    return specs

@@ -74,6 +74,36 @@ def test_cuda_graph_capture_and_side_stream():
     assert_stats_close(out, pg.reference_secant_stats(g, x, r))
 
 
+def test_triton_graph_capture_after_warmup():
+    if "triton" not in GPU_BACKENDS:
+        pytest.skip("triton unavailable")
+    from pathgeom_fast import triton_kernels
+
+    g, x, r = make_lists([4096, 70001, 5], device="cuda", seed=26)
+    x[2] = torch.empty(6, device="cuda")[1:].copy_(x[2])  # one misaligned tensor: both specialisations
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        pg.secant_stats(g, x, r, backend="triton")  # warm-up: compiles, caches plan and buffer
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = pg.secant_stats(g, x, r, backend="triton")
+    for t in g:
+        t.mul_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_stats_close(out, pg.reference_secant_stats(g, x, r))
+    # not warmed up: a clear error instead of capturing a host copy
+    g2 = [t.clone() for t in g]
+    with torch.cuda.stream(stream):
+        graph2 = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError) as err:
+            with torch.cuda.graph(graph2, stream=stream):
+                pg.secant_stats(g2, x, r, backend="triton")
+    # ours, or the capture's own error raised on top of it
+    assert "before capturing" in str(err.value) + str(err.value.__context__)
+    assert triton_kernels.cache_info()["captured"] >= 1
+
+
 def test_cuda_mixed_devices_error():
     if "cuda" not in GPU_BACKENDS:
         pytest.skip("CUDA kernel not built")

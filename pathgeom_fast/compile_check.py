@@ -1,0 +1,554 @@
+"""Compiled-kernel checks that need no GPU: registers, spills and 16-byte loads.
+
+    python -m pathgeom_fast.compile_check [--archs 80,90] [--out TABLE.txt] [--json ROWS.json]
+                                          [--no-cuda] [--no-triton] [--device]
+
+* Triton: every specialisation listed by ``triton_kernels.compile_specs()`` is compiled ahead
+  of time for each architecture (``triton.compile(ASTSource(...), target=GPUTarget("cuda",
+  arch, 32))``). Registers and stack come from the cubin (cuobjdump), spill bytes from ptxas
+  -v on Triton's PTX; the hot loop (the PTX loop bodies) is scanned for its global loads.
+  A ``@triton.jit`` function of triton_kernels whose name ends in ``_kernel`` and that has
+  no spec is reported as an error, so a new kernel cannot be left unchecked.
+* CUDA: ``csrc/secant_cuda.cu`` through nvcc (``-cubin -Xptxas -v --keep``), per
+  architecture: registers and spills of every kernel instantiation from the ptxas report,
+  loads from the kept PTX.
+
+A row fails on a compile error, any spill (or stack frame), or, where the row expects it
+(aligned Triton launches; the CUDA partials kernel for fp32/bf16/fp16 inputs), a hot loop
+whose global loads are not all 16-byte vector loads (for CUDA: no loop made only of them,
+the vector path; its scalar loop is the misaligned fallback). Exit status 1 if any row fails.
+
+Must run where TRITON_INTERPRET is not set (the interpreter replaces the kernels):
+tests/test_compiled_kernels.py runs this module in a subprocess with a clean environment.
+Results are cached by content (sources, tool versions, options) under
+$PATHGEOM_COMPILE_CACHE (default ~/.cache/pathgeom_fast/compile-check).
+``--device`` (on a GPU machine) adds the GPU's own architecture and the resource usage of the
+built extension (cuobjdump of pathgeom_fast/_C*.so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import glob
+import hashlib
+import inspect
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CSRC = os.path.join(ROOT, "csrc")
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-std=c++17"]  # as setup.py's nvcc flags
+
+
+@dataclass
+class Row:
+    backend: str  # "triton" or "cuda"
+    kernel: str
+    variant: str
+    arch: int
+    registers: int | None = None
+    spill_bytes: int | None = None  # spill stores + spill loads (ptxas)
+    stack: int | None = None  # stack frame bytes
+    loop_loads: int | None = None  # global load instructions inside loops
+    loop_loads16: int | None = None  # ... of which 16-byte vector loads
+    vector16: bool = False  # expected: hot loop of 16-byte loads
+    error: str | None = None
+    notes: list = field(default_factory=list)
+
+    def failures(self) -> list[str]:
+        if self.error:
+            return [self.error]
+        out = []
+        if self.spill_bytes:
+            out.append(f"{self.spill_bytes} bytes of register spills")
+        if self.stack:
+            out.append(f"{self.stack}-byte stack frame")
+        if self.vector16 and not self.notes_ok_vector():
+            out.append(f"hot loop loads not 16-byte vector loads ({self.loop_loads16}/{self.loop_loads})")
+        return out
+
+    def notes_ok_vector(self) -> bool:
+        if self.backend == "cuda":
+            return "vector-loop" in self.notes
+        return bool(self.loop_loads) and self.loop_loads16 == self.loop_loads
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures()
+
+
+# --------------------------------------------------------------------------------------
+# PTX analysis
+# --------------------------------------------------------------------------------------
+
+_LD = re.compile(r"\bld\.global((?:\.[\w:]+)*)\s")
+_WIDTH = re.compile(r"\.v(\d)\.[bfsu](\d+)$|\.[bfsu](\d+)$")
+
+
+def load_bytes(quals: str) -> int:
+    """Bytes read by one ld.global with these qualifiers (".L1::evict_first.v4.b32" -> 16)."""
+    quals = re.sub(r"\.L\d::[\w:]+|\.L2::\d+B", "", quals)
+    m = _WIDTH.search(quals)
+    if not m:
+        return 0
+    if m.group(1):
+        return int(m.group(1)) * int(m.group(2)) // 8
+    return int(m.group(3)) // 8
+
+
+def ptx_functions(ptx: str) -> dict[str, str]:
+    """Entry name -> its PTX text."""
+    out = {}
+    parts = re.split(r"(?m)^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+", ptx)
+    for part in parts[1:]:
+        name = re.match(r"([\w$]+)", part).group(1)
+        out[name] = part
+    return out
+
+
+def loops(ptx_fn: str) -> list[tuple[int, int]]:
+    """Loop bodies as line ranges: from a label to a later branch back to it."""
+    lines = ptx_fn.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*(\$?[\w$]+):", line)
+        if m:
+            labels[m.group(1)] = i
+    out = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$?[\w$]+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            out.append((labels[m.group(1)], i + 1))
+    return out
+
+
+def loop_load_stats(ptx_fn: str) -> tuple[int, int, bool]:
+    """(global loads inside loops, of which 16-byte, whether some loop has only 16-byte loads).
+    A load inside nested loops counts once."""
+    lines = ptx_fn.splitlines()
+    sizes = {}
+    vector_loop = False
+    for lo, hi in loops(ptx_fn):
+        body = {}
+        for i in range(lo, hi):
+            m = _LD.search(lines[i])
+            if m:
+                body[i] = load_bytes(m.group(1))
+        if body and all(v == 16 for v in body.values()):
+            vector_loop = True
+        sizes.update(body)
+    return len(sizes), sum(v == 16 for v in sizes.values()), vector_loop
+
+
+# --------------------------------------------------------------------------------------
+# Tools
+# --------------------------------------------------------------------------------------
+
+
+def _triton_bin(name: str) -> str | None:
+    try:
+        import triton
+
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(p):
+            return p
+    except ImportError:
+        pass
+    return None
+
+
+def find_tool(name: str) -> str | None:
+    cuda = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    for cand in (os.path.join(cuda, "bin", name), shutil.which(name), _triton_bin(name)):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+    """ptxas -v report -> {function: {registers, spill_bytes, stack}}."""
+    out: dict[str, dict] = {}
+    cur = None
+    for line in log.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line)
+        if m:
+            cur = out.setdefault(m.group(1), {})
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["stack"] = int(m.group(1))
+            cur["spill_bytes"] = int(m.group(2)) + int(m.group(3))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+    return out
+
+
+def cuobjdump_usage(path: str) -> dict[str, dict]:
+    """cuobjdump --dump-resource-usage -> {function: {registers, stack}} (last arch wins)."""
+    tool = find_tool("cuobjdump")
+    if not tool:
+        return {}
+    res = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    out = {}
+    cur = None
+    arch = None
+    for line in res.stdout.splitlines():
+        m = re.search(r"arch = sm_(\d+)", line)
+        if m:
+            arch = int(m.group(1))
+        m = re.search(r"Function ([\w$]+):", line)
+        if m:
+            cur = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+)", line)
+        if m and cur:
+            out[(cur, arch)] = {"registers": int(m.group(1)), "stack": int(m.group(2))}
+    return out
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("c++filt") or find_tool("cu++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    res = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
+    out = res.stdout.splitlines()
+    if len(out) != len(names):
+        return {n: n for n in names}
+    pretty = {}
+    for n, d in zip(names, out):
+        d = re.sub(r"pathgeom::\(anonymous namespace\)::", "", d)
+        d = re.sub(r"\((?:[^()]|\([^()]*\))*\)$", "", d).replace("void ", "")
+        d = d.replace("BFloat16", "bf16").replace("Half", "f16").replace("double", "f64").replace("float", "f32")
+        pretty[n] = d.replace(", ", ",")
+    return pretty
+
+
+# --------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> str:
+    return os.environ.get("PATHGEOM_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pathgeom_fast", "compile-check")
+
+
+def _cache_get(key: str):
+    try:
+        with open(os.path.join(_cache_dir(), key + ".json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_put(key: str, value) -> None:
+    try:
+        os.makedirs(_cache_dir(), exist_ok=True)
+        tmp = os.path.join(_cache_dir(), f".{key}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, os.path.join(_cache_dir(), key + ".json"))
+    except OSError:
+        pass
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------
+
+
+def _triton_spec_label(spec: dict) -> dict:
+    return {k: (str(v) if k == "constexprs" else v) for k, v in spec.items()}
+
+
+def _compile_triton(index: int, arch: int) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+
+    from . import triton_kernels as tk
+
+    spec = tk.compile_specs()[index]
+    row = Row("triton", spec["kernel"], spec["variant"], arch, vector16=spec["vector16"])
+    fn = getattr(tk, spec["kernel"])
+    try:
+        sig = {}
+        attrs = {}
+        for i, name in enumerate(fn.arg_names):
+            if name in spec["constexprs"]:
+                sig[name] = "constexpr"
+            else:
+                sig[name] = spec["signature"][name]
+                if sig[name].startswith("*"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn, sig, spec["constexprs"], attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+        ptx = k.asm["ptx"]
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "k.cubin")
+            with open(cubin, "wb") as f:
+                f.write(k.asm["cubin"])
+            usage = cuobjdump_usage(cubin)
+            for (name, _a), u in usage.items():
+                row.registers, row.stack = u["registers"], u["stack"]
+            ptxas = _triton_bin("ptxas") or find_tool("ptxas")
+            if ptxas:
+                ptx_path = os.path.join(tmp, "k.ptx")
+                with open(ptx_path, "w") as f:
+                    f.write(ptx)
+                gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+                res = subprocess.run([ptxas, "-v", "-lineinfo", f"--gpu-name={gpu}", ptx_path, "-o", os.path.join(tmp, "k.o")],
+                                     capture_output=True, text=True)
+                info = next(iter(parse_ptxas(res.stderr).values()), {})
+                row.spill_bytes = info.get("spill_bytes")
+                if row.registers is None:
+                    row.registers, row.stack = info.get("registers"), info.get("stack")
+        fns = ptx_functions(ptx)
+        total, wide, _ = loop_load_stats(next(iter(fns.values())))
+        row.loop_loads, row.loop_loads16 = total, wide
+    except Exception as exc:  # a compile error is a failing row, not a crash of the check
+        row.error = f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    return asdict(row)
+
+
+def triton_rows(archs: list[int], jobs: int) -> list[Row]:
+    try:
+        import triton
+    except ImportError:
+        return [Row("triton", "-", "-", 0, error="triton is not installed")]
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [Row("triton", "-", "-", 0, error="TRITON_INTERPRET=1 is set: run this check without it")]
+    from . import triton_kernels as tk
+
+    specs = tk.compile_specs()
+    rows: list[Row] = []
+    registered = {s["kernel"] for s in specs}
+    for name, obj in vars(tk).items():
+        if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel") and name not in registered:
+            rows.append(Row("triton", name, "-", 0, error="no compile spec: add it to triton_kernels.compile_specs()"))
+    source = inspect.getsource(tk)
+    todo = []
+    for i, spec in enumerate(specs):
+        for arch in archs:
+            key = _digest("triton", triton.__version__, source, _triton_spec_label(spec), arch)
+            hit = _cache_get(key)
+            if hit is not None:
+                rows.append(Row(**hit))
+            else:
+                todo.append((i, arch, key))
+    if todo:
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
+            futs = [(pool.submit(_compile_triton, i, arch), key) for i, arch, key in todo]
+            for fut, key in futs:
+                r = fut.result()
+                if not r["error"]:
+                    _cache_put(key, r)
+                rows.append(Row(**r))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------
+
+
+def _cuda_arch(arch: int) -> list[dict]:
+    nvcc = find_tool("nvcc")
+    src = os.path.join(CSRC, "secant_cuda.cu")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-cubin", *NVCC_FLAGS, f"-I{CSRC}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+               "-Xptxas", "-v", "--keep", f"--keep-dir={tmp}", src, "-o", os.path.join(tmp, "k.cubin")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            return [asdict(Row("cuda", "secant_cuda.cu", "-", arch, error="nvcc failed: " + (res.stderr.strip()[-600:] or "?")))]
+        info = parse_ptxas(res.stderr + res.stdout)
+        ptx_files = glob.glob(os.path.join(tmp, "*.ptx"))
+        fns = {}
+        for p in ptx_files:
+            with open(p) as f:
+                fns.update(ptx_functions(f.read()))
+    pretty = demangle(sorted(info))
+    rows = []
+    for name, u in sorted(info.items(), key=lambda kv: pretty[kv[0]]):
+        label = pretty[name]
+        kernel, _, targs = label.partition("<")
+        variant = ("<" + targs) if targs else "-"
+        # fp32-accumulating instantiations (no fp64 input) must have their 16-byte vector loop
+        vec = kernel == "partials_kernel" and not variant.startswith("<f64")
+        row = Row("cuda", kernel, variant, arch, registers=u.get("registers"), spill_bytes=u.get("spill_bytes"),
+                  stack=u.get("stack"), vector16=vec)
+        if name in fns:
+            total, wide, vloop = loop_load_stats(fns[name])
+            row.loop_loads, row.loop_loads16 = total, wide
+            if vloop:
+                row.notes.append("vector-loop")
+        rows.append(asdict(row))
+    return rows
+
+
+def cuda_rows(archs: list[int], jobs: int) -> list[Row]:
+    nvcc = find_tool("nvcc")
+    if not nvcc:
+        return [Row("cuda", "-", "-", 0, error="nvcc not found (set CUDA_HOME)")]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    sources = []
+    for name in ("secant_cuda.cu", "secant_core.h"):
+        with open(os.path.join(CSRC, name)) as f:
+            sources.append(f.read())
+    rows: list[Row] = []
+    todo = []
+    for arch in archs:
+        key = _digest("cuda", version, sources, NVCC_FLAGS, arch)
+        hit = _cache_get(key)
+        if hit is not None:
+            rows += [Row(**r) for r in hit]
+        else:
+            todo.append((arch, key))
+    if todo:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for (arch, key), result in zip(todo, pool.map(lambda t: _cuda_arch(t[0]), todo)):
+                if not any(r["error"] for r in result):
+                    _cache_put(key, result)
+                rows += [Row(**r) for r in result]
+    return rows
+
+
+def built_extension_rows() -> list[Row]:
+    """Resource usage of the CUDA kernels inside the built pathgeom_fast/_C*.so."""
+    libs = glob.glob(os.path.join(HERE, "_C*.so"))
+    if not libs:
+        return [Row("cuda-built", "-", "-", 0, error="pathgeom_fast/_C*.so not found")]
+    usage = cuobjdump_usage(libs[0])
+    pretty = demangle(sorted({n for n, _ in usage}))
+    rows = []
+    for (name, arch), u in sorted(usage.items(), key=lambda kv: (pretty[kv[0][0]], kv[0][1] or 0)):
+        kernel, _, targs = pretty[name].partition("<")
+        rows.append(Row("cuda-built", kernel, ("<" + targs) if targs else "-", arch or 0, registers=u["registers"], stack=u["stack"]))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'backend':<10} {'kernel':<28} {'variant':<34} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'16B loop loads':>15}  status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        loads = "-" if r.loop_loads is None else f"{r.loop_loads16}/{r.loop_loads}"
+        if r.backend == "cuda" and r.vector16:
+            loads += " v" if "vector-loop" in r.notes else " !"
+        fails = r.failures()
+        status = "ok" if not fails else "FAIL: " + "; ".join(fails)
+        na = lambda v: "-" if v is None else str(v)
+        lines.append(
+            f"{r.backend:<10} {r.kernel[:28]:<28} {r.variant[:34]:<34} {('sm_%d' % r.arch) if r.arch else '-':>5} "
+            f"{na(r.registers):>5} {na(r.spill_bytes):>6} {na(r.stack):>6} {loads:>15}  {status}"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[Row]) -> str:
+    out = []
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.backend, r.kernel, r.arch), []).append(r)
+    for (b, k, a), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        regs = [r.registers for r in rs if r.registers is not None]
+        spills = sum(r.spill_bytes or 0 for r in rs)
+        bad = sum(not r.ok for r in rs)
+        rng = f"{min(regs)}-{max(regs)}" if regs else "-"
+        out.append(f"{b:<10} {k[:28]:<28} sm_{a:<3} {len(rs):>3} variants, registers {rng:>7}, spill bytes {spills}, failing {bad}")
+    return "\n".join(out)
+
+
+def environment() -> str:
+    parts = [f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", f"python {platform.python_version()}"]
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        parts.append("triton -")
+    nvcc = find_tool("nvcc")
+    if nvcc:
+        v = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"release ([\d.]+), V([\d.]+)", v)
+        parts.append(f"nvcc {m.group(2) if m else '?'}")
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__}")
+        if torch.cuda.is_available():
+            parts.append(f"device {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        else:
+            parts.append("no GPU (ahead-of-time compilation only)")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pathgeom_fast.compile_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archs", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
+    ap.add_argument("--out", help="write the table here")
+    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--no-cuda", action="store_true")
+    ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--device", action="store_true", help="also the GPU's own arch and the built extension")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    archs = [int(a) for a in args.archs.split(",") if a.strip()]
+    if args.device:
+        import torch
+
+        if torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability()
+            archs = sorted(set(archs) | {cap[0] * 10 + cap[1]})
+    rows: list[Row] = []
+    if not args.no_triton:
+        rows += triton_rows(archs, args.jobs)
+    if not args.no_cuda:
+        rows += cuda_rows(archs, min(args.jobs, len(archs)))
+    if args.device:
+        rows += built_extension_rows()
+    rows.sort(key=lambda r: (r.backend, r.kernel, r.variant, r.arch))
+    text = "\n".join([f"# compiled-kernel checks: {environment()}", f"# command: python -m pathgeom_fast.compile_check {' '.join(argv if argv is not None else sys.argv[1:])}", "", format_table(rows), "", summary(rows)])
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"ok": r.ok, "failures": r.failures()} for r in rows], f, indent=1)
+    failing = [r for r in rows if not r.ok and r.backend != "cuda-built"]
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

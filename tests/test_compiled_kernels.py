@@ -1,0 +1,130 @@
+"""Compiled-kernel checks without a GPU (pathgeom_fast.compile_check), and its PTX parsing.
+
+The check runs in a subprocess with TRITON_INTERPRET removed (conftest sets it, and the
+interpreter replaces the kernels). It compiles every Triton specialisation of
+triton_kernels.compile_specs() for sm_80 and sm_90 and the CUDA kernels through nvcc, and
+fails on a compile error, a register spill, or a hot loop without 16-byte loads where they
+are expected. The table is printed (pytest -s, or in the failure message) and written to
+the pytest temporary directory; bench/results/compiled-kernels-*.txt keeps a recorded one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pathgeom_fast import compile_check as cc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def run_check(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out_json = tmp_path / "rows.json"
+    table = tmp_path / "compiled-kernels.txt"
+    res = subprocess.run(
+        [sys.executable, "-m", "pathgeom_fast.compile_check", "--json", str(out_json), "--out", str(table), *args],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    print(res.stdout)
+    rows = json.loads(out_json.read_text()) if out_json.exists() else []
+    return res, rows
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_triton(), reason="triton is not installed")
+def test_triton_kernels_compile_vectorised_without_spills(tmp_path):
+    res, rows = run_check(tmp_path, "--no-cuda", "--archs", "80,90")
+    assert rows, f"no rows; stderr:\n{res.stderr[-3000:]}"
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad and res.returncode == 0, "failing rows:\n" + "\n".join(f"{r['kernel']} {r['variant']} sm_{r['arch']}: {r['failures']}" for r in bad) + f"\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"
+    # what the check must have covered: both specialisations, K = 1 and 8, every shipped dtype, both archs
+    partials = [r for r in rows if r["kernel"] == "_partials_kernel"]
+    for dt in ("f32 ", "bf16g-f32 ", "f16 ", "f64 "):
+        for k in ("K=1 ", "K=8 "):
+            for al in ("aligned", "misaligned"):
+                for arch in (80, 90):
+                    hits = [r for r in partials if r["variant"].startswith(dt + k) and f" {al} " in r["variant"] + " " and r["arch"] == arch]
+                    assert hits, (dt, k, al, arch)
+    # aligned: every load of the hot loop is a 16-byte load (fp32 and bf16 included)
+    for r in partials:
+        if " aligned" in r["variant"]:
+            assert r["loop_loads"] and r["loop_loads16"] == r["loop_loads"], r
+    assert {r["kernel"] for r in rows} >= {"_partials_kernel", "_segment_sum_kernel"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cc.find_tool("nvcc") is None, reason="nvcc not found (set CUDA_HOME; /usr/local/cuda is tried)")
+def test_cuda_kernels_compile_without_spills(tmp_path):
+    res, rows = run_check(tmp_path, "--no-triton", "--archs", "80,90")
+    assert rows, f"no rows; stderr:\n{res.stderr[-3000:]}"
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad and res.returncode == 0, "failing rows:\n" + "\n".join(f"{r['kernel']} {r['variant']} sm_{r['arch']}: {r['failures']}" for r in bad)
+    for arch in (80, 90):
+        partials = [r for r in rows if r["kernel"] == "partials_kernel" and r["arch"] == arch]
+        assert len(partials) == 64  # every (acc, grad, param, ref) instantiation
+        fp32_acc = [r for r in partials if not r["variant"].startswith("<f64")]
+        assert len(fp32_acc) == 27 and all("vector-loop" in r["notes"] for r in fp32_acc)
+        assert {"finalize_total_kernel", "finalize_per_tensor_kernel"} <= {r["kernel"] for r in rows if r["arch"] == arch}
+
+
+# --------------------------------------------------------------------------------------
+# The PTX parsing itself, on hand-written PTX
+# --------------------------------------------------------------------------------------
+
+PTX = """
+.visible .entry k(
+)
+{
+	ld.global.b64 	%rd1, [%rd2];
+$L__BB0_2:
+	ld.global.L1::evict_first.L2::cache_hint.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd3 + 0 ], %rd9;
+	ld.global.v2.b64 	{%rd4, %rd5}, [%rd6];
+	ld.global.cs.v4.u32 	{%r5, %r6, %r7, %r8}, [%rd7];
+	@%p1 bra 	$L__BB0_2;
+$L__BB0_3:
+	ld.global.b32 	%r9, [%rd8];
+	@%p2 bra 	$L__BB0_3;
+	ret;
+}
+"""
+
+
+def test_load_bytes():
+    assert cc.load_bytes(".L1::evict_first.L2::cache_hint.v4.b32") == 16
+    assert cc.load_bytes(".v2.b64") == 16
+    assert cc.load_bytes(".nc.v4.f32") == 16
+    assert cc.load_bytes(".cs.v4.u32") == 16
+    assert cc.load_bytes(".v2.b32") == 8
+    assert cc.load_bytes(".b16") == 2
+    assert cc.load_bytes(".L2::128B.b32") == 4
+
+
+def test_loop_load_stats_and_ptxas_parsing():
+    fns = cc.ptx_functions(PTX)
+    assert list(fns) == ["k"]
+    total, wide, vector_loop = cc.loop_load_stats(fns["k"])
+    assert (total, wide, vector_loop) == (4, 3, True)  # the load before the loops is not counted
+    log = (
+        "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z3fooPf\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 96 registers, used 1 barriers, 64 bytes smem\n"
+    )
+    assert cc.parse_ptxas(log) == {"_Z3fooPf": {"stack": 8, "spill_bytes": 8, "registers": 96}}
+    row = cc.Row("cuda", "k", "-", 90, registers=96, spill_bytes=8, stack=8)
+    assert not row.ok and any("spill" in f for f in row.failures())

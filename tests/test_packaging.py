@@ -1,0 +1,126 @@
+"""Installing like a real package: pure-Python installs, sdist and wheel, `--version`.
+
+Each test copies the project's files (git ls-files) to a temporary directory and builds
+there, so the working tree (and its in-place extension) is left alone. Nothing is
+downloaded: builds run without isolation against this environment's setuptools.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+import pathgeom_fast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_project(dst) -> str:
+    src = os.path.join(str(dst), "src")
+    try:
+        files = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git is needed to list the project's files")
+    for f in files:
+        if f and os.path.isfile(os.path.join(ROOT, f)):
+            os.makedirs(os.path.join(src, os.path.dirname(f)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(src, f))
+    return src
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGEOM_") and k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", **extra)
+    return env
+
+
+def run(cmd, **kw):
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["no_compiler", "build_ext_0"])
+def test_pure_python_install(tmp_path, how):
+    """`PATHGEOM_BUILD_EXT=0 pip install .`, and an install where no C++ compiler is found."""
+    src = copy_project(tmp_path)
+    site = tmp_path / "site"
+    env = clean_env(CXX="/nonexistent/c++") if how == "no_compiler" else clean_env(PATHGEOM_BUILD_EXT="0")
+    res = run([sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-build-isolation", "--target", str(site), src], env=env)
+    assert "without the compiled extension" in res.stderr + res.stdout
+    assert not list(site.glob("pathgeom_fast/_C*"))
+    probe = (
+        "import torch, pathgeom_fast as pg; assert pg.__file__.startswith(%r), pg.__file__;"
+        "assert not pg.extension_available(); print(pg.extension_error());"
+        "x = [torch.randn(10)]; print(pg.secant_stats(x, x, [torch.zeros(10)]).tolist())" % str(site)
+    )
+    out = run([sys.executable, "-c", probe], env=dict(clean_env(), PYTHONPATH=str(site)), cwd=tmp_path).stdout
+    assert ("no C++ compiler" if how == "no_compiler" else "PATHGEOM_BUILD_EXT=0") in out
+    version = run([sys.executable, "-m", "pathgeom_fast.cli", "--version"], env=dict(clean_env(), PYTHONPATH=str(site)), cwd=tmp_path).stdout
+    assert f"pathgeom_fast {pathgeom_fast.__version__}" in version and "extension: not loaded" in version
+
+
+@pytest.mark.slow
+def _have_build() -> bool:  # a regular package, not a namespace made of some ./build directory
+    spec = importlib.util.find_spec("build")
+    return spec is not None and spec.origin is not None
+
+
+@pytest.mark.skipif(not _have_build(), reason="the 'build' package is not installed (it is in the test extras)")
+def test_python_m_build_makes_sdist_and_wheel(tmp_path):
+    """`python -m build` (sdist, then the wheel from the sdist), pure-Python wheel."""
+    src = copy_project(tmp_path)
+    out = tmp_path / "dist"
+    res = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), src], env=clean_env(PATHGEOM_BUILD_EXT="0"), cwd=tmp_path)
+    assert "Failed to initialize NumPy" not in res.stdout + res.stderr
+    v = pathgeom_fast.__version__
+    sdist = out / f"pathgeom_fast-{v}.tar.gz"
+    wheel = out / f"pathgeom_fast-{v}-py3-none-any.whl"
+    assert sdist.exists() and wheel.exists(), sorted(os.listdir(out))
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    for f in ("setup.py", "pyproject.toml", "buildtools/pathgeom_build_backend.py", "buildtools/pathgeom_build_config.py",
+              "csrc/secant_cuda.cu", "csrc/secant_core.h", "csrc/plan.cpp", "csrc/plan.h", "csrc/ops.cpp", "csrc/ops_cuda.cpp",
+              "pathgeom_fast/triton_kernels.py"):
+        assert f in names, f"{f} missing from the sdist"
+    assert "pathgeom_fast/_build_info.py" not in names
+    with zipfile.ZipFile(wheel) as zf:
+        wnames = set(zf.namelist())
+        info = zf.read("pathgeom_fast/_build_info.py").decode()
+    for f in ("pathgeom_fast/__init__.py", "pathgeom_fast/plan.py", "pathgeom_fast/triton_kernels.py", "pathgeom_fast/compile_check.py"):
+        assert f in wnames
+    assert not any(n.endswith((".so", ".pyd")) for n in wnames)
+    assert "EXTENSION = False" in info
+
+
+def test_version_flag():
+    res = run([sys.executable, "-m", "pathgeom_fast.cli", "--version"], env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.stdout.startswith(f"pathgeom_fast {pathgeom_fast.__version__}\n")
+    assert "torch " in res.stdout and "extension: " in res.stdout
+
+
+def test_openmp_flags_are_tried_not_assumed(monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "buildtools"))
+    try:
+        import pathgeom_build_config as cfg
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert cfg.find_cxx() is None
+    assert cfg.want_ext() == (False, "no C++ compiler found (CXX='/nonexistent/c++')")
+    assert cfg.openmp_flags() == ([], [], ["no C++ compiler"])
+    monkeypatch.setenv("CXX", sys.executable)  # exists, but is no compiler: every try fails
+    flags, link, notes = cfg.openmp_flags()
+    assert flags == [] and link == [] and "-fopenmp" in notes[0]
+    monkeypatch.setenv("PATHGEOM_BUILD_EXT", "0")
+    assert cfg.want_ext() == (False, "PATHGEOM_BUILD_EXT=0")
