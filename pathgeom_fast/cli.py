@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "x_0 with --x0-reference). Writes records.csv, summary.json, geometry.png, findings.md, snapshots/ and "
         "xstar.safetensors to --out and prints a summary table. Options left unset take the task's defaults. "
         f"Tasks: {table}. Under `torchrun --nproc-per-node N -m pathgeom_fast.cli demo` the model is sharded with "
-        "FSDP2 (gloo on CPU, NCCL with --device cuda; no lagged cosine there).",
+        "FSDP2 (gloo on CPU, NCCL with --device cuda).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     task_default = "the task's"

@@ -263,6 +263,7 @@ def _symlog_limits(ax, values, scale_values) -> None:
     ref = np.abs(_finite_values(scale_values))
     ref = ref[ref > 0]
     lt = float(np.percentile(ref, 10)) if ref.size else float(np.percentile(np.abs(v[v != 0]), 10)) if (v != 0).any() else 1.0
+    lt = 10.0 ** math.floor(math.log10(lt))  # a decade: the ticks +-lt then sit at the ends of the linear part
     ax.set_yscale("symlog", linthresh=lt, linscale=1.0)
     lo, hi = np.percentile(v, 1), np.percentile(v, 99)
     lo = min(lo, 0.0)

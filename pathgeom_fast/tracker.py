@@ -84,6 +84,9 @@ from .ops import secant_stats, secant_stats_multi
 
 Tensor = torch.Tensor
 
+# secant_gram takes at most 8 vector lists: the gradient and 7 anchors per call
+_GRAM_ANCHORS = 7
+
 __all__ = ["PathTracker", "Reference", "trainable", "metrics"]
 
 
@@ -187,7 +190,7 @@ class PathTracker:
         writer: optional object with ``add_scalar(tag, value, step)`` (TensorBoard), written to
             when rows are read.
         lags: record ``lagged`` rows for these lags k (the paper's: 1, 2, 5, 10, 20, 50);
-            None = off. Not available for sharded (DTensor) parameters.
+            None = off.
         lag_every: anchor steps of the lagged cosine (steps divisible by it).
     """
 
@@ -244,8 +247,6 @@ class PathTracker:
             raise ValueError(f"lags must be positive integers, got {list(lags)}")
         if lag_every < 1:
             raise ValueError(f"lag_every must be >= 1, got {lag_every}")
-        if self.lags and self.sharded:
-            raise NotImplementedError("lags= (the lagged orthogonal cosine) is not available for sharded (DTensor) parameters")
         self.lag_every = int(lag_every)
         self._anchors: list[tuple[int, list[Tensor], Tensor]] = []
         self._records: list[dict[str, Any]] = []
@@ -425,19 +426,8 @@ class PathTracker:
         """Rows ``lagged`` for the anchors due at this step, then this step's anchor (if any)."""
         ref = self.ref
         due = [(t, u, uu) for t, u, uu in self._anchors if step - t in self.lags]
-        if due:
-            from .ops import secant_gram
-
-            # Gram of (g_s, u_1..u_m, x_s - x*) in one fused pass; K = index of x_s - x*
-            G = secant_gram([grads] + [u for _, u, _ in due], self.params, ref.tensors, **self.kw)
-            K = len(due) + 1
-            a_s, b_s, c_s = G[0, K], G[0, 0], G[K, K]
-            cross = G[0, 1:K] - (a_s / c_s) * G[1:K, K]  # <g_s⊥, u_i>
-            perp = (b_s - a_s * a_s / c_s).expand(K - 1)  # ||g_s⊥||^2
-            rows = torch.stack([cross, perp, torch.stack([uu for _, _, uu in due])], dim=1)
-            keys = [(t, "lagged", step - t, ref.name, None) for t, _, _ in due]
-            self._blocks.append(_Block(rows, keys, lr, None))
-            self._last[("lagged", ref.name)] = (step, rows)
+        for i in range(0, len(due), _GRAM_ANCHORS):
+            self._lagged_rows(step, grads, due[i : i + _GRAM_ANCHORS], lr)
         biggest = self.lags[-1]
         self._anchors = [an for an in self._anchors if step - an[0] < biggest]
         if step % self.lag_every == 0:
@@ -445,11 +435,32 @@ class PathTracker:
             ratio = a / c
             u = []
             for g, p, r in zip(grads, self.params, ref.tensors):
-                dt = torch.promote_types(torch.promote_types(p.dtype, r.dtype), torch.float32)
-                v = torch.sub(p.detach().to(dt), r.to(dt))  # x - x* (at least fp32), then g - ratio (x - x*)
+                g_, p_, r_ = (g.to_local(), p.to_local(), r.to_local()) if self.sharded else (g, p, r)
+                dt = torch.promote_types(torch.promote_types(p_.dtype, r_.dtype), torch.float32)
+                v = torch.sub(p_.detach().to(dt), r_.to(dt))  # x - x* (at least fp32), then g - ratio (x - x*)
                 v.mul_(-ratio)
-                u.append(v.add_(g))
+                v = v.add_(g_).to(g_.dtype)  # secant_gram wants the vectors of one position in one dtype
+                if self.sharded:
+                    from .distributed_path import _from_local
+
+                    v = _from_local(v, p)
+                u.append(v)
             self._anchors.append((step, u, b - a * a / c))
+
+    def _lagged_rows(self, step: int, grads: list[Tensor], due: list, lr) -> None:
+        from .ops import secant_gram
+
+        ref = self.ref
+        # Gram of (g_s, u_1..u_m, x_s - x*) in one fused pass; K = the index of x_s - x*
+        G = secant_gram([grads] + [u for _, u, _ in due], self.params, ref.tensors, **self.kw)
+        K = len(due) + 1
+        a_s, b_s, c_s = G[0, K], G[0, 0], G[K, K]
+        cross = G[0, 1:K] - (a_s / c_s) * G[1:K, K]  # <g_s perp, u_i> = <g_s, u_i> - (a_s / c_s) <x_s - x*, u_i>
+        perp = (b_s - a_s * a_s / c_s).expand(K - 1)  # ||g_s perp||^2
+        rows = torch.stack([cross, perp, torch.stack([uu for _, _, uu in due])], dim=1)
+        keys = [(t, "lagged", step - t, ref.name, None) for t, _, _ in due]
+        self._blocks.append(_Block(rows, keys, lr, None))
+        self._last[("lagged", ref.name)] = (step, rows)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -22,14 +22,22 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_writes_the_report(demo_dir, capsys):
-    for name in ("records.csv", "per_tensor.csv", "summary.json", "geometry.png", "xstar.safetensors", "trajectory.json"):
+    for name in ("records.csv", "per_tensor.csv", "summary.json", "geometry.png", "findings.md", "xstar.safetensors",
+                 "xstar_seed1.safetensors", "trajectory.json"):
         assert (demo_dir / name).is_file(), name
     assert (demo_dir / "geometry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = report.read_csv(str(demo_dir / "records.csv"))
+    every = report.read_csv(str(demo_dir / "records.csv"))
+    # the default task measures against x* (primary), the cross-seed end point and x_0
+    assert report.references_of(every) == ["xstar", "xstar_seed1", "x0"]
+    rows = [r for r in every if r["reference"] == "xstar"]
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"minibatch", "minibatch_wd", "update", "probe", "probe_wd", "full", "full_wd"}
+    assert kinds == {"minibatch", "minibatch_wd", "update", "probe", "probe_wd", "full", "full_wd", "lagged"}
+    assert {r["kind"] for r in every if r["reference"] != "xstar"} == kinds - {"lagged"}  # lagged: primary only
     assert len([r for r in rows if r["kind"] == "minibatch"]) == 30
     assert len([r for r in rows if r["kind"] == "probe"]) == 3 * 3
+    # anchors every 10 steps, the paper's lags that fit in 30 steps
+    assert sorted((r["step"], r["sample"]) for r in rows if r["kind"] == "lagged") == [
+        (t, k) for t in (0, 10, 20) for k in (1, 2, 5, 10, 20, 50) if t + k < 30]
     summary = json.loads((demo_dir / "summary.json").read_text())
     mb = summary["overall"]["minibatch"]
     assert 0.0 <= mb["share_cos_positive"] <= 1.0
@@ -38,6 +46,12 @@ def test_demo_writes_the_report(demo_dir, capsys):
     assert mb["rate"] == pytest.approx(1 - mb["mu"] ** 2 / mb["L"] ** 2)
     assert summary["replay_final_distance_ratio"] == 0.0
     assert [s["step"] for s in summary["steps"]["probe"]] == [0, 10, 20]
+    assert summary["cross_seed"]["seed"] == 1 and 0 < summary["final_distance_ratios"]["xstar_seed1"]
+    assert set(summary["lagged"]) <= {"1", "2", "5", "10", "20"}
+    st = summary["step_size"]  # momentum: ||u|| / ||g|| differs from lr but is of its order
+    assert st["n"] == 27 and 0 < st["step_per_unit_gradient"]["q50"]
+    findings = (demo_dir / "findings.md").read_text()
+    assert findings.startswith("# Findings: mlp") and "Cross-seed reference" in findings and "x_0 as the reference" in findings
     try:
         import tensorboard  # noqa: F401
     except ImportError:
@@ -59,7 +73,8 @@ def test_demo_numbers_match_independent_fp64(demo_dir):
     opt = demo.make_optimizer(cfg, model.parameters())
     names = [n for n, _ in model.named_parameters()]
     r = torch.cat([xstar[n].reshape(-1).double() for n in names])
-    rows = {(row["step"], row["kind"], row["sample"]): row for row in report.read_csv(str(demo_dir / "records.csv"))}
+    rows = {(row["step"], row["kind"], row["sample"]): row for row in report.read_csv(str(demo_dir / "records.csv"))
+            if row["reference"] == "xstar"}
     for step in range(8):
         for g in opt.param_groups:
             g["lr"] = demo.lr_at(step, cfg)
@@ -93,7 +108,7 @@ def test_analyze_the_demo_snapshots(demo_dir, tmp_path):
     assert full[-1]["c"] == 0.0  # the last snapshot is the reference
     # the demo measured the same full-batch gradient at step 10 on the replayed path
     demo_rows = report.read_csv(str(demo_dir / "records.csv"))
-    demo_full = next(r for r in demo_rows if r["kind"] == "full" and r["step"] == 10)
+    demo_full = next(r for r in demo_rows if r["kind"] == "full" and r["step"] == 10 and r["reference"] == "xstar")
     an_full = next(r for r in full if r["step"] == 10)
     for key in ("a", "b", "c"):
         assert an_full[key] == pytest.approx(demo_full[key], rel=1e-6, abs=1e-9)
