@@ -73,8 +73,7 @@ def plot_heatmap(
     n_t, n_s = values.shape
     label_w = 0.07 * max(len(n) for n in names)  # inches for the tensor names
     fig, ax = plt.subplots(figsize=(min(20, max(7.0, 3 + label_w + 0.3 * n_s)), min(30, 3 + 0.18 * n_t)))
-    cmap = matplotlib.colormaps["RdBu"].copy()
-    cmap.set_bad("0.8")
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.8")
     im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
     ystep = max(1, n_t // 60)
     ax.set_yticks(range(0, n_t, ystep))
