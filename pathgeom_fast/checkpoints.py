@@ -364,7 +364,6 @@ def _empty_like(p: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _Reader:
-    format = "?"
 
     def __init__(self, source: str):
         self.source = source
@@ -385,7 +384,6 @@ class _Reader:
 class _SafetensorsReader(_Reader):
     """One safetensors file, or a sharded set ({key: file}, from ``model.safetensors.index.json``)."""
 
-    format = "safetensors"
 
     def __init__(self, files: str | Mapping[str, str], source: str):
         super().__init__(source)
@@ -518,7 +516,6 @@ class _TorchReader(_Reader):
     (e.g. ``{"model": ..., "optimizer": ..., "step": ...}``, whose nested keys are flattened with
     dots, so that ``model.`` is a key prefix like any other). Read with weights_only=True only."""
 
-    format = "torch"
 
     def __init__(self, paths: str | Sequence[str], source: str):
         super().__init__(source)
@@ -627,7 +624,6 @@ class _DCPReader(_Reader):
     """A ``torch.distributed.checkpoint`` directory (``.metadata`` and ``*.distcp`` files). Under
     torch.distributed with DTensor targets each rank loads only its shards (DCP reshards)."""
 
-    format = "dcp"
 
     def __init__(self, path: str, source: str):
         super().__init__(source)

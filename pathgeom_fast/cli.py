@@ -145,6 +145,7 @@ def _cmd_analyze(args) -> int:
         import torch.distributed as dist
 
         dist.barrier()
+        dist.destroy_process_group()  # the rows are the same on every rank: rank 0 writes them
     if not rank0:
         return 0
     extra = {

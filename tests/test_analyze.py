@@ -6,6 +6,7 @@ with an independent fp64 recomputation: the checkpoint loaded by the library's o
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -336,8 +337,6 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, user_dir)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
         assert err.startswith("pathgeom analyze: error: ")
-        import re
-
         assert re.search(msg, err), (msg, err)
     with pytest.raises(FileNotFoundError):
         cli.main(["analyze", str(tmp_path / "nope"), "--data", "mm:data", "--debug"])

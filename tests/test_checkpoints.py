@@ -16,7 +16,6 @@ from pathgeom_fast.checkpoints import (
     Reference,
     check_reference_file,
     load_state_dict,
-    match_keys,
     open_checkpoint,
     open_run,
     step_from_name,
@@ -68,6 +67,22 @@ def test_hf_trainer_output_dir():
     f = open_checkpoint(os.path.join(hf.out, "checkpoint-4", "model.safetensors"))
     assert (one.step, one.lr) == (f.step, f.lr) == (4, run.checkpoints[1].lr)
     assert R.file_hashes(hf.out) == hf.hashes  # nothing of theirs was changed
+
+
+def test_hf_trainer_lr_from_the_log_without_scheduler_state(tmp_path):
+    """save_only_model=True leaves no scheduler.pt/optimizer.pt: the lr comes from the Trainer's log."""
+    import shutil
+
+    hf = R.hf_trainer_run()
+    out = tmp_path / "hf_out"
+    shutil.copytree(hf.out, out)
+    for step in (2, 4, 6):
+        for name in ("scheduler.pt", "optimizer.pt"):
+            (out / f"checkpoint-{step}" / name).unlink()
+    run = open_run(str(out))
+    logged = {h["step"]: h["learning_rate"] for h in hf.log_history if "learning_rate" in h}
+    assert [c.lr for c in run] == [logged[3], logged[5], None]
+    assert run.notes == ["1 of 3 checkpoints do not tell their learning rate (the lr column stays empty)"]
 
 
 def test_hf_save_pretrained_sharded_single_bin_and_base_model_prefix(tmp_path):
