@@ -223,6 +223,9 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
         lr_rows = [r for r in records if r["kind"] == "minibatch" and r["lr"] is not None]
         if lr_rows:
             ax.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], "r--", lw=1.2, label="learning rate used")
+    elif any(r["lr"] is not None for r in records):  # post-hoc analysis: the checkpoints' learning rates
+        lr_at = sorted({r["step"]: r["lr"] for r in records if r["lr"] is not None}.items())
+        ax.plot([s for s, _ in lr_at], [v for _, v in lr_at], "r--", lw=1.2, label="learning rate (checkpoints)")
     ax.set_yscale("symlog", linthresh=1e-3)
     shade_tail(ax)
     ax.set_title("locally optimal step eta* vs learning rate")
