@@ -5,6 +5,14 @@ One module that the tracker, the snapshot recorder, the framework integrations a
 
 * our snapshots: safetensors files ``DIR/step_00000120.safetensors`` holding the trainable
   parameters by name, with ``step`` and ``lr`` in the metadata (never unpickled);
+* readers of other libraries' checkpoints, auto-detected (:func:`open_run` lists a run's
+  checkpoints with step, lr, path and loader; :func:`open_checkpoint` opens one): Hugging Face
+  Trainer output directories and ``save_pretrained`` folders (single or sharded safetensors,
+  ``pytorch_model.bin``), Lightning ``.ckpt`` and ``torch.save`` files (``torch.load`` with
+  ``weights_only=True`` only: a file that would run pickled code is refused), and
+  ``torch.distributed.checkpoint`` folders (FSDP2 runs; each rank reads only its shards);
+  their keys are matched to a model's names across wrapper and attribute prefixes
+  (:func:`match_keys`);
 * :class:`Reference`: x* aligned parameter by parameter with a model, checked when it is
   built (missing keys, keys the model does not have, shapes, non-float dtypes, lower
   precision than the parameters), so that a bad reference fails before any training step
@@ -144,19 +152,22 @@ def check_state_against_model(
     model: torch.nn.Module,
     info: Mapping[str, tuple[torch.dtype | str, Sequence[int]]],
     source: str,
+    role: str = "reference",
 ) -> None:
     """Check a state (name -> (dtype, shape)) against the model's trainable parameters.
 
     Raises :class:`CheckpointError` (``KeyError`` for missing keys) naming ``source`` and the
     first offending key: a missing parameter, a key that is neither a parameter nor a buffer
     of the model, a shape that differs, a dtype that is not floating point. Warns (once, naming
-    the keys) when the reference holds fewer mantissa bits than the parameter.
+    the keys) when the reference holds fewer mantissa bits than the parameter. ``role`` names
+    the state in the messages ("reference", or "checkpoint" for a point x loaded into the model,
+    which is not warned about precision: x is what the model holds).
     """
     named = trainable(model)
     missing = [n for n, _ in named if n not in info]
     if missing:
         raise CheckpointKeyError(
-            f"reference {source} lacks {len(missing)} of the model's {len(named)} trainable parameters, "
+            f"{role} {source} lacks {len(missing)} of the model's {len(named)} trainable parameters, "
             f"first {missing[0]!r}" + (f" (also {missing[1:4]}{' ...' if len(missing) > 4 else ''})" if len(missing) > 1 else "")
             + f"; it has {len(info)} keys, e.g. {list(info)[:3]}"
         )
@@ -164,7 +175,7 @@ def check_state_against_model(
     extra = [k for k in info if k not in known]
     if extra:
         raise CheckpointError(
-            f"reference {source} has {len(extra)} key(s) that are not parameters or buffers of the model, "
+            f"{role} {source} has {len(extra)} key(s) that are not parameters or buffers of the model, "
             f"first {extra[0]!r}" + (f" (also {extra[1:4]}{' ...' if len(extra) > 4 else ''})" if len(extra) > 1 else "")
             + "; is it the checkpoint of another model?"
         )
@@ -174,19 +185,19 @@ def check_state_against_model(
         dt = _as_dtype(dt)
         if dt not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"reference {source}: {n!r} has dtype {dt}; a reference point needs floating-point tensors "
+                f"{role} {source}: {n!r} has dtype {dt}; the parameters need floating-point tensors "
                 "(float16, bfloat16, float32 or float64)"
             )
         if tuple(shape) != tuple(p.shape):
             raise CheckpointError(
-                f"reference {source}: {n!r} has shape {list(shape)} but the model's parameter has {list(p.shape)}"
+                f"{role} {source}: {n!r} has shape {list(shape)} but the model's parameter has {list(p.shape)}"
             )
-        if _PRECISION[dt] < _PRECISION.get(p.dtype, 0):
+        if role == "reference" and _PRECISION[dt] < _PRECISION.get(p.dtype, 0):
             lower.append((n, dt, p.dtype))
     if lower:
         n, dt, pdt = lower[0]
         warnings.warn(
-            f"reference {source} holds {len(lower)} tensor(s) in lower precision than the model's parameters "
+            f"{role} {source} holds {len(lower)} tensor(s) in lower precision than the model's parameters "
             f"(e.g. {n!r}: {dt} vs {pdt}): x - x* then carries the rounding error of x* "
             f"(relative ~{2.0 ** -_PRECISION[dt]:.0e}), which dominates once x is that close to x*",
             UserWarning,
@@ -257,27 +268,21 @@ class Reference:
         return cls([n for n, _ in named], tensors, name=name, source=source)
 
     @classmethod
-    def from_file(cls, model: torch.nn.Module, path: str, *, name: str = "xstar") -> "Reference":
-        """x* from a safetensors file (never unpickled), checked against the model first.
+    def from_file(cls, model: torch.nn.Module, path: str, *, name: str = "xstar", key_prefix: str | None = None) -> "Reference":
+        """x* from a checkpoint of any supported format (:func:`open_checkpoint`: our safetensors
+        snapshots, Hugging Face folders and files, Lightning ``.ckpt``, ``torch.save`` state
+        dicts read with weights_only=True, ``torch.distributed.checkpoint`` folders), checked
+        against the model first; key prefixes are matched as in :func:`match_keys`.
 
         For a sharded model (DTensor parameters, e.g. FSDP2) each rank reads only its own
-        slice of each tensor from the file.
+        slice of each tensor.
         """
-        source = f"file {path}"
-        info, _ = _safetensors_header(path)
-        check_state_against_model(model, info, source)
-        named = trainable(model)
-        if named and _is_dtensor(named[0][1]):
-            from .distributed_path import read_sharded
+        return open_checkpoint(path).reference(model, name=name, key_prefix=key_prefix)
 
-            return cls([n for n, _ in named], [read_sharded(path, n, p) for n, p in named], name=name, source=source)
-        from safetensors import safe_open
-
-        tensors = []
-        with safe_open(path, framework="pt") as f:
-            for n, p in named:
-                tensors.append(f.get_tensor(n).to(p.device))
-        return cls([n for n, _ in named], tensors, name=name, source=source)
+    @classmethod
+    def from_checkpoint(cls, model: torch.nn.Module, checkpoint: "Checkpoint", *, name: str = "xstar", key_prefix: str | None = None) -> "Reference":
+        """x* from a :class:`Checkpoint` of :func:`open_run`."""
+        return checkpoint.reference(model, name=name, key_prefix=key_prefix)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, name: str = "xstar") -> "Reference":
@@ -305,15 +310,953 @@ class Reference:
 
 
 def check_reference_file(path: str) -> dict[str, tuple[torch.dtype | str, list[int]]]:
-    """Check, without a model, that ``path`` can serve as a reference: an existing, readable
-    safetensors file holding floating-point tensors. Returns name -> (dtype, shape).
+    """Check, without a model, that ``path`` can serve as a reference: one existing, readable
+    checkpoint of a supported format (:func:`open_checkpoint`) holding floating-point tensors.
+    Returns key -> (dtype, shape).
 
     Used where the model is not known yet (a callback built before the trainer), so that a
     wrong file fails at once; the key-by-key checks against the model
     (:func:`check_state_against_model`) follow as soon as the model is known.
     """
-    info, _ = _safetensors_header(path)
-    out = {k: (_as_dtype(dt), shape) for k, (dt, shape) in info.items()}
+    ck = open_checkpoint(path)
+    out = {k: (_as_dtype(dt), shape) for k, (dt, shape) in ck.info().items()}
+    ck.reader.release()
     if not any(dt in FLOAT_DTYPES for dt, _ in out.values()):
-        raise CheckpointError(f"reference file {path} holds no floating-point tensors ({len(out)} tensors in all)")
+        raise CheckpointError(f"reference {ck.source} holds no floating-point tensors ({len(out)} tensors in all)")
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints of every kind: one reader interface, auto-detected
+# ------------------------------------------------------------------------------------------
+#
+# A reader knows a checkpoint's tensors by key (``info()``: key -> (dtype, shape), without
+# reading the tensors where the format allows) and copies the tensors asked for into target
+# tensors (``read(targets)``). Targets may be DTensors (FSDP2 parameters): each rank then
+# reads only its own slice (safetensors: sliced reads; DCP: its own shards; torch files:
+# slices of a memory-mapped tensor). Nothing is ever unpickled beyond torch's
+# ``weights_only`` loader (and DCP's metadata, read with an allow-list of its own types).
+
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# files in checkpoint folders that hold no model weights (HF Trainer, Accelerate, Lightning)
+_NOT_WEIGHTS = re.compile(r"^(optimizer|scheduler|scaler|rng_state|random_states|training_args|sampler)", re.I)
+_HF_SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
+_DROPPED_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}  # wrappers' attribute names
+
+
+def _copy_into(target: Tensor, full: Tensor) -> None:
+    """Copy ``full`` (the whole tensor, possibly memory-mapped) into ``target``; a DTensor target
+    receives only its local slice (so only that slice of a memory-mapped file is read)."""
+    if _is_dtensor(target):
+        from .distributed_path import _local_slices
+
+        idx = _local_slices(target)
+        target.to_local().copy_(full[idx] if idx else full)
+    else:
+        target.copy_(full)
+
+
+def _empty_like(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor laid out like parameter ``p`` (a DTensor like a DTensor) in ``dtype``."""
+    return torch.empty_like(p.detach(), dtype=dtype)
+
+
+class _Reader:
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def info(self) -> dict[str, tuple[torch.dtype | str, list[int]]]:
+        raise NotImplementedError
+
+    def read(self, targets: Mapping[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def files(self) -> set[str]:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop anything cached between ``info()`` and ``read()``."""
+
+
+class _SafetensorsReader(_Reader):
+    """One safetensors file, or a sharded set ({key: file}, from ``model.safetensors.index.json``)."""
+
+
+    def __init__(self, files: str | Mapping[str, str], source: str):
+        super().__init__(source)
+        self.key_files = None if isinstance(files, str) else dict(files)
+        self.paths = [files] if isinstance(files, str) else sorted(set(self.key_files.values()))
+        self._info = None
+
+    def files(self) -> set[str]:
+        return {os.path.realpath(p) for p in self.paths}
+
+    def metadata(self) -> dict[str, str]:
+        return _safetensors_header(self.paths[0])[1] if self.key_files is None else {}
+
+    def info(self):
+        if self._info is None:
+            out = {}
+            for path in self.paths:
+                header, _ = _safetensors_header(path)
+                for k, (dt, shape) in header.items():
+                    if self.key_files is None or self.key_files.get(k) == path:
+                        out[k] = (_as_dtype(dt), list(shape))
+            if self.key_files is not None:
+                lost = [k for k in self.key_files if k not in out]
+                if lost:
+                    raise CheckpointError(
+                        f"{self.source}: the index names {len(lost)} tensor(s) that are not in their shard file, "
+                        f"first {lost[0]!r} (expected in {self.key_files[lost[0]]})"
+                    )
+            self._info = out
+        return self._info
+
+    def read(self, targets):
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for k in targets:
+            by_file.setdefault(self.paths[0] if self.key_files is None else self.key_files[k], []).append(k)
+        for path, keys in by_file.items():
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for k in keys:
+                        t = targets[k]
+                        if _is_dtensor(t):
+                            from .distributed_path import _local_slices
+
+                            sl = f.get_slice(k)
+                            idx = _local_slices(t)
+                            t.to_local().copy_(sl[idx] if idx else sl[:])
+                        else:
+                            t.copy_(f.get_tensor(k))
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def _torch_load(path: str):
+    """torch.load with weights_only=True (memory-mapped when the file allows); clear errors."""
+    import pickle
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if m is None:  # not a pickle of allowed types at all: a corrupt or foreign file
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            raise CheckpointError(
+                f"{path} is not a readable torch checkpoint ({detail.group(1).strip() if detail else 'unpickling failed'})"
+            ) from None
+        what = f"it needs {m.group(1)}"
+        raise CheckpointError(
+            f"{path} cannot be read without running code stored in it ({what}); pathgeom reads checkpoints with "
+            "torch.load(weights_only=True) only. Save the weights alone (torch.save(model.state_dict(), ...)) "
+            "or as safetensors"
+        ) from None
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch.load fails in many ways on a file that is not its format
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({msg})") from exc
+
+
+def _flatten(d: Mapping, prefix: str = "", out: dict | None = None) -> dict[str, Tensor]:
+    """Nested mappings -> {dotted key: tensor} (as torch.distributed.checkpoint flattens them);
+    lists and non-tensor leaves are left out."""
+    out = {} if out is None else out
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Tensor):
+            out[key] = v
+        elif isinstance(v, Mapping):
+            _flatten(v, key + ".", out)
+    return out
+
+
+def _as_int(v) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point():
+        return int(v.item())
+    return None
+
+
+def _as_float(v) -> float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, Tensor) and v.numel() == 1:
+        return float(v.item())
+    return None
+
+
+def _optimizer_lr(opt) -> float | None:
+    """The first param group's lr of an optimizer state dict (or a list of them, as Lightning keeps)."""
+    if isinstance(opt, (list, tuple)):
+        opt = opt[0] if opt else None
+    if isinstance(opt, Mapping):
+        groups = opt.get("param_groups")
+        if isinstance(groups, (list, tuple)) and groups and isinstance(groups[0], Mapping):
+            return _as_float(groups[0].get("lr"))
+    return None
+
+
+class _TorchReader(_Reader):
+    """Files written by torch.save: a state dict, a Lightning ``.ckpt``, or a container of them
+    (e.g. ``{"model": ..., "optimizer": ..., "step": ...}``, whose nested keys are flattened with
+    dots, so that ``model.`` is a key prefix like any other). Read with weights_only=True only."""
+
+
+    def __init__(self, paths: str | Sequence[str], source: str):
+        super().__init__(source)
+        self.paths = [paths] if isinstance(paths, str) else list(paths)
+        self._flat: dict[str, Tensor] | None = None
+        self.step: int | None = None
+        self.lr: float | None = None
+        self.lightning = False
+
+    def files(self) -> set[str]:
+        return {os.path.realpath(p) for p in self.paths}
+
+    def _contents(self) -> dict[str, Tensor]:
+        if self._flat is not None:
+            return self._flat
+        flat: dict[str, Tensor] = {}
+        for path in self.paths:
+            obj = _torch_load(path)
+            if not isinstance(obj, Mapping):
+                raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of tensors)")
+            if isinstance(obj.get("state_dict"), Mapping) and ("pytorch-lightning_version" in obj or "global_step" in obj):
+                self.lightning = True
+                part = _flatten(obj["state_dict"])
+                self.step = _as_int(obj.get("global_step"))
+                self.lr = _optimizer_lr(obj.get("optimizer_states"))
+            else:
+                part = _flatten(obj)
+                for key in ("global_step", "step", "iteration"):
+                    if self.step is None:
+                        self.step = _as_int(obj.get(key))
+                for key in ("optimizer", "optimizer_state_dict", "optim", "opt"):
+                    if self.lr is None:
+                        self.lr = _optimizer_lr(obj.get(key))
+                if self.lr is None:
+                    self.lr = _as_float(obj.get("lr", obj.get("learning_rate")))
+            flat.update(part)
+        if not flat:
+            raise CheckpointError(f"{self.source} holds no tensors")
+        self._flat = flat
+        return flat
+
+    def info(self):
+        return {k: (v.dtype, list(v.shape)) for k, v in self._contents().items()}
+
+    def read(self, targets):
+        flat = self._contents()
+        for k, t in targets.items():
+            _copy_into(t, flat[k])
+
+    def release(self):
+        self._flat = None
+
+
+class _DCPMetadataUnpickler:
+    """DCP's ``.metadata`` is a pickle; read it with an allow-list of DCP's own metadata types
+    (what ``FileSystemReader.read_metadata`` would unpickle without restriction)."""
+
+    _DCP = {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    }
+    _OTHER = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    }
+
+    @classmethod
+    def load(cls, f, source: str):
+        import pickle
+
+        allowed_dcp, other = cls._DCP, cls._OTHER
+
+        class _U(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module == "torch.distributed.checkpoint.metadata" and name in allowed_dcp) or (module, name) in other:
+                    return super().find_class(module, name)
+                if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                    return getattr(torch, name)
+                raise pickle.UnpicklingError(f"{module}.{name} is not a torch.distributed.checkpoint metadata type")
+
+        try:
+            return _U(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{source}: its .metadata is not readable as DCP metadata ({exc})") from None
+
+
+def _safe_dcp_reader(path: str):
+    """A ``FileSystemReader`` whose metadata is read with the allow-list above."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(os.path.join(os.fspath(self.path), ".metadata"), "rb") as f:
+                md = _DCPMetadataUnpickler.load(f, f"DCP checkpoint {self.path}")
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeFileSystemReader(path)
+
+
+class _DCPReader(_Reader):
+    """A ``torch.distributed.checkpoint`` directory (``.metadata`` and ``*.distcp`` files). Under
+    torch.distributed with DTensor targets each rank loads only its shards (DCP reshards)."""
+
+
+    def __init__(self, path: str, source: str):
+        super().__init__(source)
+        self.path = path
+        self._md = None
+
+    def files(self) -> set[str]:
+        return {os.path.realpath(self.path)}
+
+    def metadata(self):
+        if self._md is None:
+            with open(os.path.join(self.path, ".metadata"), "rb") as f:
+                self._md = _DCPMetadataUnpickler.load(f, self.source)
+        return self._md
+
+    def info(self):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        return {
+            k: (m.properties.dtype, list(m.size))
+            for k, m in self.metadata().state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata)
+        }
+
+    def scalar(self, *keys: str):
+        """A non-tensor value saved in the checkpoint (e.g. ``step``), read with weights_only=True
+        straight from its file (no collective); None when absent or unreadable."""
+        import io
+
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+        md = self.metadata()
+        for key in keys:
+            m = md.state_dict_metadata.get(key)
+            if not isinstance(m, BytesStorageMetadata):
+                continue
+            info = (md.storage_data or {}).get(MetadataIndex(key))
+            if info is None or getattr(info, "transform_descriptors", None):
+                continue
+            try:
+                with open(os.path.join(self.path, info.relative_path), "rb") as f:
+                    f.seek(info.offset)
+                    return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+            except Exception:  # a value we cannot read safely is simply not used
+                continue
+        return None
+
+    def read(self, targets):
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+        no_dist = not (dist.is_available() and dist.is_initialized())  # one process: no collectives
+        try:
+            with warnings.catch_warnings():  # DCP warns that one process means no collectives: intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+                dcp.load(dict(targets), storage_reader=_safe_dcp_reader(self.path), planner=DefaultLoadPlanner(), no_dist=no_dist)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # DCP wraps the per-rank failures in CheckpointException
+            raise CheckpointError(f"{self.source}: reading failed ({str(exc).strip().splitlines()[0][:300]})") from exc
+
+
+# ------------------------------------------------------------------------------------------
+# Matching a checkpoint's keys to a model's names
+# ------------------------------------------------------------------------------------------
+
+
+def _canonical(name: str) -> str:
+    """Drop wrapper attribute names: torch.compile's ``_orig_mod``, FSDP1/activation-checkpoint
+    wrappers anywhere, and DDP/DataParallel's leading ``module.``."""
+    parts = [p for p in name.split(".") if p not in _DROPPED_PARTS]
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _canonical_map(names) -> dict[str, str]:
+    """canonical -> original; identity when canonical names would collide."""
+    out: dict[str, str] = {}
+    for n in names:
+        c = _canonical(n)
+        if c in out:
+            return {n: n for n in names}
+        out[c] = n
+    return out
+
+
+class KeyMatch:
+    """How a checkpoint's keys map onto a model's names.
+
+    ``keys``: model name -> checkpoint key, for every trainable parameter and for every other
+    parameter and persistent buffer the checkpoint holds; ``prefix``: (checkpoint prefix,
+    model prefix) that was replaced (``("", "")`` for identical names); ``missing_optional``:
+    frozen parameters and persistent buffers of the model the checkpoint does not hold."""
+
+    def __init__(self, keys: dict[str, str], prefix: tuple[str, str], missing_optional: list[str]):
+        self.keys, self.prefix, self.missing_optional = keys, prefix, missing_optional
+
+    def __repr__(self) -> str:
+        return f"KeyMatch({len(self.keys)} keys, prefix={self.prefix}, missing_optional={len(self.missing_optional)})"
+
+
+def _prefix_candidates(m0: str, ckpt: Sequence[str]) -> set[tuple[str, str]]:
+    """(checkpoint prefix s, model prefix t) with s + rest in ckpt and m0 == t + rest, for every
+    dotted tail ``rest`` of the model name m0."""
+    parts = m0.split(".")
+    out = set()
+    for j in range(1, len(parts) + 1):
+        rest = ".".join(parts[-j:])
+        t = m0[: len(m0) - len(rest)]
+        for k in ckpt:
+            if k == rest or k.endswith("." + rest):
+                out.add((k[: len(k) - len(rest)], t))
+    return out
+
+
+def match_keys(
+    model: torch.nn.Module,
+    info: Mapping[str, tuple[torch.dtype | str, Sequence[int]]],
+    source: str,
+    key_prefix: str | None = None,
+    role: str = "reference",
+) -> KeyMatch:
+    """Map a checkpoint's keys (``info``: key -> (dtype, shape)) onto the model's names, then check
+    them (:func:`check_state_against_model`).
+
+    The names may differ by wrapper attributes (``module.`` of DDP, ``_orig_mod.`` of
+    torch.compile) and by a prefix: a Lightning module's attribute (``model.``, ``net.``), a
+    container key (``{"model": state_dict, ...}`` saved whole), or a base model's prefix
+    (``transformer.``). The one mapping that covers every trainable parameter is used; when
+    several would (e.g. ``model.`` and ``ema.`` copies of the same network), ``key_prefix``
+    (the checkpoint prefix to use, e.g. ``"ema."``) chooses, else it is an error. Keys under
+    the chosen prefix that are not parameters or buffers of the model are an error too.
+    """
+    named = trainable(model)
+    if not named:
+        raise CheckpointError("the model has no trainable parameters (requires_grad=True) to measure")
+    ck = _canonical_map(info)
+    train_ids = {id(p) for _, p in named}
+    sd_keys = set(model.state_dict())
+    all_params = list(model.named_parameters(remove_duplicate=False))
+    # every name the model answers to (tied parameters under each of their names)
+    known = [n for n, _ in all_params] + [n for n, _ in model.named_buffers(remove_duplicate=False)] + list(sd_keys)
+    mod = _canonical_map(list(dict.fromkeys(known)))
+    mod_inv = {v: k for k, v in mod.items()}
+    train_c = [mod_inv[n] for n, _ in named]
+    # other state: frozen parameters and persistent buffers, each once (tied copies of trainable ones left out)
+    seen = set(train_ids)
+    optional: dict[str, tuple[int, ...]] = {}
+    for n, p in all_params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            optional[n] = tuple(p.shape)
+    for n, b in model.named_buffers():
+        if n in sd_keys and id(b) not in seen:
+            seen.add(id(b))
+            optional[n] = tuple(b.shape)
+
+    def mapping(s: str, t: str) -> dict[str, str] | None:
+        out = {}
+        for c in train_c:
+            if not c.startswith(t) or s + c[len(t):] not in ck:
+                return None
+            out[c] = s + c[len(t):]
+        return out
+
+    if key_prefix is not None:
+        s = _canonical(key_prefix.strip(".")) + "." if key_prefix.strip(".") else ""
+        found = mapping(s, "")
+        if found is None:
+            under = [k for k in ck if k.startswith(s)]
+            raise CheckpointKeyError(
+                f"{source}: with key prefix {key_prefix!r} the model's parameter {mod[train_c[0]]!r} would be "
+                f"{s + train_c[0]!r}, which it does not hold"
+                + (f" ({len(under)} keys start with the prefix, e.g. {[ck[k] for k in under[:3]]})" if under
+                   else f" (no key starts with the prefix; its keys are e.g. {list(info)[:3]})")
+            )
+        valid = {(s, ""): found}
+    else:
+        valid = {}
+        found = mapping("", "")
+        if found is not None:
+            valid[("", "")] = found  # identical names win
+        else:
+            for s, t in sorted(_prefix_candidates(train_c[0], list(ck))):
+                found = mapping(s, t)
+                if found is not None:
+                    valid[(s, t)] = found
+    if not valid:
+        try:
+            check_state_against_model(model, {mod.get(c, ck[c]): info[ck[c]] for c in ck}, source, role)
+        except CheckpointKeyError as exc:
+            raise CheckpointKeyError(f"{exc}; no prefix of its keys maps them onto the model's names either") from None
+        raise CheckpointKeyError(f"{source}: its keys do not match the model's parameter names")  # pragma: no cover
+    distinct: dict[tuple, tuple[str, str]] = {}
+    for st, found in valid.items():
+        distinct.setdefault(tuple(sorted(found.items())), st)
+    if len(distinct) > 1:
+        opts = [s for s, _ in distinct.values()]
+        raise CheckpointError(
+            f"{source}: the model's parameters match its keys under {len(opts)} different prefixes "
+            f"({', '.join(repr(s) for s in opts[:5])}); choose one with --key-prefix (key_prefix=)"
+        )
+    s, t = next(iter(distinct.values()))
+    found = valid[(s, t)]
+    # keys under the prefix must belong to the model
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    extra = [
+        ck[k] for k in ck
+        if k.startswith(s) and (t + k[len(s):]) not in mod and not any(p.search(ck[k]) for p in ignore)
+    ]
+    if extra:
+        raise CheckpointError(
+            f"{role} {source} has {len(extra)} key(s) that are not parameters or buffers of the model, "
+            f"first {extra[0]!r}" + (f" (also {extra[1:4]}{' ...' if len(extra) > 4 else ''})" if len(extra) > 1 else "")
+            + (f" (with its prefix {s!r} read as {t!r})" if (s, t) != ("", "") else "")
+            + "; is it the checkpoint of another model?"
+        )
+    keys = {mod[c]: ck[k] for c, k in found.items()}
+    check_state_against_model(model, {n: info[k] for n, k in keys.items()}, source, role)
+    missing = []
+    for name, shape in optional.items():
+        c = mod_inv[name]
+        k = s + c[len(t):] if c.startswith(t) else None
+        if k is None or k not in ck:
+            missing.append(name)
+            continue
+        if tuple(info[ck[k]][1]) != shape:
+            raise CheckpointError(
+                f"{source}: {ck[k]!r} has shape {list(info[ck[k]][1])} but the model's {name!r} has {list(shape)}"
+            )
+        keys[name] = ck[k]
+    return KeyMatch(keys, (s, t), missing)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints and runs
+# ------------------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """One checkpoint of a run: ``step``, ``lr`` (the learning rate of the optimizer step taken
+    from this point, as in PathTracker rows; None when the checkpoint does not tell), ``path``,
+    ``format`` ("snapshot", "safetensors", "hf", "lightning", "torch", "dcp"), ``config_dir``
+    (a folder with a Hugging Face ``config.json`` describing the model, or None) and ``reader``
+    (the loader of its tensors)."""
+
+    def __init__(self, path: str, format: str, reader: _Reader, step: int | None = None, lr: float | None = None, config_dir: str | None = None):
+        self.path, self.format, self.reader, self.step, self.lr, self.config_dir = path, format, reader, step, lr, config_dir
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(step={self.step}, lr={self.lr}, format={self.format!r}, path={self.path!r})"
+
+    @property
+    def source(self) -> str:
+        return f"{'file' if os.path.isfile(self.path) else 'checkpoint'} {self.path}"
+
+    def files(self) -> set[str]:
+        """Real paths of the files (or DCP folder) holding its tensors: two checkpoints sharing
+        one are the same point."""
+        return self.reader.files()
+
+    def info(self) -> dict[str, tuple[torch.dtype | str, list[int]]]:
+        """key -> (dtype, shape) of every tensor (without reading them where the format allows)."""
+        return self.reader.info()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every tensor, on the CPU, by its key in the checkpoint."""
+        info = self.info()
+        out = {k: torch.empty(shape, dtype=_as_dtype(dt)) for k, (dt, shape) in info.items() if isinstance(_as_dtype(dt), torch.dtype)}
+        with torch.no_grad():
+            self.reader.read(out)
+        self.reader.release()
+        return out
+
+    def match(self, model: torch.nn.Module, key_prefix: str | None = None, role: str = "checkpoint") -> KeyMatch:
+        """How its keys map onto the model's names (see :func:`match_keys`)."""
+        return match_keys(model, self.info(), self.source, key_prefix, role)
+
+    @torch.no_grad()
+    def load_into(self, model: torch.nn.Module, key_prefix: str | None = None, match: KeyMatch | None = None) -> KeyMatch:
+        """Copy its values into the model's parameters and buffers (cast to their dtypes). Sharded
+        (DTensor) parameters receive only their local slices. Returns the :class:`KeyMatch`
+        (``missing_optional`` lists the frozen parameters and buffers it did not hold)."""
+        m = match or self.match(model, key_prefix)
+        tensors = dict(model.named_parameters())
+        tensors.update(dict(model.named_buffers()))
+        self.reader.read({k: tensors[n].detach() for n, k in m.keys.items()})
+        self.reader.release()
+        return m
+
+    @torch.no_grad()
+    def reference(self, model: torch.nn.Module, *, name: str = "xstar", key_prefix: str | None = None) -> "Reference":
+        """The checkpoint as a reference point x* for ``model`` (its own dtypes kept; sharded
+        like the model's parameters, each rank reading only its slices)."""
+        info = self.info()
+        m = match_keys(model, info, self.source, key_prefix, "reference")
+        names, targets, tensors = [], {}, []
+        for n, p in trainable(model):
+            k = m.keys[n]
+            t = _empty_like(p, _as_dtype(info[k][0]))
+            names.append(n)
+            tensors.append(t)
+            targets[k] = t
+        self.reader.read(targets)
+        self.reader.release()
+        return Reference(names, tensors, name=name, source=self.source)
+
+
+class Run:
+    """The checkpoints of a run, by step (see :func:`open_run`). ``notes``: what was left out
+    or could not be told (shown to users)."""
+
+    def __init__(self, path: str, checkpoints: list[Checkpoint], notes: list[str] | None = None):
+        self.path, self.checkpoints, self.notes = path, checkpoints, list(notes or [])
+
+    @property
+    def format(self) -> str:
+        return self.checkpoints[0].format if self.checkpoints else "?"
+
+    @property
+    def config_dir(self) -> str | None:
+        """A folder with a Hugging Face config.json describing the model (the last one found)."""
+        dirs = [c.config_dir for c in self.checkpoints if c.config_dir]
+        return dirs[-1] if dirs else None
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def __iter__(self):
+        return iter(self.checkpoints)
+
+    def __repr__(self) -> str:
+        return f"Run({self.path!r}, {len(self.checkpoints)} {self.format} checkpoints, steps {[c.step for c in self.checkpoints]})"
+
+
+_STEP_PATTERNS = (
+    re.compile(r"(?:^|[^a-z])(?:global_?)?step[_=-]?(\d+)"),
+    re.compile(r"checkpoint[_-]?(\d+)"),
+    re.compile(r"iter(?:ation)?[_=-]?(\d+)"),
+)
+
+
+def step_from_name(name: str) -> int | None:
+    """The training step a file or folder name tells: ``step_00000120``, ``epoch=0-step=6``,
+    ``global_step100``, ``checkpoint-20``, ``iter_300``, else its only number (one written
+    after ``epoch`` is an epoch, not a step); None when it tells none."""
+    base = os.path.basename(os.path.normpath(name)).lower()
+    stem = re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", base)
+    for pat in _STEP_PATTERNS:
+        m = pat.search(stem)
+        if m:
+            return int(m.group(1))
+    nums = [m for m in re.finditer(r"\d+", stem) if not re.search(r"epoch[_=-]?$", stem[: m.start()])]
+    return int(nums[0].group()) if len(nums) == 1 else None
+
+
+def _read_json(path: str):
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc})") from exc
+
+
+def _hf_step_lr(folder: str) -> tuple[int | None, float | None]:
+    """(step, lr of the next optimizer step) of a Hugging Face Trainer checkpoint folder.
+
+    The step is the folder's ``checkpoint-N`` (else ``trainer_state.json``'s global_step). The
+    lr: the scheduler's last lr (``scheduler.pt``, read weights_only), else the optimizer's
+    (``optimizer.pt``); the Trainer saves both after the scheduler step of step N, so this is
+    the lr of step N + 1, the step taken from these weights."""
+    step = step_from_name(folder) if re.search(r"checkpoint", os.path.basename(os.path.normpath(folder))) else None
+    state_path = os.path.join(folder, "trainer_state.json")
+    if step is None and os.path.isfile(state_path):
+        step = _as_int(_read_json(state_path).get("global_step"))
+    lr = None
+    sched = os.path.join(folder, "scheduler.pt")
+    if os.path.isfile(sched):
+        try:
+            last = _torch_load(sched).get("_last_lr")
+            lr = _as_float(last[0]) if isinstance(last, (list, tuple)) and last else None
+        except (CheckpointError, AttributeError):
+            lr = None
+    opt = os.path.join(folder, "optimizer.pt")
+    if lr is None and os.path.isfile(opt):
+        try:
+            lr = _optimizer_lr(_torch_load(opt))
+        except CheckpointError:
+            lr = None
+    return step, lr
+
+
+def _lr_from_log_history(run_dirs: Sequence[str], step: int) -> float | None:
+    """The learning rate the Trainer logged for step + 1 (the step taken from checkpoint ``step``)."""
+    for d in reversed(run_dirs):
+        path = os.path.join(d, "trainer_state.json")
+        if os.path.isfile(path):
+            for entry in _read_json(path).get("log_history", []):
+                if entry.get("step") == step + 1 and "learning_rate" in entry:
+                    return _as_float(entry["learning_rate"])
+    return None
+
+
+def _folder_checkpoint(folder: str) -> Checkpoint | None:
+    """The checkpoint a folder is (DCP, or Hugging Face ``save_pretrained``/Trainer weights), or None."""
+    src = f"checkpoint {folder}"
+    config_dir = folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+    if os.path.isfile(os.path.join(folder, ".metadata")):
+        reader = _DCPReader(folder, src)
+        step = _as_int(reader.scalar("step", "global_step"))
+        lr = _as_float(reader.scalar("lr", *[k for k in reader.metadata().state_dict_metadata if k.endswith("param_groups.0.lr")][:1]))
+        return Checkpoint(folder, "dcp", reader, step if step is not None else step_from_name(folder), lr, config_dir)
+    reader = None
+    for index in HF_WEIGHT_INDEXES:
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            wm = _read_json(path).get("weight_map")
+            if not isinstance(wm, Mapping) or not wm:
+                raise CheckpointError(f"{path} has no weight_map")
+            files = {k: os.path.join(folder, f) for k, f in wm.items()}
+            absent = sorted({f for f in files.values() if not os.path.isfile(f)})
+            if absent:
+                raise CheckpointError(f"{path} names shard files that do not exist, e.g. {absent[0]}")
+            reader = _SafetensorsReader(files, src) if index.startswith("model.safetensors") else _TorchReader(sorted(set(files.values())), src)
+            break
+    if reader is None:
+        for name in HF_WEIGHT_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                reader = _SafetensorsReader(path, src) if name.endswith(".safetensors") else _TorchReader(path, src)
+                break
+    if reader is None:
+        # HF Trainer / Accelerate with FSDP SHARDED_STATE_DICT: the weights are a DCP folder inside
+        subs = [d for d in _listdir(folder) if d.startswith("pytorch_model_fsdp") and os.path.isfile(os.path.join(folder, d, ".metadata"))]
+        if len(subs) != 1:
+            return None
+        reader = _DCPReader(os.path.join(folder, subs[0]), src)
+    step, lr = _hf_step_lr(folder)
+    return Checkpoint(folder, "hf", reader, step, lr, config_dir)
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as exc:
+        raise CheckpointError(f"cannot list {folder} ({exc})") from exc
+
+
+def _file_checkpoint(path: str) -> Checkpoint:
+    """The checkpoint a single file is: safetensors (ours or any) or a torch.save / Lightning file."""
+    name = os.path.basename(path)
+    if _HF_SHARD.search(name):
+        raise CheckpointError(f"{path} is one shard of a sharded checkpoint; pass the folder that holds it and its index")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    parent = os.path.dirname(os.path.abspath(path))
+    parent_step = step_from_name(parent) if re.search(r"checkpoint", os.path.basename(parent)) else None
+    if name.endswith(".safetensors") or not (head.startswith(b"PK") or name.endswith(TORCH_SUFFIXES)):
+        reader = _SafetensorsReader(path, f"file {path}")
+        meta = reader.metadata()  # a clear error if it is not safetensors
+        step = _as_int(int(meta["step"])) if meta.get("step", "").isdigit() else None
+        lr = float(meta["lr"]) if meta.get("lr") else None
+        fmt = "snapshot" if step is not None else "safetensors"
+        if step is None:
+            step = parent_step if parent_step is not None else step_from_name(name)
+        if lr is None and parent_step is not None:
+            lr = _hf_step_lr(parent)[1]
+        return Checkpoint(path, fmt, reader, step, lr, parent if os.path.isfile(os.path.join(parent, "config.json")) else None)
+    reader = _TorchReader(path, f"file {path}")
+    reader.info()  # reads the step and lr it holds; a clear error if unreadable
+    fmt = "lightning" if reader.lightning else "torch"
+    step = reader.step if reader.step is not None else (parent_step if parent_step is not None else step_from_name(name))
+    lr = reader.lr
+    if lr is None and parent_step is not None:
+        lr = _hf_step_lr(parent)[1]
+    reader.release()
+    return Checkpoint(path, fmt, reader, step, lr, parent if os.path.isfile(os.path.join(parent, "config.json")) else None)
+
+
+def _child_candidates(folder: str) -> tuple[list[str], list[str]]:
+    """(files, folders) in ``folder`` that look like checkpoints, by name only."""
+    files, dirs = [], []
+    for name in _listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, ".metadata")) or any(
+                os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_INDEXES + HF_WEIGHT_FILES
+            ) or any(d.startswith("pytorch_model_fsdp") for d in _listdir(path)):
+                dirs.append(path)
+        elif name.endswith(TORCH_SUFFIXES + (".safetensors",)) and not name.startswith("."):
+            if _NOT_WEIGHTS.match(name) or name in HF_WEIGHT_FILES or _HF_SHARD.search(name):
+                continue  # optimizer/scheduler/RNG state, or the folder's own HF weights
+            files.append(path)
+    return files, dirs
+
+
+def _search_below(folder: str, depth: int = 3) -> list[str]:
+    found = []
+    for root, dirs, _ in os.walk(folder):
+        if root[len(folder):].count(os.sep) >= depth:
+            dirs[:] = []
+            continue
+        dirs.sort()
+        for d in list(dirs):
+            path = os.path.join(root, d)
+            files, subdirs = _child_candidates(path)
+            if files or subdirs or _folder_checkpoint_name_only(path):
+                found.append(path)
+                dirs.remove(d)
+    return found
+
+
+def _folder_checkpoint_name_only(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, ".metadata")) or any(
+        os.path.isfile(os.path.join(folder, f)) for f in HF_WEIGHT_INDEXES + HF_WEIGHT_FILES
+    )
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """One checkpoint, any supported format: a file (safetensors, torch.save, Lightning ``.ckpt``)
+    or a folder (DCP, Hugging Face ``save_pretrained`` / Trainer ``checkpoint-N``)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isfile(path):
+        if os.path.basename(path) == ".metadata":
+            return open_checkpoint(os.path.dirname(os.path.abspath(path)))
+        return _file_checkpoint(path)
+    own = _folder_checkpoint(path)
+    if own is not None:
+        return own
+    run = open_run(path)
+    if len(run.checkpoints) == 1:
+        return run.checkpoints[0]
+    raise CheckpointError(
+        f"{path} holds {len(run.checkpoints)} checkpoints (steps {[c.step for c in run.checkpoints][:8]}); "
+        "pass one of them"
+    )
+
+
+def open_run(path: str) -> Run:
+    """Every checkpoint under ``path``, auto-detected, by step.
+
+    ``path`` may be: a directory of our ``step_*.safetensors`` snapshots; a Hugging Face
+    Trainer ``output_dir`` (its ``checkpoint-N`` folders; a final model saved at its top is
+    added when ``trainer_state.json`` tells its step); one ``save_pretrained`` or
+    ``checkpoint-N`` folder (``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors``
+    with its index, or ``pytorch_model.bin``); a folder of Lightning ``.ckpt`` or
+    ``torch.save`` files; a ``torch.distributed.checkpoint`` folder or a folder of them; or
+    one file. When ``path`` holds none of these but exactly one folder below it does (e.g.
+    ``lightning_logs/version_0/checkpoints``), that folder is used.
+
+    Steps come from the checkpoint (snapshot metadata, Lightning's ``global_step``, a
+    ``step``/``global_step`` entry) or the file/folder name. A ``last.ckpt`` (or other
+    ``last*``) duplicating another checkpoint's step is left out (said in ``notes``).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isfile(path):
+        ck = open_checkpoint(path)
+        if ck.step is None:
+            ck.step = 0
+        return Run(path, [ck])
+    notes: list[str] = []
+    own = _folder_checkpoint(path)
+    files, dirs = _child_candidates(path)
+    if own is None and not files and not dirs:
+        below = _search_below(path)
+        if len(below) == 1:
+            run = open_run(below[0])
+            run.notes.insert(0, f"using {below[0]}, the only folder below {path} holding checkpoints")
+            return run
+        if below:
+            raise CheckpointError(
+                f"{path} holds no checkpoints itself, but several folders below it do: "
+                + ", ".join(below[:5]) + ("..." if len(below) > 5 else "") + "; pass one of them"
+            )
+        raise FileNotFoundError(
+            f"no checkpoints in {path} (looked for step_*.safetensors snapshots, Hugging Face checkpoint folders, "
+            "*.ckpt/*.pt/*.pth/*.bin/*.safetensors files and torch.distributed.checkpoint folders)"
+        )
+    cks = [_file_checkpoint(f) for f in files] + [c for c in (_folder_checkpoint(d) for d in dirs) if c is not None]
+    if own is not None:
+        if not cks:
+            cks = [own]
+            if own.step is None:
+                own.step = 0
+        elif own.step is None or own.step in {c.step for c in cks}:
+            why = "its step is unknown" if own.step is None else f"step {own.step} is already a checkpoint"
+            notes.append(f"left out the weights at the top of {path} ({why}); pass them as --reference if they are the final model")
+        else:
+            cks.append(own)
+    kinds = sorted({c.format for c in cks})
+    if len(kinds) > 1 and not set(kinds) <= {"snapshot", "safetensors"}:
+        examples = ", ".join(f"{k}: {next(c.path for c in cks if c.format == k)}" for k in kinds)
+        raise CheckpointError(f"{path} holds checkpoints of several kinds ({examples}); pass the folder or file you mean")
+    unknown = [c.path for c in cks if c.step is None]
+    if unknown and len(cks) > 1:
+        raise CheckpointError(
+            f"cannot tell the step of {unknown[0]}: neither its name nor its contents give one "
+            "(name it like step_100.pt, or save 'global_step' / 'step' in it)"
+        )
+    by_step: dict[int, list[Checkpoint]] = {}
+    for c in cks:
+        by_step.setdefault(c.step if c.step is not None else 0, []).append(c)
+    out = []
+    for step, group in sorted(by_step.items()):
+        if len(group) > 1:
+            keep = [c for c in group if not os.path.basename(c.path).lower().startswith("last")]
+            if len(keep) != 1:
+                raise CheckpointError(f"two checkpoints have step {step}: {group[0].path} and {group[1].path}")
+            for c in group:
+                if c is not keep[0]:
+                    notes.append(f"left out {c.path}: same step {step} as {keep[0].path}")
+            group = keep
+        group[0].step = step
+        out.append(group[0])
+    hf_dirs = [c.path for c in out if c.format == "hf"]
+    missing_lr = 0
+    for c in out:
+        if c.lr is None and c.format == "hf":
+            c.lr = _lr_from_log_history(hf_dirs, c.step)
+        missing_lr += c.lr is None
+    if missing_lr:
+        notes.append(f"{missing_lr} of {len(out)} checkpoints do not tell their learning rate (the lr column stays empty)")
+    return Run(path, out, notes)
+
+
+def load_state_dict(path: str) -> dict[str, Tensor]:
+    """Every tensor of one checkpoint of any supported format, on the CPU, by key."""
+    return open_checkpoint(path).state_dict()

@@ -8,14 +8,54 @@ import os
 import sys
 
 
+class UsageError(Exception):
+    """A mistake the user can fix (a bad option, file or module:function): printed as one line,
+    exit status 2; ``--debug`` shows the traceback."""
+
+
 def _load_callable(spec: str, what: str):
+    """The function named by ``module:function``; the current directory is importable."""
     mod, sep, name = spec.partition(":")
     if not sep or not mod or not name:
-        raise SystemExit(f"pathgeom: {what} must look like 'package.module:function', got {spec!r}")
+        raise UsageError(f"{what} must look like 'package.module:function', got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # console scripts do not put it there
+        sys.path.insert(0, cwd)
     try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"pathgeom: cannot load {what} {spec!r}: {exc}") from exc
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as exc:
+        if exc.name and (mod == exc.name or mod.startswith(exc.name + ".")):
+            raise UsageError(
+                f"cannot load {what} {spec!r}: no module named {exc.name!r} (in the current directory {cwd} "
+                "or the installed packages)"
+            ) from exc
+        raise UsageError(f"cannot load {what} {spec!r}: importing {mod} failed: {exc}") from exc
+    except Exception as exc:
+        raise UsageError(f"cannot load {what} {spec!r}: importing {mod} raised {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise UsageError(f"cannot load {what} {spec!r}: module {mod} has no attribute {name!r}")
+    if not callable(fn):
+        raise UsageError(f"{what} {spec!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _call_user(fn, spec: str, what: str, *args):
+    """Call a user's function; its failure becomes one line naming the option."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise UsageError(f"{what} {spec!r} raised {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def _is_rank0() -> bool:
@@ -69,47 +109,98 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _analyze_device(requested: str) -> tuple[bool, str]:
+    """(distributed, device): join the torchrun job if there is one (gloo on CPU, NCCL on GPUs)."""
+    import torch
+
+    device = requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, device
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True, device
+
+
 def _cmd_analyze(args) -> int:
     import torch
 
     from . import report
-    from .snapshots import analyze_snapshots, list_snapshots
+    from .analyze import analyze, batches_from_data, model_from_hf_config, shard_model
+    from .checkpoints import open_run
 
-    make_model = _load_callable(args.model, "--model")
-    make_data = _load_callable(args.data, "--data")
-    if args.loss:
-        loss_fn = _load_callable(args.loss, "--loss")
+    distributed, device = _analyze_device(args.device)
+    rank0 = _is_rank0()
+    run = open_run(args.run)
+    if args.model:
+        model = _call_user(_load_callable(args.model, "--model"), args.model, "--model")
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"--model {args.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    elif run.config_dir:
+        model = model_from_hf_config(run.config_dir)
     else:
-        import torch.nn.functional as F
-
-        def loss_fn(model, batch):
-            x, y = batch
-            return F.cross_entropy(model(x), y)
-
-    model = make_model().to(args.device)
-    data = make_data()
-    if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
-        data = torch.utils.data.TensorDataset(*data)
-    n = len(data)
-    to_dev = lambda b: tuple(t.to(args.device) for t in b)
-    gen = torch.Generator().manual_seed(args.seed)
-    probes = []
-    for _ in range(args.probe_batches):
-        idx = torch.randperm(n, generator=gen)[: args.batch_size].tolist()
-        probes.append(to_dev(torch.utils.data.default_collate([data[i] for i in idx])))
-    full = None
-    if not args.no_full_batch:
-        loader = torch.utils.data.DataLoader(data, batch_size=args.full_batch_size, shuffle=False)
-        full = [to_dev(b) for b in loader]
-    records, per_tensor = analyze_snapshots(
-        args.snapshots, model, loss_fn, probes, full, reference=args.reference, backend=args.backend,
-        per_tensor=args.per_tensor, progress=not args.quiet,
+        raise UsageError(
+            f"--model module:function is needed: the {run.format} checkpoints in {args.run} do not describe their model "
+            "(only Hugging Face checkpoints carry a config.json)"
+        )
+    model = model.to(device)
+    if distributed:
+        shard_model(model, device)
+    data = _call_user(_load_callable(args.data, "--data"), args.data, "--data")
+    probes, full = batches_from_data(
+        data, batch_size=args.batch_size, probe_batches=args.probe_batches, full_batch_size=args.full_batch_size,
+        full=not args.no_full_batch, seed=args.seed, batched=args.batched,
     )
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    extra = {"snapshots": args.snapshots, "reference": args.reference or list_snapshots(args.snapshots)[-1][1]}
-    summary = report.write_report(args.out, records, per_tensor, numel, f"analysis of {args.snapshots}", extra)
+    loss_fn = _load_callable(args.loss, "--loss") if args.loss else None
+    res = analyze(
+        run, model, probes, full, loss_fn=loss_fn, references=args.reference or ["last"], per_tensor=args.per_tensor,
+        backend=args.backend, train_mode=args.train_mode, seed=args.seed, key_prefix=args.key_prefix,
+        progress=not args.quiet and rank0,
+    )
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()  # the rows are the same on every rank: rank 0 writes them
+    if not rank0:
+        return 0
+    extra = {
+        "run": args.run,
+        "format": run.format,
+        "checkpoints": [{"step": c.step, "lr": c.lr, "path": c.path} for c in run.checkpoints],
+        "references": res.references,
+        "skipped": res.skipped,
+        "notes": res.notes,
+        "mode": "train" if args.train_mode else "eval",
+        "probe_batches": len(probes),
+        "batch_size": args.batch_size,
+        "full_batches": len(full) if full else 0,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    summary = report.write_report(args.out, res.records, res.per_tensor_records, res.numel, f"analysis of {args.run}", extra)
+    written = ["records.csv", "summary.json", "geometry.png"]
+    if args.per_tensor:
+        from .heatmap import plot_heatmap
+
+        written.append("per_tensor.csv")
+        for i, name in enumerate(res.references):
+            if not any(r["reference"] == name for r in res.per_tensor_records):
+                continue
+            fname = f"per_tensor_{args.heatmap}.png" if i == 0 else f"per_tensor_{args.heatmap}_{name}.png"
+            plot_heatmap(res.per_tensor_records, os.path.join(args.out, fname), metric=args.heatmap, reference=name)
+            written.append(fname)
     print(report.format_table(summary))
-    print(f"wrote {os.path.join(args.out, 'records.csv')}, summary.json, geometry.png")
+    for note in res.notes:
+        print(f"note: {note}")
+    if res.skipped:
+        pairs = ", ".join(f"step {s['step']} vs {s['reference']!r}" for s in res.skipped[:6])
+        print(f"not measured (a checkpoint against itself): {pairs}{' ...' if len(res.skipped) > 6 else ''}")
+    print(f"wrote {os.path.join(args.out, written[0])}, {', '.join(written[1:])}")
     return 0
 
 
@@ -188,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", choices=TASKS, default=None, help="workload (default: mlp)")
     demo.add_argument("--model", choices=MODELS, default=None, help=argparse.SUPPRESS)  # old name of --task
     demo.add_argument("--out", default=d.out, help="output directory")
-    demo.add_argument("--steps", type=int, default=None, help=f"training steps per run (default: {task_default})")
-    demo.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: the task's)")
+    demo.add_argument("--steps", type=_positive_int, default=None, help=f"training steps per run (default: {task_default})")
+    demo.add_argument("--batch-size", type=_positive_int, default=None, help="minibatch size (default: the task's)")
     demo.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                       help="momentum/nesterov = SGD with momentum 0.9; adam = adamw = AdamW (decoupled decay); "
                       "adam-l2 = torch.optim.Adam with coupled L2, as the paper (default: the task's)")
@@ -206,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--snapshot-every", type=int, default=None, help="snapshot run 1 every N steps, 0: only x* (default: the task's)")
     demo.add_argument("--lags", type=_parse_lags, default=d.lags, metavar="K,K,...",
                       help="lags of the lagged orthogonal cosine, or 'none' (default: the paper's 1,2,5,10,20,50)")
-    demo.add_argument("--lag-every", type=int, default=None,
+    demo.add_argument("--lag-every", type=_positive_int, default=None,
                       help="anchor steps of the lagged cosine; one parameter copy is kept per live anchor (default: the task's)")
     demo.add_argument("--cross-seed", action=argparse.BooleanOptionalAction, default=None,
                       help="control: run 1 again from seed+1 and measure the path against that end point too "
@@ -214,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--x0-reference", action=argparse.BooleanOptionalAction, default=None,
                       help="control: measure against x_0, the start of the path, too (default: on, except for wide-mlp "
                       "where it costs a 200 MB copy and two more passes per step)")
-    demo.add_argument("--width", type=int, default=None, help="hidden width / channels / d_model (default: the task's)")
-    demo.add_argument("--depth", type=int, default=None, help="hidden layers / transformer blocks (default: the task's)")
-    demo.add_argument("--context", type=int, default=None, help="lm: tokens per sequence (default: 64)")
-    demo.add_argument("--train-size", type=int, default=None,
+    demo.add_argument("--width", type=_positive_int, default=None, help="hidden width / channels / d_model (default: the task's)")
+    demo.add_argument("--depth", type=_positive_int, default=None, help="hidden layers / transformer blocks (default: the task's)")
+    demo.add_argument("--context", type=_positive_int, default=None, help="lm: tokens per sequence (default: 64)")
+    demo.add_argument("--train-size", type=_positive_int, default=None,
                       help="training examples (digits: first N of 1797; lm: N windows, default 512)")
-    demo.add_argument("--threads", type=int, default=None,
+    demo.add_argument("--threads", type=_positive_int, default=None,
                       help="CPU threads (default: torch's, or 1 when the machine's load average is already at or above its "
                       "core count: spin-waiting OpenMP threads are then several times slower)")
     demo.add_argument("--device", default=d.device, help="cpu or cuda")
@@ -230,28 +321,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser(
         "analyze",
-        help="measure a directory of step_*.safetensors snapshots against its last (or a given) snapshot",
-        description="Loads each snapshot into the model and measures K probe minibatch gradients and the "
-        "full-batch gradient against the reference. --model returns an nn.Module (no arguments); --data returns "
-        "a Dataset or a tuple of tensors (inputs, targets); --loss(model, batch) returns the loss "
-        "(default: cross-entropy of model(inputs) against targets).",
+        help="measure the path of a run you already have, from its checkpoints (HF, Lightning, torch.save, DCP, ours)",
+        description="Loads every checkpoint of RUN into the model and measures, against each reference, the "
+        "gradients of K fixed probe batches (rows 'probe') and of the mean loss over all the data (row 'full'); lr "
+        "comes from the checkpoints. RUN may be: a Hugging Face Trainer output_dir (checkpoint-N/ folders) or one "
+        "save_pretrained folder (model.safetensors, sharded safetensors with their index, pytorch_model.bin); a "
+        "folder of Lightning .ckpt or torch.save files (read with torch.load(weights_only=True) only); a "
+        "torch.distributed.checkpoint folder, or a folder of them; a folder of our step_*.safetensors snapshots; "
+        "or one file. Writes records.csv, summary.json, geometry.png (and per_tensor.csv with a heatmap) to --out. "
+        "Under `torchrun --nproc-per-node N -m pathgeom_fast.cli analyze ...` the model is sharded with FSDP2 and "
+        "each rank reads only its slices of every checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    an.add_argument("snapshots", help="directory of step_*.safetensors files")
-    an.add_argument("--model", required=True, help="module:function building the model")
-    an.add_argument("--data", required=True, help="module:function returning the training data")
-    an.add_argument("--loss", default=None, help="module:function(model, batch) -> loss")
-    an.add_argument("--reference", default=None, help="x* snapshot (default: the last snapshot)")
+    an.add_argument("run", help="run directory or checkpoint (see above)")
+    an.add_argument(
+        "--model", default=None,
+        help="module:function returning the nn.Module (no arguments; the current directory is importable); not "
+        "needed for Hugging Face checkpoints, whose config.json describes the model",
+    )
+    an.add_argument(
+        "--data", required=True,
+        help="module:function returning the data: a map-style dataset or a list of samples (tuples or dicts of "
+        "tensors, e.g. a Trainer's train_dataset), a tuple of tensors (inputs, targets), a DataLoader (your "
+        "collate_fn), or a list of collated batches with --batched",
+    )
+    an.add_argument("--batched", action="store_true", help="--data returns a list of collated batches, not samples")
+    an.add_argument(
+        "--loss", default=None,
+        help="module:function(model, batch) -> scalar loss; default: the model output's .loss (dict batches are "
+        "passed as model(**batch)), else cross-entropy of model(inputs) against targets",
+    )
+    an.add_argument(
+        "--reference", action="append", default=None, metavar="REF",
+        help="reference point x*, repeatable (each gives its own rows): 'last' (the last checkpoint, named "
+        "xstar; the default), 'first' (x0), a checkpoint of any supported format, or NAME=PATH. A checkpoint is "
+        "never measured against itself",
+    )
+    mode = an.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--eval", dest="train_mode", action="store_false",
+        help="(default) model.eval(): no dropout, so every checkpoint's gradient is that of the same deterministic "
+        "function rather than of a random dropout mask; BatchNorm then uses its running statistics from the checkpoint",
+    )
+    mode.add_argument(
+        "--train-mode", dest="train_mode", action="store_true",
+        help="model.train(): the training objective, dropout on (the same seeded masks at every checkpoint) and "
+        "BatchNorm with batch statistics",
+    )
+    an.set_defaults(train_mode=False)
     an.add_argument("--out", default="pathgeom-analysis", help="output directory")
-    an.add_argument("--probe-batches", type=int, default=8)
-    an.add_argument("--batch-size", type=int, default=32, help="probe minibatch size")
-    an.add_argument("--full-batch-size", type=int, default=1024, help="batch size for the full-batch gradient")
-    an.add_argument("--no-full-batch", action="store_true")
-    an.add_argument("--per-tensor", action="store_true")
-    an.add_argument("--device", default="cpu")
-    an.add_argument("--seed", type=int, default=0, help="seed of the probe minibatch draw")
-    an.add_argument("--backend", choices=BACKENDS, default="auto")
-    an.add_argument("--quiet", action="store_true")
+    an.add_argument("--probe-batches", type=int, default=8, help="K probe batches (the same at every checkpoint)")
+    an.add_argument("--batch-size", type=_positive_int, default=32, help="probe batch size (samples)")
+    an.add_argument("--full-batch-size", type=_positive_int, default=1024, help="chunk size for the full-data gradient")
+    an.add_argument("--no-full-batch", action="store_true", help="skip the full-data gradient (the 'full' rows)")
+    an.add_argument("--per-tensor", action="store_true", help="also per-tensor rows (per_tensor.csv) and a heatmap")
+    an.add_argument("--heatmap", choices=("cos", "rsi"), default="cos", help="quantity of the per-tensor heatmap")
+    an.add_argument("--key-prefix", default=None, help="checkpoint key prefix to read as the model's names, when several fit (e.g. 'ema.')")
+    an.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    an.add_argument("--seed", type=int, default=0, help="seed of the probe draw and of dropout in --train-mode")
+    an.add_argument("--backend", choices=BACKENDS, default="auto", help="kernel backend")
+    an.add_argument("--quiet", action="store_true", help="no progress bar")
+    an.add_argument("--debug", action="store_true", help="show the traceback of errors")
     an.set_defaults(func=_cmd_analyze)
 
     from .bench import add_arguments
@@ -267,8 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .analyze import AnalysisError
+    from .checkpoints import CheckpointError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, AnalysisError, CheckpointError, FileNotFoundError) as exc:
+        if getattr(args, "debug", False) or os.environ.get("PATHGEOM_DEBUG"):
+            raise
+        hint = " (--debug shows the traceback)" if hasattr(args, "debug") else ""
+        print(f"pathgeom {args.command}: error: {exc}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -366,6 +366,9 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
     lr_rows = [r for r in records if r["kind"] == "minibatch" and r["lr"] is not None]
     if lr_rows and comparable:
         ax.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], "r--", lw=1.3, label="learning rate used")
+    elif not lr_rows and any(r["lr"] is not None for r in records):  # post-hoc analysis: the checkpoints' learning rates
+        lr_at = sorted({r["step"]: r["lr"] for r in records if r["lr"] is not None}.items())
+        ax.plot([s for s, _ in lr_at], [v for _, v in lr_at], "r--", lw=1.3, label="learning rate (checkpoints)")
     mb = {r["step"]: r for r in records if r["kind"] == "minibatch" and r["sample"] == 0}
     up = [r for r in records if r["kind"] == "update" and r["step"] in mb and mb[r["step"]]["b"]]
     if up:

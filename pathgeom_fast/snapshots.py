@@ -1,19 +1,19 @@
-"""Snapshots of a path (safetensors, never unpickled) and their post-hoc analysis.
+"""Snapshots of a path (safetensors, never unpickled).
 
 ``SnapshotRecorder`` saves the trainable parameters on a schedule as
-``DIR/step_00000120.safetensors`` (metadata: step, lr). ``analyze_snapshots`` loads each one
-into a model and measures, against the last snapshot or a given reference, K minibatch
-gradients and the full-batch gradient at every snapshot.
+``DIR/step_00000120.safetensors`` (metadata: step, lr). Their post-hoc analysis (and that of
+other libraries' checkpoints) lives in :mod:`pathgeom_fast.analyze`; ``analyze_snapshots`` is
+re-exported here for code written against this module.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
+from .analyze import analyze_snapshots  # noqa: F401  (moved to analyze; name kept here)
 from .checkpoints import (  # noqa: F401  (the snapshot I/O lives in checkpoints; names kept here)
     Reference,
     list_snapshots,
@@ -23,7 +23,6 @@ from .checkpoints import (  # noqa: F401  (the snapshot I/O lives in checkpoints
     snapshot_meta,
     snapshot_path,
 )
-from .tracker import PathTracker
 
 Tensor = torch.Tensor
 
@@ -44,49 +43,3 @@ class SnapshotRecorder:
             save_snapshot(self.model, path, step, lr)
             return path
         return None
-
-
-def analyze_snapshots(
-    directory: str,
-    model: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, Any], Tensor],
-    probe_batches: Sequence[Any],
-    full_batch: Iterable[Any] | None = None,
-    reference: str | None = None,
-    backend: str = "auto",
-    per_tensor: bool = False,
-    progress: bool = True,
-) -> tuple[list[dict], list[dict]]:
-    """Rows (as PathTracker.records) for every snapshot in ``directory``.
-
-    ``reference``: a safetensors path; default: the last snapshot of the directory.
-    Works on sharded (FSDP2) models too: each rank reads its slices of every snapshot.
-    Returns (records, per_tensor_records).
-    """
-    snaps = list_snapshots(directory)
-    ref_path = reference or snaps[-1][1]
-    ref = Reference.from_file(model, ref_path)
-    tracker = PathTracker(
-        model, ref, None, loss_fn=loss_fn, probe_batches=probe_batches, probe_every=1,
-        full_batch=full_batch, per_tensor=per_tensor, update="off", backend=backend,
-    )
-    from tqdm.auto import tqdm
-
-    for step, path in tqdm(snaps, desc="snapshots", disable=not progress):
-        meta = snapshot_meta(path)
-        state = Reference.from_file(model, path)  # sharded models read only their slices
-        with torch.no_grad():
-            for p, t in zip(tracker.params, state.tensors):
-                p.copy_(t)
-        for p in tracker.params:
-            p.grad = None
-        # the "minibatch" row here is the first probe batch's gradient (sharding-aware)
-        for p, g in zip(tracker.params, tracker._one_grad(probe_batches[0])):
-            p.grad = g
-        lr = float(meta["lr"]) if meta.get("lr") else None
-        tracker._lr = lambda lr=lr: lr  # snapshots carry their own lr
-        tracker.measure(step)
-        tracker.after_step()
-    for p in tracker.params:
-        p.grad = None
-    return tracker.records, tracker.per_tensor_records
