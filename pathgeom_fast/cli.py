@@ -94,7 +94,7 @@ def _cmd_demo(args) -> int:
             threads=args.threads, device=args.device, seed=args.seed, backend=args.backend, progress=not args.quiet,
         )
     except ValueError as exc:
-        raise SystemExit(f"pathgeom demo: {exc}") from None
+        raise UsageError(str(exc)) from exc
     summary = run_demo(cfg)
     if not _is_rank0():
         return 0
@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-size", type=_positive_int, default=None,
                       help="training examples (digits: first N of 1797; lm: N windows, default 512)")
     demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="CPU threads (default: torch's, or 1 when the machine's load average is already at or above its "
-                      "core count: spin-waiting OpenMP threads are then several times slower)")
+                      help="CPU threads (default: torch's, capped at the cores the 1-minute load average leaves free, at "
+                      "least 1: on a shared machine spin-waiting OpenMP threads are several times slower than one)")
     demo.add_argument("--device", default=d.device, help="cpu or cuda")
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--backend", choices=BACKENDS, default=d.backend, help="kernel backend")

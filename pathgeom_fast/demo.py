@@ -79,7 +79,7 @@ class DemoConfig:
     depth: int | None = None
     context: int | None = None
     train_size: int | None = None
-    threads: int | None = None  # None: torch's default, or 1 when the machine is busier than its cores
+    threads: int | None = None  # None: torch's default, capped at the cores the load average leaves free
     device: str = "cpu"
     seed: int = 0
     backend: str = "auto"
@@ -306,19 +306,18 @@ def _init_distributed(cfg: DemoConfig) -> bool:
 
 
 def choose_threads(cfg: DemoConfig) -> int:
-    """CPU threads for both runs (the same in both: a matmul's rounding can depend on the count).
+    """CPU threads for all runs (the same in each: a matmul's rounding can depend on the count).
 
-    With ``threads=None``: torch's default, except on a machine already busier than its cores
-    (1-minute load average >= cores), where OpenMP threads that spin-wait for each other lose
-    more than they gain, and one thread per process is several times faster."""
+    With ``threads=None``: torch's default, capped at the cores left free by the machine's
+    1-minute load average (at least 1). On a shared machine, OpenMP threads that spin-wait for
+    a busy core are several times slower than one thread per process (measured on 2 cores)."""
     if cfg.threads is not None:
         return cfg.threads
     n = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
+    load = _load()
+    if load is None:
         return n
-    return 1 if n > 1 and load >= (os.cpu_count() or n) else n
+    return max(1, min(n, int((os.cpu_count() or n) - load)))
 
 
 def _load() -> float | None:
@@ -340,6 +339,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     writer_rank = _init_distributed(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     torch.use_deterministic_algorithms(True)
+    load_at_start = _load()
     threads = choose_threads(cfg) if cfg.device == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -423,7 +423,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "seconds_by_run": seconds,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "threads": threads,
-        "load_average_at_start": _load(),
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": _load(),
         "seconds": time.perf_counter() - t0,
     }
     title = (f"{cfg.task}: {spec.describe(cfg.sizes)}, D={numel:,}; {cfg.optimizer}, lr {cfg.lr:g} {cfg.schedule}"

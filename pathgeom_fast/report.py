@@ -9,8 +9,13 @@
   path ("overall"), leaving out the last ``tail_fraction`` (default 10 %) of the steps, where
   x_t is so close to x* that c -> 0 makes the ratios ill-conditioned (the per-step entries
   keep every step); and the chance scale 1/sqrt(D) of a cosine in D dimensions.
-* ``geometry.png``: RSI and EB quantile bands along training, eta* against the learning rate
-  actually used, and cos against the +-1/sqrt(D) band.
+  The summary also holds ``lagged`` (the lagged orthogonal cosine by lag, anchors whose both
+  ends lie in the body), ``path`` (the path's own mean contraction of ||x - x*||^2 per step),
+  ``step_size`` (the step taken per unit gradient ||u|| / ||g||, and eta* against it and
+  against lr) and ``by_reference`` (overall, steps and path for every reference).
+* ``geometry.png``: six panels (see :func:`plot`).
+* ``findings.md`` (``write_report(..., findings=True)``): the paper's claims checked against
+  the summary (:mod:`pathgeom_fast.findings`).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def test_lm_data_is_the_shipped_text_shifted_by_one():
         tasks.lm_data(n=10**9)
 
 
-def test_config_takes_the_task_defaults_and_checks_options():
+def test_config_takes_the_task_defaults_and_checks_options(capsys):
     lm = demo.DemoConfig(task="lm")
     assert (lm.optimizer, lm.clip_grad_norm, lm.weight_decay) == ("adam-l2", 0.25, 1e-5)
     assert demo.DemoConfig(task="lm", optimizer="nesterov", clip_grad_norm=0).optimizer == "nesterov"
@@ -73,8 +73,11 @@ def test_config_takes_the_task_defaults_and_checks_options():
         demo.DemoConfig(task="lm", model="cnn")
     with pytest.raises(ValueError, match="--optimizer must be one of"):
         demo.DemoConfig(optimizer="lion")
-    with pytest.raises(SystemExit, match="--lags must be"):
+    with pytest.raises(SystemExit):
         cli.main(["demo", "--lags", "1,x", "--out", "unused"])
+    assert "--lags must be comma-separated positive integers" in capsys.readouterr().err
+    assert cli.main(["demo", "--task", "lm", "--model", "cnn", "--out", "unused"]) == 2
+    assert "--model 'cnn' and --task 'lm' disagree" in capsys.readouterr().err
     opt = demo.make_optimizer(demo.DemoConfig(optimizer="adam-l2", weight_decay=0.1), [torch.nn.Parameter(torch.ones(2))])
     assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == 0.1
     opt = demo.make_optimizer(demo.DemoConfig(optimizer="nesterov"), [torch.nn.Parameter(torch.ones(2))])
