@@ -25,7 +25,28 @@ def probe_summary(gs, x, r) -> dict[str, float]:
     per = [geo(g, x, r) for g in gs]
     out = {k: statistics.median(p[k] for p in per) for k in ("rsi", "eb", "cos", "eta_star")}
     out.update(rsi_min=min(p["rsi"] for p in per), cos_min=min(p["cos"] for p in per), eb_max=max(p["eb"] for p in per))
+    out["_eb_range"] = (min(p["eb"] for p in per), max(p["eb"] for p in per))
     return out
+
+
+def assert_metrics(got, prefix: str, want: dict, what: str, rel: float = 1e-5) -> None:
+    """got[prefix + k] against want[k] (from geo/probe_summary) within DESIGN.md's error model:
+    |a_err| <= rel sqrt(b c) and b, c relative, i.e. rsi within rel * EB, cos within rel,
+    eta* within rel / EB, EB relative (plus rel times the value)."""
+    lo, hi = want.get("_eb_range", (want["eb"], want["eb"]))
+    for k, v in want.items():
+        if k.startswith("_"):
+            continue
+        g = got[prefix + k]
+        if k.startswith("rsi"):
+            tol = rel * (abs(v) + hi)
+        elif k.startswith("cos"):
+            tol = rel * (abs(v) + 1)
+        elif k.startswith("eta"):
+            tol = rel * (abs(v) + 1 / lo)
+        else:
+            tol = rel * abs(v)
+        assert abs(g - v) <= tol, f"{what} {prefix}{k}: {g!r} vs fp64 {v!r} (tolerance {tol:.2e})"
 
 
 def perturbed_reference(model, path, seed=0, scale=0.05) -> torch.Tensor:

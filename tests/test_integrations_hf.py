@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from integ_helpers import Warnings, assert_close, flat, geo, grad_of, perturbed_reference, probe_summary
+from integ_helpers import Warnings, assert_metrics, flat, geo, grad_of, perturbed_reference, probe_summary
 
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install 'pathgeom_fast[hf]'")
 
@@ -113,21 +113,17 @@ def test_trainer_logs_intact_and_pathgeom_logged_every_measured_step(tmp_path, m
     final = flat(every1.model.parameters())
     for t, (h, (x, g, probes, full)) in enumerate(zip(pathgeom_entries(every1), captured)):
         assert math.sqrt(float(g @ g)) > 0.5  # clipping was active: a post-clip measurement would differ
-        for k, v in geo(g, x, xstar).items():
-            assert_close(h[f"pathgeom/{k}"], v, f"step {t} {k}")
+        assert_metrics(h, "pathgeom/", geo(g, x, xstar), f"step {t}")
         x_next = captured[t + 1][0] if t + 1 < len(captured) else final
-        for k, v in geo(x - x_next, x, xstar).items():  # the update AdamW took
-            assert_close(h[f"pathgeom/update_{k}"], v, f"step {t} update {k}", rel=1e-4)
+        assert_metrics(h, "pathgeom/update_", geo(x - x_next, x, xstar), f"step {t}", rel=1e-4)  # the update AdamW took
         if t % 3 == 0:
-            for k, v in probe_summary(probes, x, xstar).items():
-                assert_close(h[f"pathgeom/probe_{k}"], v, f"step {t} probe {k}")
-            for k, v in geo(full, x, xstar).items():
-                assert_close(h[f"pathgeom/full_{k}"], v, f"step {t} full {k}")
+            assert_metrics(h, "pathgeom/probe_", probe_summary(probes, x, xstar), f"step {t}")
+            assert_metrics(h, "pathgeom/full_", geo(full, x, xstar), f"step {t}")
         else:
             assert "pathgeom/probe_rsi" not in h and "pathgeom/full_rsi" not in h
         i = names.index("transformer.h.0.attn.c_attn.weight")
         sl = slice(sum(sizes[:i]), sum(sizes[: i + 1]))
-        assert_close(h["pathgeom/tensor/transformer.h.0.attn.c_attn.weight/rsi"], geo(g[sl], x[sl], xstar[sl])["rsi"], "per tensor")
+        assert_metrics(h, "pathgeom/tensor/transformer.h.0.attn.c_attn.weight/", geo(g[sl], x[sl], xstar[sl]), f"step {t}")
     assert sum(k.startswith("pathgeom/tensor/") for k in pathgeom_entries(every1)[0]) == 4 * len(names)
     for h in pathgeom_entries(every2):
         same = next(e for e in pathgeom_entries(every1) if e["step"] == h["step"])  # the same path, measured alike

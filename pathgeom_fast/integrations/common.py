@@ -489,7 +489,7 @@ class StepMeasurer:
             self._expected = by_rank[rank] if world > 1 and len(by_rank) == world else self.trajectory["losses"]
         return self._expected
 
-    def _host(self, tensors: list[Tensor]) -> list[float]:
+    def to_host(self, tensors: list[Tensor]) -> list[float]:
         """``tensors`` (0-dim) and the pending losses to the host in one transfer per device;
         then the loss-drift check. Returns the values of ``tensors``."""
         steps = sorted(self._pending_losses)
@@ -512,7 +512,7 @@ class StepMeasurer:
     def check_losses(self) -> None:
         """Copy the pending losses to the host (one transfer) and check them against run 1's."""
         if self._pending_losses:
-            self._host([])
+            self.to_host([])
         else:
             self._check_drift()
 
@@ -588,7 +588,7 @@ class StepMeasurer:
         :meth:`tensor_scalars`): one device-to-host copy, together with the losses kept since the
         last read, which are then checked against run 1's."""
         tens = self.tensor_scalars(prefix)
-        vals = self._host(list(tens.values()))
+        vals = self.to_host(list(tens.values()))
         return dict(zip(tens, vals))
 
     @property

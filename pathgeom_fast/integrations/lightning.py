@@ -9,11 +9,16 @@
 
 **Logging.** ``pathgeom/rsi``, ``pathgeom/eb``, ``pathgeom/cos``, ``pathgeom/eta_star`` (and
 ``pathgeom/update_*``, ``pathgeom/probe_*``, ``pathgeom/full_*``, per tensor
-``pathgeom/tensor/<name>/*``) go through ``LightningModule.log_dict`` as device tensors after
-each measured optimizer step: nothing is copied to the host until Lightning writes its logger,
-which it does every ``log_every_n_steps`` steps like every other metric (set
-``log_every_n_steps=every`` to get every measured step in the logger; all rows are in
-``callback.measurer.records``).
+``pathgeom/tensor/<name>/*``) of every measured optimizer step t are written to the trainer's
+loggers under step t (Lightning's own logger step), and nothing else: the scalars stay on the
+device as tensors until Lightning writes its own metrics (every ``log_every_n_steps`` steps, at
+the end of an epoch and of training); then all of them since the last write are copied to the
+host at once (one transfer, together with the step losses) and written, each under its own
+step, by ``logger.log_metrics`` like ``LearningRateMonitor`` does. (``LightningModule.log``
+is not used: within an epoch Lightning writes a step metric again at every later logging
+step until it is logged anew, which would repeat stale values at the steps not measured.)
+``callback.latest`` holds the last written scalars; all rows are in
+``callback.measurer.records``.
 
 **Before clipping.** The gradient is measured in ``on_before_optimizer_step``, which Lightning
 calls once the gradients are accumulated (and unscaled, with AMP) and **before** gradient
@@ -26,7 +31,7 @@ hands to ``on_train_batch_end`` (``outputs["loss"]``, already divided by
 
 **Checks.** The reference file is checked when the callback is built (format, dtypes) and key by
 key against the module in ``on_fit_start``, before any training step. Run 2's losses are
-compared with run 1's whenever Lightning writes its logger and at the end (a warning names the
+compared with run 1's whenever the scalars are written and at the end (a warning names the
 first step that differs). At the end of ``fit`` run 1 writes x_T and its trajectory; run 2
 computes ``final_distance_ratio`` = ||x_T - x*|| / ||x_0 - x*||, writes it to the trainer's
 loggers as ``pathgeom/final_distance_ratio`` and warns when it is not ~0. Probe and full
@@ -78,6 +83,8 @@ class PathGeometryCallback(pl.Callback):
         )
         self._loss = None
         self._step_at_start = None
+        self._unwritten: list = []  # (step, {tag: device tensor}) not yet written to the loggers
+        self.latest: dict[str, float] = {}
 
     @classmethod
     def record_reference(cls, path: str, **kwargs) -> "PathGeometryCallback":
@@ -110,14 +117,34 @@ class PathGeometryCallback(pl.Callback):
             return  # accumulating: no optimizer step in this batch
         self._loss = None
         if self.measurer.after_step():
-            pl_module.log_dict(self.measurer.tensor_scalars(), on_step=True, on_epoch=False, batch_size=1)
+            self._unwritten.append((self.measurer.measured_step, self.measurer.tensor_scalars()))
         if trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
-            self.measurer.check_losses()  # Lightning copies its metrics to the host at this step anyway
+            self._write(trainer)  # Lightning writes its own step metrics after this hook
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._write(trainer)
+
+    def _write(self, trainer, extra: dict | None = None) -> None:
+        """Copy the unwritten scalars (and the pending step losses) to the host in one transfer,
+        check the losses against run 1's, write every step's scalars under its own step."""
+        batches, self._unwritten = self._unwritten, []
+        flat = [v for _, d in batches for v in d.values()]
+        values = iter(self.measurer.to_host(flat))
+        rows = [(step, {k: next(values) for k in d}) for step, d in batches]
+        if extra:
+            rows.append(extra)
+        if rows:
+            self.latest = dict(rows[-1][1])
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            for step, metrics in rows:
+                logger.log_metrics(metrics, step=step)
 
     def on_train_end(self, trainer, pl_module):
         if self.measurer.finished or self.measurer._last_step is None:
             return
+        self._write(trainer)
         ratio = self.measurer.finish(pl_module)
-        if ratio is not None and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"pathgeom/final_distance_ratio": ratio}, step=trainer.global_step)
+        if ratio is not None:
+            self._write(trainer, extra=(trainer.global_step, {"pathgeom/final_distance_ratio": ratio}))
