@@ -99,7 +99,7 @@ def _train(geo_m, lr=0.1, steps=12, snapshot=None):
         i = (step * 8) % 40
         loss = F.cross_entropy(model(X[i : i + 8]), Y[i : i + 8])
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         with geo_m.step(model, opt, step, loss):
             opt.step()
         opt.zero_grad()

@@ -57,7 +57,7 @@ class Module(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = F.cross_entropy(self.net(batch[0]), batch[1])
-        self.micro_losses.append(float(loss))
+        self.micro_losses.append(float(loss.detach()))
         self.log("train_loss", loss, on_step=True, on_epoch=False)
         return loss
 
