@@ -88,7 +88,31 @@ def test_plain_loop_minibatch_update_probes_full_wd_per_tensor_match_fp64(tmp_pa
     assert [r["step"] for r in rows] == [0, 2, 4, 6]
 
 
-def _train(geo_m, lr=0.1, steps=12, snapshot=None):
+def test_measured_before_clipping_with_plain_sgd(tmp_path):
+    """The gradient before clipping, the update after it: plain SGD's update is not lr * g then."""
+    torch.manual_seed(0)
+    model = mlp()
+    path = tmp_path / "xstar.safetensors"
+    xstar = perturbed_reference(model, path)
+    X, Y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    geo_m = StepMeasurer(str(path), every=1, grad_clipping=True, final_rtol=None)
+    for step in range(3):
+        F.cross_entropy(model(X[:16]), Y[:16]).backward()
+        x, g = flat(model.parameters()), flat(p.grad for p in model.parameters())
+        geo_m.before_step(model, opt, step)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        assert float(norm) > 0.05  # clipping is active
+        opt.step()
+        geo_m.after_step()
+        opt.zero_grad()
+        s = geo_m.scalars()
+        assert_metrics(s, "pathgeom/", geo(g, x, xstar), f"step {step}")
+        assert_metrics(s, "pathgeom/update_", geo(x - flat(model.parameters()), x, xstar), f"step {step}", rel=1e-4)
+    assert geo_m.tracker.update_mode == "copy"
+
+
+def _train(geo_m, lr=0.1, steps=12):
     """One seeded run (SGD with momentum, fixed data order) measured/recorded by geo_m."""
     torch.manual_seed(0)
     model = mlp()
