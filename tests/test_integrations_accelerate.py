@@ -4,7 +4,6 @@ single-process numbers."""
 
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -133,6 +133,9 @@ def test_lightning_two_run_protocol(tmp_path):
     assert not w.matching("PathGeometryCallback"), w.matching("")
     assert cb.final_distance_ratio == 0.0
     assert [m["pathgeom/final_distance_ratio"] for _, m in logger.rows if "pathgeom/final_distance_ratio" in m] == [0.0]
+    # the tracker's rows carry the same loss (the last micro-batch is added after the measurement)
+    rows = [r for r in cb.measurer.records if r["kind"] == "minibatch"]
+    assert [(r["step"], r["loss"]) for r in rows] == [(t, traj["losses"][str(t)]) for t in (0, 2, 4)]
 
     cb = PathGeometryCallback(ref, every=2)
     with Warnings() as w:

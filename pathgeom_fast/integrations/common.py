@@ -426,9 +426,9 @@ class StepMeasurer:
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"{self.framework}: steps must increase, got {step} after {self._last_step}")
         model, optimizer = unwrap_model(model), _unwrap_optimizer(optimizer)
+        self.check_model(model)  # a bad reference fails here, before anything is recorded
         self._seen_step = self._last_step = step
         self._model, self._optimizer = model, optimizer
-        self.check_model(model)
         if loss is not None:
             self._keep_loss(step, loss)
         if self.snapshot_dir is not None:
