@@ -145,11 +145,27 @@ def test_lightning_two_run_protocol(tmp_path):
     assert cb.final_distance_ratio > 0.1
 
 
+def test_lightning_checkpoint_as_reference(tmp_path):
+    """x* straight from the .ckpt that Lightning's ModelCheckpoint wrote at the end of run 1."""
+    torch.manual_seed(0)
+    module1 = Module()
+    trainer = pl.Trainer(
+        max_steps=6, accumulate_grad_batches=2, gradient_clip_val=0.1, logger=False, default_root_dir=str(tmp_path),
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(module1, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=8))
+    (ckpt,) = list(tmp_path.rglob("*.ckpt"))
+    xstar = flat(module1.parameters())
+    cb = PathGeometryCallback(str(ckpt), every=1)  # read with weights_only=True, "net." keys matched to the module
+    module, logger = fit([cb])
+    rows = [m for _, m in logger.rows if "pathgeom/rsi" in m]
+    assert len(rows) == len(module.captured) == 6
+    for t, (m, (x, g, _, _)) in enumerate(zip(rows, module.captured)):
+        assert_metrics(m, "pathgeom/", geo(g, x, xstar), f"step {t}")
+    assert cb.final_distance_ratio == 0.0  # the same run, so it ends at the checkpoint
+
+
 def test_lightning_bad_reference_fails_before_training(tmp_path):
-    ckpt = tmp_path / "epoch=0.ckpt"
-    torch.save({"state_dict": Module().state_dict()}, ckpt)
-    with pytest.raises(CheckpointError, match=rf"{ckpt} is a torch.save \(pickle\) checkpoint"):
-        PathGeometryCallback(str(ckpt))
     from safetensors.torch import save_file
 
     bad = tmp_path / "other.safetensors"

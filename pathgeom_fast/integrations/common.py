@@ -57,7 +57,7 @@ from ..checkpoints import (
     CheckpointError,
     Reference,
     check_reference_file,
-    check_state_against_model,
+    match_keys,
     save_snapshot,
     trainable,
 )
@@ -129,31 +129,6 @@ def read_trajectory(path: str) -> dict[str, Any]:
     return out
 
 
-def _is_torch_pickle(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"  # torch.save zip archive, or a bare pickle
-
-
-def check_reference_path(path: str) -> dict:
-    """:func:`~pathgeom_fast.checkpoints.check_reference_file` with a pointed message for the
-    usual wrong file: a ``torch.save`` checkpoint (Lightning ``.ckpt``, ``pytorch_model.bin``)."""
-    try:
-        return check_reference_file(path)
-    except CheckpointError as exc:
-        if _is_torch_pickle(path):
-            raise CheckpointError(
-                f"reference file {path} is a torch.save (pickle) checkpoint, e.g. a Lightning .ckpt or a "
-                "pytorch_model.bin, not a safetensors snapshot; pathgeom_fast never unpickles. Load it into the "
-                "model and write x* with pathgeom_fast.snapshots.save_snapshot(model, 'xstar.safetensors', step), "
-                "or record run 1 with record_to='xstar.safetensors'"
-            ) from None
-        raise
-
-
 def _reference_specs(reference) -> dict[str, str | Reference]:
     """name -> path or Reference, in order (the first is the primary reference)."""
     if reference is None:
@@ -203,13 +178,15 @@ class StepMeasurer:
     """Measure every ``every`` optimizer steps against x* (run 2), or record x* (run 1).
 
     Args:
-        reference: x* for run 2: a safetensors snapshot path (written by run 1's
-            ``record_to=``, ``pathgeom demo`` or ``save_snapshot``), a :class:`Reference`, or a
-            mapping name -> path/Reference (the first is primary; the others' scalars get an
-            ``@name`` suffix). A file is checked at once (readable safetensors, floating-point
-            tensors; a torch pickle such as a Lightning ``.ckpt`` is named as such), and key by
-            key against the model (missing keys, keys the model does not have, shapes, dtypes,
-            lower precision) as soon as the model is known: ``model=`` here, the framework's
+        reference: x* for run 2: a checkpoint path (our safetensors snapshot written by run 1's
+            ``record_to=``, ``pathgeom demo`` or ``save_snapshot``; or any format
+            ``pathgeom analyze`` reads: a Lightning ``.ckpt``, a ``torch.save`` state dict (read
+            with weights_only=True), a Hugging Face folder, a DCP folder), a :class:`Reference`,
+            or a mapping name -> path/Reference (the first is primary; the others' scalars get an
+            ``@name`` suffix). A file is checked at once (a readable checkpoint with
+            floating-point tensors), and key by key against the model (prefixes such as a
+            Lightning module's attribute matched as in ``pathgeom analyze``; missing keys, keys
+            the model does not have, shapes, dtypes, lower precision) as soon as the model is known: ``model=`` here, the framework's
             set-up hook, or at the latest the first step, before anything is measured.
         every: measure at optimizer steps divisible by this.
         record_to: run 1: at :meth:`finish`, write x_T here (safetensors) and the loss of every
@@ -281,7 +258,7 @@ class StepMeasurer:
         self.refs = _reference_specs(reference)
         if not self.refs and record_to is None:
             raise ValueError("give reference= (measure against x*, run 2) or record_to= (write x*, run 1), or both")
-        self._headers = {name: check_reference_path(r) for name, r in self.refs.items() if isinstance(r, str)}
+        self._headers = {name: check_reference_file(r) for name, r in self.refs.items() if isinstance(r, str)}
         self.record_to = os.fspath(record_to) if record_to is not None else None
         if self.record_to is not None and not self.record_to.endswith(".safetensors"):
             raise ValueError(f"record_to must name a .safetensors file, got {self.record_to!r}")
@@ -357,7 +334,8 @@ class StepMeasurer:
             return
         for name, r in self.refs.items():
             if isinstance(r, str):
-                check_state_against_model(model, self._headers[name], f"file {r}")
+                # key prefixes (a Lightning module's attribute, DDP's module.) matched as analyze does
+                match_keys(model, self._headers[name], f"file {r}", role="reference")
             else:
                 r.check_matches(model)
         self._checked = model
