@@ -1,7 +1,8 @@
 """Measure the geometry inside a Hugging Face Trainer run (python examples/hf_trainer.py).
 
-A 2-layer GPT-2 built locally (nothing downloaded), random tokens, gradient accumulation
-and clipping; run 1 gives x*, run 2 measures with one line: PathGeometryCallback.attach.
+A 2-layer GPT-2 built locally (nothing downloaded), random tokens, gradient accumulation,
+clipping and logging every 5 steps. Run 1 records x* with one line, run 2 measures against
+it with one line (probes and the full batch every 5 steps); the Trainer's own logs are intact.
 """
 
 import os
@@ -12,7 +13,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from pathgeom_fast.integrations.hf import PathGeometryCallback
-from pathgeom_fast.snapshots import save_snapshot
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 out = tempfile.mkdtemp()
@@ -20,7 +20,7 @@ ids = torch.randint(0, 128, (256, 32), generator=torch.Generator().manual_seed(0
 train_set = [{"input_ids": t, "labels": t} for t in ids]
 args = TrainingArguments(
     output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=steps,
-    max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    max_grad_norm=1.0, logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
 )
 
 
@@ -30,14 +30,20 @@ def make_trainer():
     return Trainer(model=model, args=args, train_dataset=train_set)
 
 
-run1 = make_trainer()
-run1.train()
 xstar = os.path.join(out, "xstar.safetensors")
-save_snapshot(run1.model, xstar, steps)
+run1 = make_trainer()
+PathGeometryCallback.record_reference(run1, xstar)  # run 1: writes x* and its loss trajectory at the end
+run1.train()
 
 trainer = make_trainer()
-PathGeometryCallback.attach(trainer, reference=xstar, every=1)  # the one line
+PathGeometryCallback.attach(  # run 2: the one line
+    trainer, reference=xstar, every=1,
+    probe_batches=[train_set[i : i + 8] for i in (0, 64, 128)], full_batch=[train_set[i : i + 64] for i in range(0, 256, 64)],
+    probe_every=5,
+)
 trainer.train()
 for entry in trainer.state.log_history:
-    if "pathgeom/rsi" in entry:
+    if any(k.startswith("pathgeom/") for k in entry):
         print(entry["step"], {k: round(v, 4) for k, v in entry.items() if k.startswith("pathgeom/")})
+    elif "loss" in entry:
+        print(entry["step"], "Trainer's own log:", {k: entry[k] for k in ("loss", "grad_norm", "learning_rate")})

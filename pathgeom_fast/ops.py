@@ -19,7 +19,7 @@ that code calling ``torch.ops.pathgeom`` keeps working.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import ItemsView, Iterable, KeysView, Mapping, ValuesView
 from typing import Any
 
 import torch
@@ -174,7 +174,8 @@ def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
     """A list from a list, tuple, generator, nn.Module (its parameters) or a single tensor.
 
     Elements are not inspected here (that costs a Python loop per call); the kernels check
-    them, and a failing call is explained by :func:`_validate`.
+    them, and a failing call is explained by :func:`_validate`. Mappings and their views are
+    refused: their order is the mapping's, not the parameters' (see :func:`_refs_by_name`).
     """
     if type(obj) is list:
         return obj
@@ -184,12 +185,44 @@ def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
         return [obj]
     if isinstance(obj, Mapping):
         raise TypeError(
-            f"{name} is a {type(obj).__name__}; pass a sequence of tensors in the same order as the "
-            "other arguments (e.g. list(state_dict.values()) after checking the keys match)"
+            f"{name} is a {type(obj).__name__}; a mapping is matched by name only when it is passed as refs "
+            "with the module as params (secant_stats(grads, model, state)); otherwise pass a list of tensors "
+            "in the order of params"
+        )
+    if isinstance(obj, (KeysView, ValuesView, ItemsView)):
+        raise TypeError(
+            f"{name} is a {type(obj).__name__} (a view of a mapping): its order is the mapping's, not the "
+            "parameters' (a safetensors file loads in sorted-key order, e.g. 0, 1, 10, 11, 2, ...), which would "
+            "silently pair tensors of different layers. Pass the mapping itself as refs with the module as "
+            "params (secant_stats(grads, model, state)), or a list in the order of the parameters"
         )
     if isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
         raise TypeError(f"{name} must be a sequence of tensors or an nn.Module, got {type(obj).__name__}")
     return list(obj)
+
+
+def _refs_by_name(refs: Any, params: Any, op: str) -> Any:
+    """refs given as a mapping {parameter name: tensor} with params a module: the tensors in the
+    order of ``params.parameters()``, after the checks of
+    :func:`pathgeom_fast.checkpoints.check_state_against_model` (missing keys, keys the module
+    does not have, shapes, non-float dtypes; a warning for lower precision). Other refs: as given."""
+    if not (isinstance(refs, Mapping) and isinstance(params, torch.nn.Module)):
+        return refs
+    from .checkpoints import CheckpointError, CheckpointKeyError, check_state_against_model
+
+    source = f"(the mapping passed as refs to pg.{op})"
+    for k, t in refs.items():
+        if not isinstance(t, Tensor):
+            raise CheckpointError(f"reference {source}: {k!r} is a {type(t).__name__}, not a tensor")
+    check_state_against_model(params, {k: (t.dtype, t.shape) for k, t in refs.items()}, source)
+    named = list(params.named_parameters())
+    frozen = [n for n, _ in named if n not in refs]  # the trainable ones were checked above
+    if frozen:
+        raise CheckpointKeyError(
+            f"reference {source} lacks {frozen[0]!r}, a parameter of the module that does not train; "
+            "params=module means every parameter: pass lists of the trainable parameters instead"
+        )
+    return [refs[n] for n, _ in named]
 
 
 def grads_of(module_or_params: Any) -> list[Tensor]:
@@ -277,6 +310,10 @@ def secant_stats(
         grads, params, refs: equal-length sequences (list, tuple, generator, or an
             ``nn.Module`` for its parameters) of float16/bfloat16/float32/float64 tensors on one
             device; triple i must have equal numel. DTensors are reduced over their mesh.
+            When ``params`` is a module, ``refs`` may be a mapping {parameter name: tensor}
+            (a state dict, ``safetensors.torch.load_file(...)``), matched by name and checked
+            (missing or unknown keys, shapes, dtypes raise naming the key). Mapping views
+            (``d.values()``) are refused: their order is not the parameters' order.
         per_tensor: return one row per tensor, shape [T, 3], instead of the total [3].
         weight_decay: measure g + weight_decay * x (coupled L2 weight decay) without a copy.
         backend: "auto", "cpu" (C++ kernel), "cuda" (CUDA kernel), "triton", or "torch".
@@ -285,9 +322,9 @@ def secant_stats(
     Returns:
         float64 tensor on the inputs' device; see ``pathgeom_fast.geometry`` for RSI, EB, ...
     """
+    refs = as_tensor_list(_refs_by_name(refs, params, "secant_stats"), "refs")
     grads = as_tensor_list(grads, "grads")
     params = as_tensor_list(params, "params")
-    refs = as_tensor_list(refs, "refs")
     return distributed.dispatch(
         "secant_stats", [grads], params, refs, per_tensor, float(weight_decay), backend, group, _run
     )
@@ -313,8 +350,8 @@ def secant_stats_multi(
     lists = [as_tensor_list(g, f"grads_lists[{k}]") for k, g in enumerate(grads_lists)]
     if not lists:
         raise ValueError("secant_stats_multi: grads_lists is empty; pass at least one gradient list")
+    refs = as_tensor_list(_refs_by_name(refs, params, "secant_stats_multi"), "refs")
     params = as_tensor_list(params, "params")
-    refs = as_tensor_list(refs, "refs")
     for k, g in enumerate(lists):
         if len(g) != len(params):
             raise ValueError(

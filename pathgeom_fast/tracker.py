@@ -253,6 +253,7 @@ class PathTracker:
         self._per_tensor_records: list[dict[str, Any]] = []
         self._blocks: list[_Block] = []
         self._last: dict[tuple[str, str], tuple[int, Tensor]] = {}
+        self._last_per_tensor: dict[tuple[str, str], tuple[int, Tensor]] = {}
         self._copy: list[Tensor] | None = None
         self._pending: dict[str, Any] | None = None
         self._drift_warned = False
@@ -307,6 +308,7 @@ class PathTracker:
     def _add_per_tensor(self, step: int, kind: str, ref: str, stats: Tensor, lr, loss) -> None:
         keys = [(step, kind, 0, ref, name) for name in self.names]
         self._blocks.append(_Block(stats.reshape(-1, 3), keys, lr, loss, per_tensor=True))
+        self._last_per_tensor[(kind, ref)] = (step, stats.reshape(-1, 3))
 
     def flush(self) -> list[dict[str, Any]]:
         """Turn the pending rows into Python numbers (one transfer per device) and return the new
@@ -355,10 +357,12 @@ class PathTracker:
         self.flush()
         return self._per_tensor_records
 
-    def last_stats(self) -> dict[tuple[str, str], tuple[int, Tensor]]:
+    def last_stats(self, per_tensor: bool = False) -> dict[tuple[str, str], tuple[int, Tensor]]:
         """{(kind, reference): (step, stats [n, 3] on the device)} of the latest rows of each kind,
-        without any transfer (for loggers that take tensors)."""
-        return dict(self._last)
+        without any transfer (for loggers that take tensors). ``per_tensor=True``: the latest
+        per-tensor stats instead ([T, 3], rows in the order of :attr:`names`; with ``per_tensor=True``
+        at construction)."""
+        return dict(self._last_per_tensor if per_tensor else self._last)
 
     # -- the measurement ----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from pathgeom_fast.tracker import Reference
 
 
 def test_roundtrip_and_listing(tmp_path):
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     rec = SnapshotRecorder(model, str(tmp_path), every=5)
     for step in range(12):
@@ -17,7 +18,12 @@ def test_roundtrip_and_listing(tmp_path):
     assert meta == {"step": "10", "lr": "0.5"}
     assert set(tensors) == {"weight", "bias"}
     ref = Reference.from_file(model, list_snapshots(str(tmp_path))[0][1])
-    assert torch.allclose(ref.tensors[0], model.weight.detach() - 1.1)
+    assert torch.allclose(ref.tensors[0], model.weight.detach() - 1.1, atol=1e-6)  # 11 float32 additions apart
+    rec.finish(12, lr=0.25)  # the final point is always saved
+    assert [s for s, _ in list_snapshots(str(tmp_path))] == [0, 5, 10, 12]
+    assert torch.equal(load_snapshot(list_snapshots(str(tmp_path))[-1][1])[0]["weight"], model.weight.detach())
+    rec.finish(12)  # not twice
+    assert rec.saved == [0, 5, 10, 12]
 
 
 def test_corrupt_and_missing_files(tmp_path):

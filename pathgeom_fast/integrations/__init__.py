@@ -1,6 +1,7 @@
-"""Measuring inside someone else's training loop, with one line.
+"""Measuring inside someone else's training loop, with one line per run of the two-run protocol.
 
-* ``StepMeasurer``: the shared implementation (plain PyTorch loops use it directly).
+* ``StepMeasurer``: the shared implementation; plain PyTorch and Accelerate loops use it directly
+  (``StepMeasurer.recorder(path)`` in run 1, ``StepMeasurer(reference=path)`` in run 2).
 * ``pathgeom_fast.integrations.hf.PathGeometryCallback``: Hugging Face ``Trainer``.
 * ``pathgeom_fast.integrations.lightning.PathGeometryCallback``: Lightning ``Trainer``.
 """

@@ -1,106 +1,429 @@
 """The one implementation behind the framework callbacks and the plain-loop hook.
 
-A :class:`StepMeasurer` decides on which optimizer steps to measure, builds the
-:class:`~pathgeom_fast.tracker.PathTracker` lazily once it sees the model and optimizer, saves
-snapshots for a later ``pathgeom analyze``, and turns rows into logging scalars. Plain loop::
+A :class:`StepMeasurer` follows an optimizer's steps, measures every ``every`` steps against
+the reference x* (a :class:`~pathgeom_fast.tracker.PathTracker` built once it sees the model
+and the optimizer), saves snapshots for a later ``pathgeom analyze``, keeps the loss of every
+step, and turns the measured statistics into logging scalars. The paper's two-run protocol
+in a plain loop, with the same loop for both runs::
 
     from pathgeom_fast.integrations import StepMeasurer
 
-    geo = StepMeasurer(reference="xstar.safetensors", every=10)
+    geo = StepMeasurer.recorder("run1/xstar.safetensors")              # run 1
+    geo = StepMeasurer(reference="run1/xstar.safetensors", every=10)   # run 2 (same seed, data)
     for step, (x, y) in enumerate(loader):
         loss = loss_fn(model(x), y)
         loss.backward()
         with geo.step(model, optimizer, step, loss):   # gradient before, update after
             optimizer.step()
         optimizer.zero_grad()
-        if geo.last:
+        if geo.measured:
             print(step, geo.scalars())   # {"pathgeom/rsi": ..., "pathgeom/eb": ..., ...}
+    geo.finish()   # run 1: writes x* and its loss trajectory; run 2: ||x_T - x*|| / ||x_0 - x*||
 
-Measure the gradient before clipping by calling ``geo.before_step(...)`` before
-``clip_grad_norm_`` and ``geo.after_step()`` after ``optimizer.step()``.
+Run 1 (``record_to=`` or :meth:`StepMeasurer.recorder`) writes, in :meth:`finish`, the final
+point x_T as a safetensors snapshot (``save_snapshot``) and beside it ``<name>.trajectory.json``
+with the loss of every optimizer step. Run 2 (``reference=``) reads that trajectory
+automatically and warns at the first step whose loss differs from run 1's (checked whenever
+values are read: :meth:`scalars`, :meth:`check_losses`, :meth:`finish`), and :meth:`finish`
+returns the final distance ratio ||x_T - x*|| / ||x_0 - x*||, warning when it is not ~0 (the
+run did not retrace run 1). The loss of a step is the one given to :meth:`before_step`: with
+gradient accumulation, the mean over the micro-batches of that optimizer step (the
+framework callbacks pass the loss the framework computed; see their docs).
+
+Measure the gradient before clipping by calling :meth:`before_step` before
+``clip_grad_norm_`` and :meth:`after_step` after ``optimizer.step()``; pass
+``grad_clipping=True`` then (plain SGD's update is otherwise derived from the measured,
+unclipped gradient).
+
+No synchronisation while training: statistics and losses stay on the device until they are
+read (:meth:`scalars`: one copy of the step's scalars and the pending losses together;
+:meth:`tensor_scalars` gives device tensors for loggers that take them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..checkpoints import Reference
+from ..batches import to_device
+from ..checkpoints import (
+    CheckpointError,
+    Reference,
+    check_reference_file,
+    match_keys,
+    save_snapshot,
+    trainable,
+)
 from ..snapshots import SnapshotRecorder
 from ..tracker import PathTracker
 
+Tensor = torch.Tensor
 KEYS = ("rsi", "eb", "cos", "eta_star")
+TRAJECTORY_FORMAT = "pathgeom-trajectory/1"
+#: pending losses are copied to the host in one transfer at least this often (memory bound)
+_MAX_PENDING_LOSSES = 1024
+
+__all__ = ["StepMeasurer", "trajectory_path", "read_trajectory", "unwrap_model"]
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers shared by the integrations
+# ------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose parameter names are those of x*: without DDP / DataParallel wrappers
+    (``module.``) and ``torch.compile`` (``_orig_mod.``)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _unwrap_optimizer(opt):
+    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` or a ``LightningOptimizer``."""
+    for attr in ("_optimizer", "optimizer"):
+        inner = getattr(opt, attr, None)
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+    return opt
+
+
+def _dist():
+    """(rank, world) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def trajectory_path(reference_path: str) -> str:
+    """Where run 1's loss trajectory sits beside x*: ``xstar.safetensors`` -> ``xstar.trajectory.json``."""
+    root, ext = os.path.splitext(reference_path)
+    return (root if ext == ".safetensors" else reference_path) + ".trajectory.json"
+
+
+def read_trajectory(path: str) -> dict[str, Any]:
+    """Read a trajectory written by run 1 (or the demo's ``trajectory.json``): a dict with
+    ``losses`` {step: loss} (int keys), and, when known, ``steps``, ``losses_by_rank``."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        losses = {int(k): float(v) for k, v in data["losses"].items()}
+        by_rank = [{int(k): float(v) for k, v in r.items()} for r in data.get("losses_by_rank", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"loss trajectory {path} is not readable ({type(exc).__name__}: {exc})") from exc
+    out = dict(data)
+    out.update(losses=losses, losses_by_rank=by_rank, path=path)
+    return out
+
+
+def _reference_specs(reference) -> dict[str, str | Reference]:
+    """name -> path or Reference, in order (the first is the primary reference)."""
+    if reference is None:
+        return {}
+    if isinstance(reference, (str, os.PathLike)):
+        return {"xstar": os.fspath(reference)}
+    if isinstance(reference, Reference):
+        return {reference.name: reference}
+    if isinstance(reference, Mapping):
+        items = list(reference.items())
+    elif isinstance(reference, Sequence):
+        items = [(r.name, r) if isinstance(r, Reference) else (None, r) for r in reference]
+        if any(n is None for n, _ in items):
+            raise TypeError("a list of references must hold Reference objects; name files in a mapping {name: path}")
+    else:
+        raise TypeError(
+            f"reference must be a safetensors path, a Reference, or a mapping name -> path/Reference, "
+            f"got {type(reference).__name__}"
+        )
+    out: dict[str, str | Reference] = {}
+    for name, r in items:
+        if name in out:
+            raise ValueError(f"two references are named {name!r}")
+        if isinstance(r, os.PathLike):
+            r = os.fspath(r)
+        if not isinstance(r, (str, Reference)):
+            raise TypeError(f"reference {name!r} is a {type(r).__name__}; give a safetensors path or a Reference")
+        out[str(name)] = r
+    if not out:
+        raise ValueError("reference mapping is empty")
+    return out
+
+
+def metric_tensors(stats: Tensor) -> dict[str, Tensor]:
+    """rsi, eb, cos, eta* of stats [..., 3] as tensors (no transfer), torch's rules for 0 and nan
+    (the same values as :func:`pathgeom_fast.tracker.metrics`)."""
+    a, b, c = stats.unbind(-1)
+    return {"rsi": a / c, "eb": torch.sqrt(b / c), "cos": a / torch.sqrt(b * c), "eta_star": a / b}
+
+
+# ------------------------------------------------------------------------------------------
+# StepMeasurer
+# ------------------------------------------------------------------------------------------
 
 
 class StepMeasurer:
-    """Measure every ``every`` optimizer steps against the reference x*.
+    """Measure every ``every`` optimizer steps against x* (run 2), or record x* (run 1).
 
     Args:
-        reference: safetensors file of x* (e.g. written by ``pathgeom demo``, a
-            ``SnapshotRecorder`` or ``pathgeom_fast.snapshots.save_snapshot`` at the end of run 1),
-            or a :class:`Reference`.
+        reference: x* for run 2: a checkpoint path (our safetensors snapshot written by run 1's
+            ``record_to=``, ``pathgeom demo`` or ``save_snapshot``; or any format
+            ``pathgeom analyze`` reads: a Lightning ``.ckpt``, a ``torch.save`` state dict (read
+            with weights_only=True), a Hugging Face folder, a DCP folder), a :class:`Reference`,
+            or a mapping name -> path/Reference (the first is primary; the others' scalars get an
+            ``@name`` suffix). A file is checked at once (a readable checkpoint with
+            floating-point tensors), and key by key against the model (prefixes such as a
+            Lightning module's attribute matched as in ``pathgeom analyze``; missing keys, keys
+            the model does not have, shapes, dtypes, lower precision) as soon as the model is known: ``model=`` here, the framework's
+            set-up hook, or at the latest the first step, before anything is measured.
         every: measure at optimizer steps divisible by this.
-        weight_decay, per_tensor, update, backend: as in :class:`PathTracker`.
-        snapshot_dir, snapshot_every: also save the model every ``snapshot_every`` steps.
+        record_to: run 1: at :meth:`finish`, write x_T here (safetensors) and the loss of every
+            step to ``trajectory_path(record_to)``. May be combined with ``reference``.
+        model: check the reference against this model now (optional).
+        loss_fn: ``loss_fn(model, batch) -> loss`` for the probe and full-batch gradients;
+            default :func:`pathgeom_fast.batches.default_loss` (dict batches: ``model(**batch).loss``,
+            Hugging Face style; ``(inputs, targets)``: the output's ``.loss`` or cross-entropy).
+        probe_batches, probe_every: K fixed batches measured every ``probe_every`` measured
+            steps' multiples (rows ``probe``, scalars: median over the K, ``probe_rsi_min``,
+            ``probe_cos_min``, ``probe_eb_max``); moved to the model's device.
+        full_batch: batches covering the training set: the full-batch gradient (``full_*``)
+            with the probes.
+        weight_decay: also g + wd * x (``minibatch_wd_*``, ``probe_wd_*``, ``full_wd_*``).
+        per_tensor: keep per-tensor rows and log them as ``pathgeom/tensor/<name>/<metric>``.
+        update: as in :class:`PathTracker` ("auto", "copy", "off").
+        grad_clipping: the gradient is clipped between :meth:`before_step` and the optimizer
+            step (the framework callbacks set it from their configuration).
+        backend: passed to :func:`pathgeom_fast.secant_stats`.
+        snapshot_dir, snapshot_every: save x_t every ``snapshot_every`` steps and, at
+            :meth:`finish`, the final point x_T.
+        expected_losses: run 1's losses {step: loss} to check this run against; "auto" (default)
+            reads ``trajectory_path(reference)`` (or the demo's ``trajectory.json``) when it
+            exists; None: no check.
+        drift_rtol: relative (and absolute) tolerance of that check.
+        final_rtol: :meth:`finish` warns when ||x_T - x*|| / ||x_0 - x*|| exceeds this
+            (None: no warning, e.g. for a reference that is not this run's end point).
     """
+
+    #: names the caller in messages (the callbacks set their own)
+    framework = "StepMeasurer"
+    #: what the recorded loss of a step is (written into the trajectory file)
+    loss_definition = "the loss passed to before_step/step for each optimizer step"
 
     def __init__(
         self,
-        reference: str | Reference,
+        reference: str | Reference | Mapping | None = None,
         every: int = 1,
         *,
+        record_to: str | None = None,
+        model: torch.nn.Module | None = None,
+        loss_fn=None,
+        probe_batches: Sequence[Any] | None = None,
+        probe_every: int = 0,
+        full_batch: Sequence[Any] | None = None,
         weight_decay: float | None = None,
         per_tensor: bool = False,
         update: str = "auto",
+        grad_clipping: bool = False,
         backend: str = "auto",
         snapshot_dir: str | None = None,
         snapshot_every: int = 0,
+        expected_losses: Mapping[int, float] | str | None = "auto",
+        drift_rtol: float = 1e-5,
+        final_rtol: float | None = 1e-4,
     ):
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        if isinstance(reference, str) and not os.path.isfile(reference):
-            raise FileNotFoundError(f"reference snapshot {reference} does not exist")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if probe_every < 0:
+            raise ValueError(f"probe_every must be >= 0, got {probe_every}")
+        if probe_every and not probe_batches and full_batch is None:
+            raise ValueError("probe_every is set but there are no probe_batches and no full_batch to measure")
+        if (probe_batches or full_batch is not None) and not probe_every:
+            raise ValueError("probe_batches/full_batch need probe_every >= 1 (measure them every probe_every steps)")
         if snapshot_dir is not None and snapshot_every < 1:
             raise ValueError("snapshot_dir needs snapshot_every >= 1")
-        self.reference = reference
+        if update not in ("auto", "copy", "off"):
+            raise ValueError(f"update must be 'auto', 'copy' or 'off', got {update!r}")
+        self.refs = _reference_specs(reference)
+        if not self.refs and record_to is None:
+            raise ValueError("give reference= (measure against x*, run 2) or record_to= (write x*, run 1), or both")
+        self._headers = {name: check_reference_file(r) for name, r in self.refs.items() if isinstance(r, str)}
+        self.record_to = os.fspath(record_to) if record_to is not None else None
+        if self.record_to is not None and not self.record_to.endswith(".safetensors"):
+            raise ValueError(f"record_to must name a .safetensors file, got {self.record_to!r}")
         self.every = every
-        self.kw = dict(weight_decay=weight_decay, per_tensor=per_tensor, update=update, backend=backend)
+        self.loss_fn = loss_fn
+        self.probe_batches = list(probe_batches or [])
+        self.probe_every = probe_every
+        self.full_batch = list(full_batch) if full_batch is not None else None
+        if self.full_batch is not None and not self.full_batch:
+            raise ValueError("full_batch is empty; pass the batches covering the training set, or None")
+        self.weight_decay = weight_decay
+        self.per_tensor = per_tensor
+        self.update = update
+        self.grad_clipping = grad_clipping
+        self.backend = backend
         self.snapshot_dir, self.snapshot_every = snapshot_dir, snapshot_every
+        self.drift_rtol = drift_rtol
+        self.final_rtol = final_rtol
+        self.trajectory: dict[str, Any] | None = None
+        if isinstance(expected_losses, str):
+            if expected_losses != "auto":
+                raise ValueError(f"expected_losses must be a mapping, 'auto' or None, got {expected_losses!r}")
+            self.trajectory = self._find_trajectory()
+        elif expected_losses is not None:
+            self.trajectory = {"losses": {int(k): float(v) for k, v in expected_losses.items()}, "path": "expected_losses"}
+
         self.tracker: PathTracker | None = None
         self.recorder: SnapshotRecorder | None = None
+        self.final_distance_ratio: float | None = None
+        self.finished = False
+        self._model: torch.nn.Module | None = None
+        self._optimizer = None
+        self._checked: torch.nn.Module | None = None
         self._pending = False
         self._seen_step: int | None = None
+        self._last_step: int | None = None
         self._measured_step: int | None = None
+        self._losses: dict[int, float] = {}  # on the host
+        self._pending_losses: dict[int, Tensor] = {}  # still on the device
+        self._expected: dict[int, float] | None = None
+        self._drift_warned = False
+        self._drift_checked = -1
+        if model is not None:
+            self.check_model(model)
 
-    def _setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> PathTracker:
-        if self.tracker is None or self.tracker.model is not model or self.tracker.optimizer is not optimizer:
-            ref = self.reference if isinstance(self.reference, Reference) else Reference.from_file(model, self.reference)
-            self.tracker = PathTracker(model, ref, optimizer, **self.kw)
-            if self.snapshot_dir:
-                self.recorder = SnapshotRecorder(model, self.snapshot_dir, every=self.snapshot_every)
+    @classmethod
+    def recorder(cls, path: str, **kwargs) -> "StepMeasurer":
+        """Run 1: record x* (at :meth:`finish`) and the loss trajectory to ``path``; nothing is measured."""
+        return cls(None, record_to=path, **kwargs)
+
+    # -- references ---------------------------------------------------------------------
+
+    def _find_trajectory(self) -> dict[str, Any] | None:
+        primary = next(iter(self.refs.values()), None)
+        if not isinstance(primary, str):
+            return None
+        beside = trajectory_path(primary)
+        if os.path.isfile(beside):
+            return read_trajectory(beside)
+        demo = os.path.join(os.path.dirname(os.path.abspath(primary)), "trajectory.json")
+        if os.path.isfile(demo):  # `pathgeom demo` writes xstar.safetensors + trajectory.json
+            traj = read_trajectory(demo)
+            if traj.get("reference") in (None, os.path.basename(primary)):
+                return traj
+        return None
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Check every reference against ``model`` now (the file's header: no tensor is read):
+        one error naming the file and the key for a missing key, a key the model does not have,
+        a shape, a non-float dtype; a warning for lower precision."""
+        model = unwrap_model(model)
+        if model is self._checked:
+            return
+        for name, r in self.refs.items():
+            if isinstance(r, str):
+                # key prefixes (a Lightning module's attribute, DDP's module.) matched as analyze does
+                match_keys(model, self._headers[name], f"file {r}", role="reference")
+            else:
+                r.check_matches(model)
+        self._checked = model
+
+    def _setup(self, model: torch.nn.Module, optimizer) -> PathTracker:
+        if self.tracker is not None and self.tracker.model is model and self.tracker.optimizer is optimizer:
+            return self.tracker
+        if self.tracker is not None:
+            warnings.warn(
+                f"{self.framework}: the model or optimizer changed after step {self._measured_step}; "
+                "measuring from here with a new tracker (earlier rows are in the previous tracker's records)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.check_model(model)
+        refs = {n: r if isinstance(r, Reference) else Reference.from_file(model, r, name=n) for n, r in self.refs.items()}
+        params = [p for _, p in trainable(model)]
+        device = params[0].device if params else torch.device("cpu")
+        update = self.update
+        if update == "auto" and self.grad_clipping and type(optimizer) is torch.optim.SGD:
+            # the identity u = lr (g + wd x) holds for the gradient the optimizer used, which
+            # clipping changed after the measurement: keep one parameter copy instead
+            if all(g.get("momentum", 0) == 0 for g in optimizer.param_groups):
+                update = "copy"
+        self.tracker = PathTracker(
+            model,
+            refs,
+            optimizer,
+            loss_fn=self.loss_fn,
+            probe_batches=[to_device(b, device) for b in self.probe_batches],
+            probe_every=self.probe_every,
+            full_batch=[to_device(b, device) for b in self.full_batch] if self.full_batch is not None else None,
+            weight_decay=self.weight_decay,
+            per_tensor=self.per_tensor,
+            update=update,
+            backend=self.backend,
+        )
         return self.tracker
 
-    def wants(self, step: int) -> bool:
-        return step % self.every == 0
+    # -- the steps ----------------------------------------------------------------------
 
-    def before_step(self, model, optimizer, step: int, loss=None) -> dict | None:
-        """Measure the gradient now in ``.grad`` (call after backward, before the step)."""
+    def wants(self, step: int) -> bool:
+        return bool(self.refs) and step % self.every == 0
+
+    @property
+    def measured(self) -> bool:
+        """Whether the latest step seen was measured."""
+        return self._measured_step is not None and self._measured_step == self._last_step
+
+    @property
+    def measured_step(self) -> int | None:
+        return self._measured_step
+
+    def before_step(self, model, optimizer, step: int, loss=None) -> None:
+        """At optimizer step ``step`` (0-based), after backward and before the optimizer step
+        (and before clipping): keep ``loss`` (this step's loss; with accumulation the mean over
+        its micro-batches), save a snapshot when due, measure the gradient now in ``.grad``
+        when ``step`` is a multiple of ``every``. Nothing is copied to the host."""
+        step = int(step)
         if step == self._seen_step:  # frameworks may reach this twice in one step
-            return None
-        self._seen_step = step
-        tracker = self._setup(model, optimizer)
-        if self.recorder is not None:
-            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-            self.recorder.maybe_save(step, lr)
+            return
+        if self.finished:
+            raise RuntimeError(f"{self.framework}: finish() was called; build a new measurer for another run")
+        if self._pending:
+            raise RuntimeError(f"{self.framework}: before_step({step}) without after_step() for step {self._seen_step}")
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"{self.framework}: steps must increase, got {step} after {self._last_step}")
+        model, optimizer = unwrap_model(model), _unwrap_optimizer(optimizer)
+        self.check_model(model)  # a bad reference fails here, before anything is recorded
+        self._seen_step = self._last_step = step
+        self._model, self._optimizer = model, optimizer
+        if loss is not None:
+            self._keep_loss(step, loss)
+        if self.snapshot_dir is not None:
+            if self.recorder is None or self.recorder.model is not model:
+                self.recorder = SnapshotRecorder(model, self.snapshot_dir, every=self.snapshot_every)
+            self.recorder.maybe_save(step, self._lr())
         if not self.wants(step):
-            return None
-        tracker.measure(step, loss)
+            return
+        tracker = self._setup(model, optimizer)
+        try:
+            tracker.measure(step, self._pending_losses.get(step, loss if not isinstance(loss, Tensor) else None))
+        except RuntimeError as exc:
+            if "no gradient at all" in str(exc):
+                raise RuntimeError(f"{self.framework}: optimizer step {step}: {exc}") from None
+            raise
         self._pending = True
         self._measured_step = step
-        return None
 
     def after_step(self) -> bool:
         """Measure the update just taken (call after ``optimizer.step()``); True when this
@@ -111,9 +434,144 @@ class StepMeasurer:
         self.tracker.after_step()
         return True
 
+    @contextlib.contextmanager
+    def step(self, model, optimizer, step: int, loss=None):
+        """``with geo.step(model, optimizer, t, loss): optimizer.step()``."""
+        self.before_step(model, optimizer, step, loss)
+        yield self
+        self.after_step()
+
+    def _lr(self) -> float | None:
+        if self._optimizer is None or not getattr(self._optimizer, "param_groups", None):
+            return None
+        lr = self._optimizer.param_groups[0].get("lr")
+        return float(lr) if lr is not None else None
+
+    # -- losses -------------------------------------------------------------------------
+
+    def _keep_loss(self, step: int, loss) -> None:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"{self.framework}: the loss of step {step} has shape {list(loss.shape)}; give one number")
+            if len(self._pending_losses) >= _MAX_PENDING_LOSSES:
+                self.check_losses()  # bounded memory: one transfer every _MAX_PENDING_LOSSES steps
+            # kept as it is (no copy): a callback may still add the last micro-batch to it in place
+            self._pending_losses[step] = loss.detach().reshape(())
+        else:
+            self._losses[step] = float(loss)
+
+    def _expected_losses(self) -> dict[int, float] | None:
+        if self._expected is None and self.trajectory is not None:
+            rank, world = _dist()
+            by_rank = self.trajectory.get("losses_by_rank") or []
+            self._expected = by_rank[rank] if world > 1 and len(by_rank) == world else self.trajectory["losses"]
+        return self._expected
+
+    def to_host(self, tensors: list[Tensor]) -> list[float]:
+        """``tensors`` (0-dim) and the pending losses to the host in one transfer per device;
+        then the loss-drift check. Returns the values of ``tensors``."""
+        steps = sorted(self._pending_losses)
+        vals = list(tensors) + [self._pending_losses[s] for s in steps]
+        out: list[float] = [math.nan] * len(vals)
+        by_dev: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(vals):
+            by_dev.setdefault(v.device, []).append(i)
+        for idx in by_dev.values():
+            host = torch.stack([vals[i].to(torch.float64).reshape(()) for i in idx]).cpu().tolist()
+            for i, h in zip(idx, host):
+                out[i] = h
+        n = len(tensors)
+        for s, v in zip(steps, out[n:]):
+            self._losses[s] = v
+        self._pending_losses = {}
+        self._check_drift()
+        return out[:n]
+
+    def check_losses(self) -> None:
+        """Copy the pending losses to the host (one transfer) and check them against run 1's."""
+        if self._pending_losses:
+            self.to_host([])
+        else:
+            self._check_drift()
+
+    def _check_drift(self) -> None:
+        """Warn once, at the first step whose loss differs from run 1's."""
+        expected = self._expected_losses()
+        if self._drift_warned or not expected:
+            return
+        for s in sorted(k for k in self._losses if k > self._drift_checked):
+            self._drift_checked = s
+            if s not in expected:
+                continue
+            got, want = self._losses[s], expected[s]
+            if not math.isclose(got, want, rel_tol=self.drift_rtol, abs_tol=self.drift_rtol):
+                self._drift_warned = True
+                warnings.warn(
+                    f"{self.framework}: this run drifts from run 1 at optimizer step {s}: loss {got!r} here, "
+                    f"{want!r} in run 1 ({self.trajectory.get('path')}). From this step on the measurements are "
+                    "along another path than the one that ended at x*: both runs need the same seed, data order, "
+                    "hyper-parameters (learning rate, schedule, accumulation, clipping) and deterministic algorithms.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return
+
+    @property
+    def losses(self) -> dict[int, float]:
+        """The loss of every step seen, {step: loss} (reading converts the pending ones)."""
+        self.check_losses()
+        return dict(sorted(self._losses.items()))
+
+    # -- reading ------------------------------------------------------------------------
+
+    def tensor_scalars(self, prefix: str = "pathgeom/") -> dict[str, Tensor]:
+        """The last measured step's metrics as 0-dim device tensors (no transfer), keyed
+        ``pathgeom/rsi``, ``pathgeom/update_rsi``, ``pathgeom/full_rsi``, ``pathgeom/probe_rsi``
+        (median over the probes; also ``probe_rsi_min``, ``probe_cos_min``, ``probe_eb_max``),
+        ``pathgeom/tensor/<name>/rsi`` (``per_tensor=True``), ``...@<name>`` for secondary references."""
+        if self.tracker is None or self._measured_step is None:
+            return {}
+        t, primary = self._measured_step, self.tracker.ref.name
+        out: dict[str, Tensor] = {}
+        for (kind, ref), (step, stats) in sorted(self.tracker.last_stats().items()):
+            if step != t:
+                continue
+            tag = "" if kind == "minibatch" else f"{kind}_"
+            sfx = "" if ref == primary else f"@{ref}"
+            m = metric_tensors(stats)
+            if stats.shape[0] == 1:
+                for k in KEYS:
+                    out[f"{prefix}{tag}{k}{sfx}"] = m[k][0]
+            else:  # K probe batches
+                for k in KEYS:
+                    out[f"{prefix}{tag}{k}{sfx}"] = torch.quantile(m[k], 0.5)
+                out[f"{prefix}{tag}rsi_min{sfx}"] = m["rsi"].min()
+                out[f"{prefix}{tag}cos_min{sfx}"] = m["cos"].min()
+                out[f"{prefix}{tag}eb_max{sfx}"] = m["eb"].max()
+        if self.per_tensor:
+            names = self.tracker.names
+            for (kind, ref), (step, stats) in sorted(self.tracker.last_stats(per_tensor=True).items()):
+                if step != t:
+                    continue
+                sfx = "" if ref == primary else f"@{ref}"
+                tag = "" if kind == "minibatch" else f"{kind}_"
+                m = metric_tensors(stats)
+                for i, name in enumerate(names):
+                    for k in KEYS:
+                        out[f"{prefix}tensor/{name}/{tag}{k}{sfx}"] = m[k][i]
+        return out
+
+    def scalars(self, prefix: str = "pathgeom/") -> dict[str, float]:
+        """The last measured step's metrics as floats for a logger (keys as
+        :meth:`tensor_scalars`): one device-to-host copy, together with the losses kept since the
+        last read, which are then checked against run 1's."""
+        tens = self.tensor_scalars(prefix)
+        vals = self.to_host(list(tens.values()))
+        return dict(zip(tens, vals))
+
     @property
     def last(self) -> dict[str, Any] | None:
-        """Rows of the last measured step, by kind (reading them converts pending rows)."""
+        """Rows of the last measured step (primary reference, first sample), by kind."""
         if self.tracker is None or self._measured_step is None:
             return None
         self.tracker.flush()
@@ -126,21 +584,82 @@ class StepMeasurer:
                 out[row["kind"]] = row
         return out or None
 
-    @contextlib.contextmanager
-    def step(self, model, optimizer, step: int, loss=None):
-        self.before_step(model, optimizer, step, loss)
-        yield self
-        self.after_step()
-
-    def scalars(self, prefix: str = "pathgeom/") -> dict[str, float]:
-        """The last measured step's metrics as flat scalars for a logger."""
-        out: dict[str, float] = {}
-        for kind, row in sorted((self.last or {}).items()):
-            tag = "" if kind == "minibatch" else f"{kind}_"
-            for k in KEYS:
-                out[f"{prefix}{tag}{k}"] = float(row[k])
-        return out
-
     @property
     def records(self) -> list[dict]:
         return self.tracker.records if self.tracker is not None else []
+
+    @property
+    def per_tensor_records(self) -> list[dict]:
+        return self.tracker.per_tensor_records if self.tracker is not None else []
+
+    # -- the end ------------------------------------------------------------------------
+
+    def finish(self, model: torch.nn.Module | None = None) -> float | None:
+        """End of training: check every loss against run 1's; with a reference, return (and
+        keep in ``final_distance_ratio``) ||x_T - x*|| / ||x_0 - x*|| of the primary reference,
+        warning when it exceeds ``final_rtol``; with ``record_to``, write x_T and the loss
+        trajectory; with ``snapshot_dir``, save x_T. Call it on every rank. Idempotent."""
+        if self.finished:
+            return self.final_distance_ratio
+        if self._pending:
+            raise RuntimeError(f"{self.framework}: finish() between before_step() and after_step()")
+        model = unwrap_model(model) if model is not None else self._model
+        if model is None or self._last_step is None:
+            raise RuntimeError(f"{self.framework}: finish() before any step")
+        self.finished = True
+        steps = self._last_step + 1
+        self.check_losses()
+        if self.tracker is not None:
+            self.final_distance_ratio = ratio = self.tracker.finish(rtol=math.inf)  # warned about below
+            if self.final_rtol is not None and not ratio <= self.final_rtol:
+                run1_steps = (self.trajectory or {}).get("steps")
+                warnings.warn(
+                    f"{self.framework}: ||x_T - x*|| / ||x_0 - x*|| = {ratio:.3e} after {steps} optimizer steps, "
+                    f"not ~0: this run did not end at the reference x* ({self.tracker.ref.source}), so it did not "
+                    "retrace the run that wrote it"
+                    + (f" (that run took {run1_steps} optimizer steps)" if run1_steps not in (None, steps) else ""),
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if self.recorder is not None or self.snapshot_dir is not None:
+            if self.recorder is None:
+                self.recorder = SnapshotRecorder(model, self.snapshot_dir, every=self.snapshot_every)
+            self.recorder.finish(steps, self._lr())
+        if self.record_to is not None:
+            self._write_reference(model, steps)
+        return self.final_distance_ratio
+
+    def _write_reference(self, model: torch.nn.Module, steps: int) -> None:
+        from ..snapshots import _replicated_non_writer
+
+        rank, world = _dist()
+        losses = dict(sorted(self._losses.items()))
+        by_rank = None
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, losses)
+            by_rank = gathered
+            common = set.intersection(*(set(g) for g in gathered))
+            losses = {s: sum(g[s] for g in gathered) / world for s in sorted(common)}
+        meta = {"pathgeom_role": "reference (x_T of run 1)", "steps": str(steps)}
+        if not _replicated_non_writer(model):
+            save_snapshot(model, self.record_to, steps, self._lr(), meta=meta)  # a collective when sharded
+        if rank != 0:
+            return
+        data = {
+            "format": TRAJECTORY_FORMAT,
+            "reference": os.path.basename(self.record_to),
+            "steps": steps,
+            "framework": self.framework,
+            "loss": getattr(self, "loss_definition", "the loss given for each optimizer step"),
+            "losses": {str(s): v for s, v in losses.items()},
+        }
+        if by_rank is not None:
+            data["losses_by_rank"] = [{str(s): v for s, v in g.items()} for g in by_rank]
+        path = trajectory_path(self.record_to)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)

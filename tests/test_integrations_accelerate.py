@@ -1,0 +1,107 @@
+"""A custom Accelerate loop (accelerator.backward, accumulation, accelerator.clip_grad_norm_)
+measured before clipping, and the plain-loop hook under DDP (2 gloo processes) giving the
+single-process numbers."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from integ_helpers import Warnings, assert_metrics, flat, geo, perturbed_reference
+
+from pathgeom_fast.integrations import StepMeasurer
+from pathgeom_fast.integrations.common import trajectory_path
+
+
+def accelerate_run(geo_m, tmp_path, lr=3e-3, steps=5):
+    accelerate = pytest.importorskip("accelerate", reason="install the hf extra (accelerate)")
+    torch.manual_seed(0)
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(4)
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 6, generator=gen) * 3, torch.randint(0, 3, (40,), generator=gen))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    step, step_loss, out, micro = 0, 0.0, [], []
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            loss = F.cross_entropy(model(x), y)
+            accelerator.backward(loss)
+            micro.append(float(loss.detach()))
+            step_loss = step_loss + loss.detach() / 2
+            if accelerator.sync_gradients:
+                geo_m.before_step(model, optimizer, step, step_loss)
+                accelerator.clip_grad_norm_(model.parameters(), 0.2)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                geo_m.after_step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            out.append(geo_m.scalars() if geo_m.measured else None)
+            step, step_loss = step + 1, 0.0
+            if step == steps:
+                break
+    return model, out, micro, geo_m.finish()
+
+
+def test_accelerate_loop_measured_before_clipping(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate", reason="install the hf extra (accelerate)")
+    torch.manual_seed(0)
+    ref = tmp_path / "xstar.safetensors"
+    xstar = perturbed_reference(torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)), ref)
+    captured = []
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *a, **k):  # what Accelerate clips: x_t and the accumulated, unclipped g_t
+        parameters = list(parameters)
+        captured.append((flat(parameters), flat(p.grad for p in parameters)))
+        return orig(parameters, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    model, out, _, _ = accelerate_run(StepMeasurer(str(ref), every=1, final_rtol=None), tmp_path)
+    assert len(out) == len(captured) == 5
+    final = flat(model.parameters())
+    for t, (s, (x, g)) in enumerate(zip(out, captured)):
+        assert math.sqrt(float(g @ g)) > 0.2  # clipping was active
+        assert_metrics(s, "pathgeom/", geo(g, x, xstar), f"step {t}")
+        x_next = captured[t + 1][0] if t + 1 < len(captured) else final
+        assert_metrics(s, "pathgeom/update_", geo(x - x_next, x, xstar), f"step {t}", rel=1e-4)
+
+
+def test_accelerate_two_run_protocol(tmp_path):
+    ref = str(tmp_path / "xstar.safetensors")
+    _, _, micro, _ = accelerate_run(StepMeasurer.recorder(ref), tmp_path)
+    traj = json.load(open(trajectory_path(ref)))
+    assert [traj["losses"][str(t)] for t in range(5)] == pytest.approx([(micro[2 * t] + micro[2 * t + 1]) / 2 for t in range(5)], rel=1e-6)
+    with Warnings() as w:
+        _, _, _, ratio = accelerate_run(StepMeasurer(ref, every=2, grad_clipping=True), tmp_path)
+    assert ratio == 0.0 and not w.matching("StepMeasurer")
+    with Warnings() as w:
+        _, _, _, ratio = accelerate_run(StepMeasurer(ref, every=2, grad_clipping=True), tmp_path, lr=1e-2)
+    assert w.matching("drifts from run 1 at optimizer step 1:") and w.matching("not ~0") and ratio > 0.05
+
+
+@pytest.mark.distributed
+def test_ddp_plain_loop_hook_gives_the_single_process_numbers(tmp_path):
+    import dist_workers
+    import integ_workers
+
+    dist_workers.launch(integ_workers.ddp_plain_loop, 2, str(tmp_path))
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    # the same hook in one process on the whole batch, against the x* and trajectory run 1 wrote under DDP
+    with Warnings() as w:
+        single, single_ratio = integ_workers._run(integ_workers._model(), StepMeasurer(str(tmp_path / "xstar.safetensors"), every=2))
+    assert not w.matching("StepMeasurer"), w.matching("")  # its full-batch losses = the mean of the ranks' losses
+    assert single_ratio < 1e-5  # the same path up to the summation order of the gradient
+    for r, got in enumerate(ranks):
+        assert not got["warnings"] and got["ratio"] == 0.0, (r, got["warnings"], got["ratio"])
+        for t, (d, s) in enumerate(zip(got["scalars"], single)):
+            assert (d is None) == (s is None) == (t % 2 == 1), t
+            if s is None:
+                continue
+            assert set(d) == set(s) and len(d) == 8, sorted(d)
+            for pre in ("pathgeom/", "pathgeom/update_"):
+                want = {k: s[pre + k] for k in ("rsi", "eb", "cos", "eta_star")}
+                assert_metrics(d, pre, want, f"rank {r} step {t}", rel=1e-5)
