@@ -48,6 +48,7 @@ def test_torchrun_fsdp2_demo_matches_single_process(tmp_path):
     assert len(one) == len(two) > 24
     for a, b in zip(one, two):
         assert (a["step"], a["kind"], a["sample"]) == (b["step"], b["kind"], b["sample"])
-        assert abs(a["a"] - b["a"]) <= 1e-5 * math.sqrt(a["b"] * a["c"]), (a, b)
+        # + 1e-7 b: against x_0 at step 0 (c = 0) the update's a is rounding of order eps * ||u||^2
+        assert abs(a["a"] - b["a"]) <= 1e-5 * math.sqrt(a["b"] * a["c"]) + 1e-7 * a["b"], (a, b)
         assert b["b"] == pytest.approx(a["b"], rel=1e-5) and b["c"] == pytest.approx(a["c"], rel=1e-5)
     assert (tmp_path / "two" / "geometry.png").is_file()
