@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="anchor steps of the lagged cosine; one parameter copy is kept per live anchor (default: the task's)")
     demo.add_argument("--cross-seed", action=argparse.BooleanOptionalAction, default=None,
                       help="control: run 1 again from seed+1 and measure the path against that end point too "
-                      "(default: on for mlp and cnn, off for wide-mlp and lm, where it costs a third training run)")
+                      "(default: on, except for wide-mlp, where it costs a third training run of the 50M model)")
     demo.add_argument("--x0-reference", action=argparse.BooleanOptionalAction, default=None,
                       help="control: measure against x_0, the start of the path, too (default: on, except for wide-mlp "
                       "where it costs a 200 MB copy and two more passes per step)")

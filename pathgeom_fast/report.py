@@ -212,11 +212,14 @@ def summarize(records: list[dict], numel: int | None = None, tail_fraction: floa
 def format_table(summary: dict) -> str:
     """A short text table of the overall summary, one line per kind of gradient (a block per
     reference when there are several)."""
-    head = f"{'kind':<13}{'n':>6}{'RSI med':>11}{'EB med':>11}{'cos med':>11}{'eta* med':>11}{'cos>0':>8}{'mu':>11}{'L':>10}{'rate':>9}"
+    head = f"{'kind':<13}{'n':>6}{'RSI med':>11}{'EB med':>11}{'cos med':>11}{'eta* med':>11}{'cos>0':>8}{'mu':>11}{'L':>10}{'rate':>10}"
     lines = []
 
     def f(v, w, p=4):
         return f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}g}"
+
+    def rate(v, w):  # 1 - mu^2/L^2 is often 0.99999...: show how far below 1
+        return f(v, w) if v is None or v < 0.999 or v >= 1 else f"{'1-' + format(1 - v, '.1e'):>{w}}"
 
     blocks = summary.get("by_reference") or {summary.get("primary_reference") or "xstar": {"overall": summary["overall"]}}
     for name, block in blocks.items():
@@ -226,7 +229,7 @@ def format_table(summary: dict) -> str:
         for kind, b in block["overall"].items():
             lines.append(
                 f"{kind:<13}{b['n']:>6}{f(b['rsi']['q50'], 11)}{f(b['eb']['q50'], 11)}{f(b['cos']['q50'], 11)}"
-                f"{f(b['eta_star']['q50'], 11)}{f(b['share_cos_positive'], 8, 3)}{f(b['mu'], 11)}{f(b['L'], 10)}{f(b['rate'], 9)}"
+                f"{f(b['eta_star']['q50'], 11)}{f(b['share_cos_positive'], 8, 3)}{f(b['mu'], 11)}{f(b['L'], 10)}{rate(b['rate'], 10)}"
             )
     if summary.get("lagged"):
         lag = "  ".join(f"k={k}: {f(v['cos']['q50'], 0, 3).strip()}" for k, v in summary["lagged"].items())

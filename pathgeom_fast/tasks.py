@@ -241,7 +241,7 @@ TASK_SPECS: dict[str, Task] = {
         build=lambda s: mlp(s["width"], s["depth"]), load=_digits,
         sizes={"width": 4096, "depth": 4, "train_size": None},
         defaults={"steps": 100, "optimizer": "momentum", "lr": 0.02, "schedule": "cosine", "probe_batches": 4,
-                  "probe_every": 20, "snapshot_every": 0, "lag_every": 25, "cross_seed": False, "x0_reference": False},
+                  "probe_every": 10, "snapshot_every": 0, "lag_every": 10, "cross_seed": False, "x0_reference": False},
     ),
     "lm": Task(
         "lm", "GPT-style byte-level LM on CPython's docs, Adam (coupled L2) + clipping 0.25 (0.47M parameters)",
@@ -250,7 +250,7 @@ TASK_SPECS: dict[str, Task] = {
         sizes={"width": 128, "depth": 2, "context": 64, "train_size": 512},
         defaults={"steps": 300, "batch_size": 16, "optimizer": "adam-l2", "lr": 3e-3, "schedule": "warmup-cosine",
                   "weight_decay": 1e-5, "clip_grad_norm": 0.25, "probe_batches": 4, "probe_every": 25, "snapshot_every": 100,
-                  "lag_every": 10, "cross_seed": False},
+                  "lag_every": 10, "cross_seed": True},
         full_chunk=256,
     ),
 }
