@@ -184,7 +184,9 @@ def claim_eta(summary: dict) -> dict:
 
     what = {"probe": "probe-median", "full": "full-batch", "minibatch": "training-minibatch"}[kind]
     measured = (f"{what} eta*, running median over {w} of {len(pts)} steps: {_g(start)} at step {s[0]}, peak {_g(peak)} at "
-                f"step {s[i]}, {_g(end)} at step {s[-1]}: it rises {factor(peak, start)}, then falls {factor(peak, end)}")
+                f"step {s[i]}, {_g(end)} at step {s[-1]}: "
+                + (f"no rise (the peak is at the start), then it falls {factor(peak, end)}" if i == 0 else
+                   f"it rises {factor(peak, start)}, then falls {factor(peak, end)}"))
     controls = []
     if kind != "probe" and "probe" in summary["overall"]:
         ps, pv = _per_step(summary, "probe", "eta_star")
