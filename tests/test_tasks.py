@@ -109,6 +109,10 @@ def test_each_task_writes_the_report(task_run):
     assert sorted({(r["step"], r["sample"]) for r in rows if r["kind"] == "lagged"}) == [
         (t, k) for t in (0, 2, 4, 6) for k in (1, 2, 5) if t + k < 8]
     assert set(summary["lagged"]) == {"1", "2", "5"}
+    cut = summary["overall_steps_below"]
+    for k in ("1", "2", "5"):  # the summary's quantiles are those of the rows
+        cos = sorted(r["cos"] for r in rows if r["kind"] == "lagged" and r["sample"] == int(k) and r["step"] + int(k) < cut)
+        assert summary["lagged"][k]["n"] == len(cos) and summary["lagged"][k]["cos"]["q0"] == pytest.approx(cos[0])
     findings = (out / "findings.md").read_text()
     for claim in ("RSI stays positive", "cos > 0", "EB is bounded", "warm-up then decay", "contraction rate"):
         assert claim in findings
@@ -132,6 +136,7 @@ def _replay_lm(out, cfg, steps_to_check):
     assert type(opt) is torch.optim.Adam  # adam-l2: coupled L2
     wd, clipped = cfg.weight_decay, 0
     full = [(X[i : i + 256], Y[i : i + 256]) for i in range(0, len(X), 256)]
+    probes = demo.probe_set(X, Y, cfg)
     for step in range(max(steps_to_check) + 1):
         for g in opt.param_groups:
             g["lr"] = demo.lr_at(step, cfg)
@@ -141,6 +146,7 @@ def _replay_lm(out, cfg, steps_to_check):
         if step in steps_to_check:
             if step % cfg.probe_every == 0:
                 gf = flat(torch.autograd.grad(demo.loss_fn(model, full[0]), list(model.parameters())))
+                gp = [flat(torch.autograd.grad(demo.loss_fn(model, b), list(model.parameters()))) for b in probes]
             for name, r in refs.items():
                 if name == "x0" and step == 0:
                     continue  # x = x0: c = 0
@@ -149,6 +155,9 @@ def _replay_lm(out, cfg, steps_to_check):
                 if step % cfg.probe_every == 0:
                     check_row(rows[(step, "full", 0, name)], abc(gf, x, r), (step, "full", name))
                     check_row(rows[(step, "full_wd", 0, name)], abc(gf + wd * x, x, r), (step, "full_wd", name))
+                    for k, gk in enumerate(gp):
+                        check_row(rows[(step, "probe", k, name)], abc(gk, x, r), (step, "probe", k, name))
+                        check_row(rows[(step, "probe_wd", k, name)], abc(gk + wd * x, x, r), (step, "probe_wd", k, name))
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         clipped += bool(norm > cfg.clip_grad_norm)
         opt.step()
