@@ -308,6 +308,35 @@ void* thread_scratch() {
   return buf.ptr;
 }
 
+// The hardware prefetchers lose their streams at every tensor boundary (K + 2 of them), which
+// cost 15-30 % of the time of 10^4 tensors of 10^3 elements: the data of a small tensor is
+// prefetched kAheadData positions before it is computed, up to kPrefetchBytes per stream
+// (beyond that the hardware prefetchers have caught on).
+constexpr int64_t kAheadData = 2;
+constexpr int64_t kPrefetchBytes = 4096;
+
+int64_t element_size(DType dt) {
+  switch (dt) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+  }
+  return 8;
+}
+
+void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < std::min(bytes, kPrefetchBytes); b += 64) __builtin_prefetch(c + b);
+}
+
+void prefetch_data(const CpuPosition& pos, const void* const* g, int64_t K) {
+  if (pos.numel == 0) return;
+  prefetch_bytes(pos.x, pos.numel * element_size(pos.x_dt));
+  prefetch_bytes(pos.r, pos.numel * element_size(pos.r_dt));
+  for (int64_t k = 0; k < K; ++k) prefetch_bytes(g[k], pos.numel * element_size(pos.g_dt));
+}
+
 // A parallel task: whole small tensors [t0, t1) (end < 0), or elements [begin, end) of the
 // one tensor t0 = t1 - 1, a chunk of a tensor larger than kCpuChunk.
 struct Task {
@@ -376,25 +405,44 @@ at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const Li
   };
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t tb, int64_t te) {
     void* scratch = thread_scratch();
-    std::vector<const void*> g(K);
-    CpuPosition pos;
+    // Positions of a run are checked kAheadData ahead of their computation (a ring of
+    // kRing slots), so that their data can be prefetched.
+    constexpr int64_t kRing = kAheadData + 1;
+    CpuPosition pos[kRing];
+    bool ok[kRing];
+    std::vector<const void*> g(kRing * K);
+    auto check = [&](const Task& task, int64_t t) {
+      const int64_t s = t % kRing;
+      prefetch_position(in, T, K, t);
+      ok[s] = fast_position(in, T, K, t, device, &pos[s], &g[s * K]);
+      if (!ok[s]) {
+        if (task.end < 0 || task.begin == 0) flagged[t] = 1;
+        any_flagged.store(true, std::memory_order_relaxed);
+      }
+      return ok[s];
+    };
     for (int64_t i = std::max<int64_t>(0, tasks[tb].t0); i < std::min(T, tasks[tb].t0 + kAheadImpl); ++i) {
       for_each_member(in, T, K, i, prefetch_impl);
     }
     for (int64_t k = tb; k < te; ++k) {
       const Task& task = tasks[k];
-      for (int64_t t = task.t0; t < task.t1; ++t) {
-        prefetch_position(in, T, K, t);
-        if (!fast_position(in, T, K, t, device, &pos, g.data())) {
-          if (task.end < 0 || task.begin == 0) flagged[t] = 1;
-          any_flagged.store(true, std::memory_order_relaxed);
-          continue;
-        }
-        if (task.end >= 0) {
-          run(pos, g.data(), task.begin, task.end, scratch,
+      if (task.end >= 0) {  // a chunk of a large tensor
+        const int64_t t = task.t0;
+        if (check(task, t)) {
+          run(pos[t % kRing], &g[(t % kRing) * K], task.begin, task.end, scratch,
               partials.data() + (first[t] + task.begin / kCpuChunk) * W);
-        } else if (pos.numel > 0) {
-          run(pos, g.data(), 0, pos.numel, scratch, partials.data() + first[t] * W);
+        }
+        continue;
+      }
+      for (int64_t t = task.t0; t < std::min(task.t1, task.t0 + kAheadData); ++t) {
+        if (check(task, t)) prefetch_data(pos[t % kRing], &g[(t % kRing) * K], K);
+      }
+      for (int64_t t = task.t0; t < task.t1; ++t) {
+        const int64_t a = t + kAheadData;
+        if (a < task.t1 && check(task, a)) prefetch_data(pos[a % kRing], &g[(a % kRing) * K], K);
+        const int64_t s = t % kRing;
+        if (ok[s] && pos[s].numel > 0) {
+          run(pos[s], &g[s * K], 0, pos[s].numel, scratch, partials.data() + first[t] * W);
         }
       }
     }
