@@ -31,9 +31,20 @@ struct Inputs {
 
 Inputs inputs_of(at::TensorList grads, at::TensorList params, at::TensorList refs);
 
+// What the messages call the K vector lists of an op: "grads[k][i]", "num_grads", "the K
+// gradients of one tensor" for the secant ops, "vecs[k][i]" ... for secant_gram.
+struct ListNames {
+  const char* list;
+  const char* count;
+  const char* noun;
+};
+inline constexpr ListNames kGradNames{"grads", "num_grads", "gradients"};
+inline constexpr ListNames kVecNames{"vecs", "num_vecs", "vectors"};
+
 // Validates the inputs and converts them. `grads` holds K lists of T tensors back to back
 // (grads[k * T + i]). Raises ValueError / TypeError naming the offending index.
-Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K);
+Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K,
+                        const ListNames& names = kGradNames);
 
 // Output layout shared by the backends: [T or 1][K][3] float64 -> the op's shape.
 at::Tensor shape_output(const at::Tensor& rows, int64_t K, bool per_tensor, bool multi);
@@ -43,5 +54,19 @@ using RowsFn = at::Tensor (*)(const char* op, const Inputs& in, int64_t K, bool 
                               double weight_decay);
 at::Tensor cpu_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd);
 extern RowsFn cuda_rows_fn;
+
+// A CPU kernel of secant_core.h: elements [begin, end) of one tensor position -> `width` fp64
+// values (weight_decay is passed through; kernels without one ignore it).
+struct CpuKernel {
+  int64_t width;
+  void (*fn)(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, double weight_decay,
+             void* scratch, double* out);
+  double weight_decay;
+};
+
+// [T or 1][width] float64 rows of `kernel` over the inputs on the CPU: validation, chunking,
+// the parallel pass and the fixed-order combine shared by every CPU op.
+at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const ListNames& names,
+                           bool per_tensor, const CpuKernel& kernel);
 
 }  // namespace pathgeom

@@ -6,7 +6,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <sstream>
+#include <utility>
 
 #include "binding.h"
 #include "plan_python.h"
@@ -65,12 +68,42 @@ bool to_dtype(at::ScalarType t, DType* out) {
   }
 }
 
-// Name of grads entry j: "grads[i]" for one list, "grads[k][i]" for K lists.
-std::string grad_name(int64_t j, int64_t T, int64_t K) {
+// Name of entry j of the K vector lists: "grads[i]" for one list, "grads[k][i]" for K lists.
+std::string grad_name(int64_t j, int64_t T, int64_t K, const ListNames& names = kGradNames) {
   std::ostringstream s;
-  if (K == 1) s << "grads[" << j << "]";
-  else s << "grads[" << j / T << "][" << j % T << "]";
+  if (K == 1) s << names.list << "[" << j << "]";
+  else s << names.list << "[" << j / T << "][" << j % T << "]";
   return s.str();
+}
+
+// Tensor metadata (TensorImpl, StorageImpl) of long lists is scattered over the heap between
+// the data blocks: each read is a cache and TLB miss. Prefetching a few positions ahead
+// overlaps those misses (2-3x faster set-up for 10^4 small tensors).
+constexpr int64_t kAheadImpl = 16, kAheadStorage = 8;
+
+void prefetch_impl(const at::Tensor& t) {
+  const char* c = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+  __builtin_prefetch(c);
+  __builtin_prefetch(c + 64);
+  __builtin_prefetch(c + 128);
+}
+
+void prefetch_storage(const at::Tensor& t) {
+  // An undefined tensor's impl is the UndefinedTensorImpl singleton, which has no storage.
+  if (t.defined()) __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+}
+
+// Calls f on params[i], refs[i] and the K vectors of position i.
+template <typename F>
+void for_each_member(const Inputs& in, int64_t T, int64_t K, int64_t i, F&& f) {
+  f(*in.params[i]);
+  f(*in.refs[i]);
+  for (int64_t k = 0; k < K; ++k) f(*in.grads[k * T + i]);
+}
+
+void prefetch_position(const Inputs& in, int64_t T, int64_t K, int64_t i) {
+  if (i + kAheadImpl < T) for_each_member(in, T, K, i + kAheadImpl, prefetch_impl);
+  if (i + kAheadStorage < T) for_each_member(in, T, K, i + kAheadStorage, prefetch_storage);
 }
 
 }  // namespace
@@ -85,17 +118,18 @@ Inputs inputs_of(at::TensorList grads, at::TensorList params, at::TensorList ref
 
 RowsFn cuda_rows_fn = nullptr;
 
-Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K) {
-  TORCH_CHECK_VALUE(K >= 1, op, ": num_grads must be >= 1, got ", K);
+Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListNames& names) {
+  TORCH_CHECK_VALUE(K >= 1, op, ": ", names.count, " must be >= 1, got ", K);
   const auto& grads = in.grads;
   const auto& params = in.params;
   const auto& refs = in.refs;
   const int64_t T = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(refs.size()) == T &&
                         static_cast<int64_t>(grads.size()) == K * T,
-                    op, ": the lists must have matching lengths, got ", grads.size(),
-                    " grads", (K > 1 ? " (expected num_grads * len(params) = " +
-                                           std::to_string(K * T) + ")" : std::string()),
+                    op, ": the lists must have matching lengths, got ", grads.size(), " ",
+                    names.list, (K > 1 ? std::string(" (expected ") + names.count +
+                                             " * len(params) = " + std::to_string(K * T) + ")"
+                                       : std::string()),
                     ", ", params.size(), " params and ", refs.size(), " refs");
   Prepared p;
   p.T = T;
@@ -114,7 +148,7 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K) {
   // evaluated only on failure): this loop runs once per tensor on every call.
   enum Which { kGrad, kParam, kRef };
   auto name = [&](Which w, int64_t j) -> std::string {
-    if (w == kGrad) return grad_name(j, T, K);
+    if (w == kGrad) return grad_name(j, T, K, names);
     return std::string(w == kParam ? "params[" : "refs[") + std::to_string(j) + "]";
   };
   auto check_one = [&](const at::Tensor& t, Which w, int64_t j) {
@@ -129,31 +163,12 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K) {
     return dt;
   };
 
-  // Tensor metadata (TensorImpl, StorageImpl) of long lists is scattered over the heap
-  // between the data blocks: each read is a cache and TLB miss. Prefetching a few tensors
-  // ahead overlaps those misses (2-3x faster set-up for 10^4 small tensors).
-  constexpr int64_t kAheadImpl = 16, kAheadStorage = 8;
-  auto for_each_member = [&](int64_t i, auto&& f) {
-    f(*params[i]);
-    f(*refs[i]);
-    for (int64_t k = 0; k < K; ++k) f(*grads[k * T + i]);
-  };
-  auto prefetch_impl = [](const at::Tensor& t) {
-    const char* c = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
-    __builtin_prefetch(c);
-    __builtin_prefetch(c + 64);
-    __builtin_prefetch(c + 128);
-  };
-  auto prefetch_storage = [](const at::Tensor& t) {
-    __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
-  };
-  for (int64_t i = 0; i < std::min(T, kAheadImpl); ++i) for_each_member(i, prefetch_impl);
+  for (int64_t i = 0; i < std::min(T, kAheadImpl); ++i) for_each_member(in, T, K, i, prefetch_impl);
 
   std::vector<const at::Tensor*> members;
   members.reserve(K + 2);
   for (int64_t i = 0; i < T; ++i) {
-    if (i + kAheadImpl < T) for_each_member(i + kAheadImpl, prefetch_impl);
-    if (i + kAheadStorage < T) for_each_member(i + kAheadStorage, prefetch_storage);
+    prefetch_position(in, T, K, i);
     const at::Tensor& x = *params[i];
     const at::Tensor& r = *refs[i];
     p.x_dt[i] = check_one(x, kParam, i);
@@ -173,8 +188,9 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K) {
         p.g_dt[i] = gdt;
       } else {
         TORCH_CHECK_TYPE(gdt == p.g_dt[i], op, ": index ", i, ": ", name(kGrad, j), " has ",
-                         describe(g), " but ", grad_name(i, T, K), " has ",
-                         describe(*grads[i]), "; the K gradients of one tensor must share a dtype");
+                         describe(g), " but ", grad_name(i, T, K, names), " has ",
+                         describe(*grads[i]), "; the K ", names.noun,
+                         " of one tensor must share a dtype");
       }
     }
     p.numel[i] = n;
@@ -196,11 +212,12 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K) {
                      t->sizes() == x.sizes() && t->strides() == x.strides();
       }
     }
+    // const_data_ptr: reading never materialises a copy-on-write storage.
     auto ptr_of = [&](const at::Tensor& t) -> const void* {
       if (n == 0) return nullptr;
-      if (all_contig || same_dense || t.is_contiguous()) return t.data_ptr();
+      if (all_contig || same_dense || t.is_contiguous()) return t.const_data_ptr();
       p.keepalive.push_back(t.contiguous());
-      return p.keepalive.back().data_ptr();
+      return p.keepalive.back().const_data_ptr();
     };
     for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = ptr_of(*grads[k * T + i]);
     p.x[i] = ptr_of(x);
@@ -215,59 +232,263 @@ at::Tensor shape_output(const at::Tensor& rows, int64_t K, bool per_tensor, bool
   return multi ? rows.select(0, 0) : rows.select(0, 0).select(0, 0);
 }
 
-// [T or 1][K][3] rows on the CPU.
-at::Tensor cpu_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd) {
-  Prepared p = prepare_inputs(op, in, K);
-  const int64_t T = p.T, W = 3 * K;
-  // Chunks never straddle tensors; consecutive chunks are then grouped into tasks of about
-  // kCpuChunk elements so that many small tensors make few, balanced parallel tasks.
-  std::vector<int64_t> chunk_tensor, chunk_begin, chunk_end;
-  std::vector<int64_t> tensor_first_chunk(T + 1, 0);
+// ---------------------------------------------------------------------------------------
+// CPU: validation fused into the parallel pass.
+//
+// For 10^4 small tensors the work per tensor is a few microseconds of reading, and a serial
+// validation pass (prepare_inputs) followed by the parallel kernel pass cost about as much
+// again: each tensor's metadata is a handful of cache misses. So each parallel task checks
+// the positions it computes, with the same metadata prefetching, and computes them right
+// away. A position that is not plainly valid and copy-free (bad input, or non-contiguous
+// members with different layouts) is left out and flagged; if any is flagged, the serial
+// prepare_inputs runs afterwards: it raises the usual message for bad input, or makes the
+// contiguous copies, and the flagged positions are computed from those. Results are the
+// same either way: partial rows are per chunk, combined in a fixed order.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+// One tensor position as the kernels see it.
+struct CpuPosition {
+  int64_t numel = 0;
+  const void* x = nullptr;
+  const void* r = nullptr;
+  DType g_dt = DType::kFloat32, x_dt = DType::kFloat32, r_dt = DType::kFloat32;
+};
+
+// True when position i passes every check of prepare_inputs on `device` and its members
+// share one memory order (prepare_inputs would then copy nothing); fills `pos` and the K
+// vector pointers `g` exactly as prepare_inputs would. False: prepare_inputs must decide.
+bool fast_position(const Inputs& in, int64_t T, int64_t K, int64_t i, at::Device device,
+                   CpuPosition* pos, const void** g) {
+  auto usable = [&](const at::Tensor& t, DType* dt) {
+    return t.defined() && t.layout() == at::kStrided && to_dtype(t.scalar_type(), dt) &&
+           t.device() == device;
+  };
+  const at::Tensor& x = *in.params[i];
+  const at::Tensor& r = *in.refs[i];
+  if (!usable(x, &pos->x_dt) || !usable(r, &pos->r_dt)) return false;
+  const int64_t n = x.numel();
+  if (r.numel() != n) return false;
+  bool all_contig = x.is_contiguous() && r.is_contiguous();
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor& gk = *in.grads[k * T + i];
+    DType dt;
+    if (!usable(gk, &dt) || gk.numel() != n) return false;
+    if (k == 0) pos->g_dt = dt;
+    else if (dt != pos->g_dt) return false;
+    all_contig = all_contig && gk.is_contiguous();
+  }
+  if (!all_contig) {  // copy-free only if all are dense with the same sizes and strides
+    auto same = [&](const at::Tensor& t) {
+      return t.is_non_overlapping_and_dense() && t.sizes() == x.sizes() && t.strides() == x.strides();
+    };
+    if (!same(x) || !same(r)) return false;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!same(*in.grads[k * T + i])) return false;
+    }
+  }
+  pos->numel = n;
+  pos->x = n ? x.const_data_ptr() : nullptr;
+  pos->r = n ? r.const_data_ptr() : nullptr;
+  for (int64_t k = 0; k < K; ++k) g[k] = n ? in.grads[k * T + i]->const_data_ptr() : nullptr;
+  return true;
+}
+
+// Scratch memory of the kernels (kCpuScratchBytes), one buffer per thread, reused across
+// calls. Pages are touched only by the kernels that use it (multi-list, Gram).
+void* thread_scratch() {
+  struct Buffer {
+    void* ptr = nullptr;
+    ~Buffer() { std::free(ptr); }
+  };
+  static thread_local Buffer buf;
+  if (buf.ptr == nullptr) {
+    buf.ptr = std::aligned_alloc(64, kCpuScratchBytes);
+    TORCH_CHECK(buf.ptr != nullptr, "pathgeom: out of memory for the CPU kernel's scratch buffer");
+  }
+  return buf.ptr;
+}
+
+// The hardware prefetchers lose their streams at every tensor boundary (K + 2 of them), which
+// cost 15-30 % of the time of 10^4 tensors of 10^3 elements: the data of a small tensor is
+// prefetched kAheadData positions before it is computed, up to kPrefetchBytes per stream
+// (beyond that the hardware prefetchers have caught on).
+constexpr int64_t kAheadData = 2;
+constexpr int64_t kPrefetchBytes = 4096;
+
+int64_t element_size(DType dt) {
+  switch (dt) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+  }
+  return 8;
+}
+
+void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < std::min(bytes, kPrefetchBytes); b += 64) __builtin_prefetch(c + b);
+}
+
+void prefetch_data(const CpuPosition& pos, const void* const* g, int64_t K) {
+  if (pos.numel == 0) return;
+  prefetch_bytes(pos.x, pos.numel * element_size(pos.x_dt));
+  prefetch_bytes(pos.r, pos.numel * element_size(pos.r_dt));
+  for (int64_t k = 0; k < K; ++k) prefetch_bytes(g[k], pos.numel * element_size(pos.g_dt));
+}
+
+// A parallel task: whole small tensors [t0, t1) (end < 0), or elements [begin, end) of the
+// one tensor t0 = t1 - 1, a chunk of a tensor larger than kCpuChunk.
+struct Task {
+  int64_t t0, t1, begin, end;
+};
+
+// Cost of one tensor position in elements of reading, when grouping small tensors into
+// tasks: its metadata checks and the kernel's fixed cost (~0.1 us).
+constexpr int64_t kPositionCost = 512;
+
+}  // namespace
+
+at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const ListNames& names,
+                           bool per_tensor, const CpuKernel& kernel) {
+  const int64_t T = static_cast<int64_t>(in.params.size());
+  const int64_t W = kernel.width;
+  if (K < 1 || static_cast<int64_t>(in.refs.size()) != T ||
+      static_cast<int64_t>(in.grads.size()) != K * T) {
+    prepare_inputs(op, in, K, names);  // raises the length / K message
+    TORCH_INTERNAL_ASSERT(false, op, ": inconsistent list lengths were not reported");
+  }
+  at::Tensor rows = at::zeros({per_tensor ? T : 1, W}, at::dtype(at::kDouble));
+  if (T == 0) return rows;
+
+  // Plan from the parameters' sizes alone (one serial read of each params[i]; bad entries
+  // count as empty here and are caught by the checks of the parallel pass). Partial row
+  // first[t] + q is chunk q of tensor t; an empty tensor has none.
+  std::vector<int64_t> first(T + 1);
+  std::vector<Task> tasks;
+  tasks.reserve(static_cast<size_t>(T / 16 + 16));
+  int64_t nchunks = 0, run_start = 0, run_cost = 0;
+  for (int64_t t = 0; t < std::min(T, kAheadImpl); ++t) prefetch_impl(*in.params[t]);
   for (int64_t t = 0; t < T; ++t) {
-    tensor_first_chunk[t] = static_cast<int64_t>(chunk_tensor.size());
-    for (int64_t b = 0; b < p.numel[t]; b += kCpuChunk) {
-      chunk_tensor.push_back(t);
-      chunk_begin.push_back(b);
-      chunk_end.push_back(std::min(b + kCpuChunk, p.numel[t]));
+    if (t + kAheadImpl < T) prefetch_impl(*in.params[t + kAheadImpl]);
+    const at::Tensor& x = *in.params[t];
+    const int64_t n = x.defined() && x.layout() == at::kStrided ? x.numel() : 0;
+    first[t] = nchunks;
+    if (n > kCpuChunk) {
+      if (run_start < t) tasks.push_back({run_start, t, 0, -1});
+      for (int64_t b = 0; b < n; b += kCpuChunk) tasks.push_back({t, t + 1, b, std::min(n, b + kCpuChunk)});
+      nchunks += (n + kCpuChunk - 1) / kCpuChunk;
+      run_start = t + 1;
+      run_cost = 0;
+    } else {
+      nchunks += n > 0;
+      run_cost += n + kPositionCost;
+      if (run_cost >= kCpuChunk) {
+        tasks.push_back({run_start, t + 1, 0, -1});
+        run_start = t + 1;
+        run_cost = 0;
+      }
     }
   }
-  const int64_t nchunks = static_cast<int64_t>(chunk_tensor.size());
-  tensor_first_chunk[T] = nchunks;
-  std::vector<int64_t> task_first{0};
-  int64_t acc = 0;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    acc += chunk_end[c] - chunk_begin[c];
-    if (acc >= kCpuChunk) {
-      task_first.push_back(c + 1);
-      acc = 0;
-    }
-  }
-  if (task_first.back() != nchunks) task_first.push_back(nchunks);
-  const int64_t ntasks = static_cast<int64_t>(task_first.size()) - 1;
+  first[T] = nchunks;
+  if (run_start < T) tasks.push_back({run_start, T, 0, -1});
 
   std::vector<double> partials(static_cast<size_t>(nchunks * W));
-  auto triple_of = [&](int64_t t) {
-    return CpuTriple{p.g.data() + t * K, p.x[t], p.r[t], p.g_dt[t], p.x_dt[t], p.r_dt[t]};
+  std::vector<uint8_t> flagged(T, 0);  // written for position t by the task holding its element 0
+  std::atomic<bool> any_flagged{false};
+  const at::Tensor& x0 = *in.params[0];
+  const at::Device device = x0.defined() ? x0.device() : at::Device(at::kCPU);
+  auto run = [&](const CpuPosition& pos, const void* const* g, int64_t b, int64_t e, void* scratch,
+                 double* out) {
+    const CpuTriple tr{g, pos.x, pos.r, pos.g_dt, pos.x_dt, pos.r_dt};
+    kernel.fn(tr, static_cast<int32_t>(K), b, e, kernel.weight_decay, scratch, out);
   };
-  at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
-    const int64_t c_end = task_first[te];
-    for (int64_t c = task_first[tb]; c < c_end; ++c) {
-      const int64_t t = chunk_tensor[c];
-      cpu_chunk_partials(triple_of(t), static_cast<int32_t>(K), chunk_begin[c], chunk_end[c], wd,
-                         partials.data() + c * W);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t tb, int64_t te) {
+    void* scratch = thread_scratch();
+    // Positions of a run are checked kAheadData ahead of their computation (a ring of
+    // kRing slots), so that their data can be prefetched.
+    constexpr int64_t kRing = kAheadData + 1;
+    CpuPosition pos[kRing];
+    bool ok[kRing];
+    std::vector<const void*> g(kRing * K);
+    auto check = [&](const Task& task, int64_t t) {
+      const int64_t s = t % kRing;
+      prefetch_position(in, T, K, t);
+      ok[s] = fast_position(in, T, K, t, device, &pos[s], &g[s * K]);
+      if (!ok[s]) {
+        if (task.end < 0 || task.begin == 0) flagged[t] = 1;
+        any_flagged.store(true, std::memory_order_relaxed);
+      }
+      return ok[s];
+    };
+    for (int64_t i = std::max<int64_t>(0, tasks[tb].t0); i < std::min(T, tasks[tb].t0 + kAheadImpl); ++i) {
+      for_each_member(in, T, K, i, prefetch_impl);
+    }
+    for (int64_t k = tb; k < te; ++k) {
+      const Task& task = tasks[k];
+      if (task.end >= 0) {  // a chunk of a large tensor
+        const int64_t t = task.t0;
+        if (check(task, t)) {
+          run(pos[t % kRing], &g[(t % kRing) * K], task.begin, task.end, scratch,
+              partials.data() + (first[t] + task.begin / kCpuChunk) * W);
+        }
+        continue;
+      }
+      for (int64_t t = task.t0; t < std::min(task.t1, task.t0 + kAheadData); ++t) {
+        if (check(task, t)) prefetch_data(pos[t % kRing], &g[(t % kRing) * K], K);
+      }
+      for (int64_t t = task.t0; t < task.t1; ++t) {
+        const int64_t a = t + kAheadData;
+        if (a < task.t1 && check(task, a)) prefetch_data(pos[a % kRing], &g[(a % kRing) * K], K);
+        const int64_t s = t % kRing;
+        if (ok[s] && pos[s].numel > 0) {
+          run(pos[s], &g[s * K], 0, pos[s].numel, scratch, partials.data() + first[t] * W);
+        }
+      }
     }
   });
 
+  if (any_flagged.load()) {
+    // Bad input raises here, with the message naming the first offending index.
+    Prepared p = prepare_inputs(op, in, K, names);
+    std::vector<std::pair<int64_t, int64_t>> work;  // (position, chunk) of flagged positions
+    for (int64_t t = 0; t < T; ++t) {
+      if (!flagged[t]) continue;
+      TORCH_INTERNAL_ASSERT(first[t + 1] - first[t] == (p.numel[t] + kCpuChunk - 1) / kCpuChunk);
+      for (int64_t q = 0; q < first[t + 1] - first[t]; ++q) work.emplace_back(t, q);
+    }
+    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t wb, int64_t we) {
+      void* scratch = thread_scratch();
+      for (int64_t w = wb; w < we; ++w) {
+        const int64_t t = work[w].first, q = work[w].second;
+        CpuPosition pos;
+        pos.x = p.x[t];
+        pos.r = p.r[t];
+        pos.g_dt = p.g_dt[t];
+        pos.x_dt = p.x_dt[t];
+        pos.r_dt = p.r_dt[t];
+        const int64_t b = q * kCpuChunk, e = std::min(p.numel[t], b + kCpuChunk);
+        run(pos, p.g.data() + t * K, b, e, scratch, partials.data() + (first[t] + q) * W);
+      }
+    });
+  }
+
   // Fixed-order combine in fp64.
-  at::Tensor rows = at::zeros({per_tensor ? T : 1, K, 3}, at::dtype(at::kDouble));
   double* out = rows.data_ptr<double>();
   for (int64_t t = 0; t < T; ++t) {
     double* row = out + (per_tensor ? t * W : 0);
-    for (int64_t c = tensor_first_chunk[t]; c < tensor_first_chunk[t + 1]; ++c) {
+    for (int64_t c = first[t]; c < first[t + 1]; ++c) {
       for (int64_t w = 0; w < W; ++w) row[w] += partials[c * W + w];
     }
   }
   return rows;
+}
+
+// [T or 1][K][3] rows on the CPU.
+at::Tensor cpu_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd) {
+  const CpuKernel kernel{3 * K, &cpu_chunk_partials, wd};
+  return cpu_kernel_rows(op, in, K, kGradNames, per_tensor, kernel).view({-1, K, 3});
 }
 
 namespace {
@@ -288,6 +509,27 @@ at::Tensor secant_stats_multi_cpu(at::TensorList grads, at::TensorList params,
       num_grads, per_tensor, true);
 }
 
+void gram_kernel(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, double /*wd*/,
+                 void* scratch, double* out) {
+  cpu_gram_partials(t, K, begin, end, scratch, out);
+}
+
+// [K + 1, K + 1] or [T, K + 1, K + 1]. No CUDA kernel: CUDA tensors go to the Triton kernel
+// (pathgeom_fast.triton_gram) from Python.
+at::Tensor gram_cpu(const Inputs& in, int64_t num_vecs, bool per_tensor) {
+  TORCH_CHECK_VALUE(num_vecs >= 1 && num_vecs <= kGramMaxVecs,
+                    "secant_gram: num_vecs must be between 1 and ", kGramMaxVecs, ", got ", num_vecs);
+  const int64_t M = num_vecs + 1;
+  const CpuKernel kernel{M * M, &gram_kernel, 0.0};
+  at::Tensor rows = cpu_kernel_rows("secant_gram", in, num_vecs, kVecNames, per_tensor, kernel);
+  return per_tensor ? rows.view({-1, M, M}) : rows.view({M, M});
+}
+
+at::Tensor secant_gram_cpu(at::TensorList vecs, at::TensorList params, at::TensorList refs,
+                           int64_t num_vecs, bool per_tensor) {
+  return gram_cpu(inputs_of(vecs, params, refs), num_vecs, per_tensor);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pathgeom, m) {
@@ -297,11 +539,15 @@ TORCH_LIBRARY(pathgeom, m) {
   m.def(
       "secant_stats_multi(Tensor[] grads, Tensor[] params, Tensor[] refs, int num_grads, "
       "bool per_tensor=False, float weight_decay=0.0) -> Tensor");
+  m.def(
+      "secant_gram(Tensor[] vecs, Tensor[] params, Tensor[] refs, int num_vecs, "
+      "bool per_tensor=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pathgeom, CPU, m) {
   m.impl("secant_stats", &secant_stats_cpu);
   m.impl("secant_stats_multi", &secant_stats_multi_cpu);
+  m.impl("secant_gram", &secant_gram_cpu);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -313,8 +559,9 @@ TORCH_LIBRARY_IMPL(pathgeom, CPU, m) {
 // ---------------------------------------------------------------------------------------
 namespace {
 
+// `names` is given for the K vector lists (their entries are named grads[k][i] / vecs[k][i]).
 void borrow_list(PyObject* list, const char* what, std::vector<const at::Tensor*>& out, int64_t T,
-                 int64_t K) {
+                 int64_t K, const ListNames* names = nullptr) {
   TORCH_CHECK_TYPE(PyList_Check(list), what, " must be a list");
   const Py_ssize_t n = PyList_GET_SIZE(list);
   out.resize(n);
@@ -322,7 +569,7 @@ void borrow_list(PyObject* list, const char* what, std::vector<const at::Tensor*
     PyObject* o = PyList_GET_ITEM(list, j);
     if (!THPVariable_Check(o)) {
       std::string name = std::string(what) + "[" + std::to_string(j) + "]";
-      if (std::string(what) == "grads") name = grad_name(j, T, K);
+      if (names != nullptr) name = grad_name(j, T, K, *names);
       TORCH_CHECK_VALUE(o != Py_None, name, " is None (a parameter without .grad? see pathgeom_fast.grads_of)");
       TORCH_CHECK_TYPE(false, name, " is a ", Py_TYPE(o)->tp_name, ", not a torch.Tensor");
     }
@@ -335,18 +582,23 @@ struct ReleaseGil {
   ~ReleaseGil() { PyEval_RestoreThread(state); }
 };
 
-// direct(grads, params, refs, num_grads, per_tensor, weight_decay, multi) -> Tensor
+// direct(grads, params, refs, num_grads, per_tensor, weight_decay, mode) -> Tensor
+// mode: 0 (or False) secant_stats, 1 (or True) secant_stats_multi, 2 secant_gram (grads are
+// then its vectors; weight_decay is ignored).
 PyObject* direct(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *g, *x, *r;
   long long K;
-  int per_tensor, multi;
+  int per_tensor, mode;
   double wd;
-  if (!PyArg_ParseTuple(args, "OOOLpdp", &g, &x, &r, &K, &per_tensor, &wd, &multi)) return nullptr;
-  const char* op = multi ? "secant_stats_multi" : "secant_stats";
+  if (!PyArg_ParseTuple(args, "OOOLpdi", &g, &x, &r, &K, &per_tensor, &wd, &mode)) return nullptr;
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "secant_stats_direct: mode must be 0, 1 or 2, got ", mode);
+  const bool multi = mode == 1, gram = mode == 2;
+  const char* op = gram ? "secant_gram" : multi ? "secant_stats_multi" : "secant_stats";
+  const ListNames& names = gram ? kVecNames : kGradNames;
   Inputs in;
   const int64_t T = PyList_Check(x) ? PyList_GET_SIZE(x) : 0;
-  borrow_list(g, "grads", in.grads, T, K);
+  borrow_list(g, names.list, in.grads, T, K, &names);
   borrow_list(x, "params", in.params, T, K);
   borrow_list(r, "refs", in.refs, T, K);
   TORCH_CHECK_VALUE(T > 0, op, ": the direct entry point needs at least one tensor");
@@ -354,10 +606,16 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
   {
     ReleaseGil nogil;
     const at::Device dev = in.params[0]->device();
-    RowsFn fn = dev.is_cpu() ? &cpu_rows : dev.is_cuda() ? cuda_rows_fn : nullptr;
-    TORCH_CHECK(fn != nullptr, op, ": no compiled kernel for tensors on ", dev,
-                dev.is_cuda() ? " (pathgeom_fast._C was built without CUDA)" : "");
-    out = shape_output(fn(op, in, K, per_tensor, wd), K, per_tensor, multi);
+    if (gram) {
+      TORCH_CHECK(dev.is_cpu(), op, ": no compiled kernel for tensors on ", dev,
+                  " (the Gram op has a CPU kernel only; use backend='triton')");
+      out = gram_cpu(in, K, per_tensor);
+    } else {
+      RowsFn fn = dev.is_cpu() ? &cpu_rows : dev.is_cuda() ? cuda_rows_fn : nullptr;
+      TORCH_CHECK(fn != nullptr, op, ": no compiled kernel for tensors on ", dev,
+                  dev.is_cuda() ? " (pathgeom_fast._C was built without CUDA)" : "");
+      out = shape_output(fn(op, in, K, per_tensor, wd), K, per_tensor, multi);
+    }
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

@@ -7,7 +7,9 @@
 //
 // Every kernel writes one partial row per (chunk, k): (a_k, b_k, c), in fp64, computed
 // from fp32 products (fp64 when any input of the triple is fp64). Partials are combined in
-// a fixed order, so results are bitwise reproducible: no atomics anywhere.
+// a fixed order, so results are bitwise reproducible: no atomics anywhere. The Gram kernel
+// (cpu_gram_partials) follows the same rules for all pairwise inner products of K vectors
+// and x - x*.
 //
 // Nothing here includes torch: the binding files (ops.cpp, ops_cuda.cpp) convert tensors
 // into these plain structs, so nvcc / g++ compile and check this code on their own.
@@ -38,10 +40,23 @@ struct CpuTriple {
 // Elements per CPU chunk: a chunk is the unit of parallel work and of partial results.
 constexpr int64_t kCpuChunk = 1 << 15;
 
+// Scratch memory one call of a CPU kernel may use (the multi-list and Gram kernels keep tiles
+// of x - x* there). The caller owns it, one 64-byte-aligned buffer per thread, so that the
+// kernels keep no per-thread state of their own.
+constexpr int64_t kCpuScratchBytes = 1 << 19;
+
 // Accumulates elements [begin, end) of `t` and writes K rows (a_k, b_k, c) to out[3*K].
 // Serial: the caller runs chunks in parallel.
 void cpu_chunk_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end,
-                        double weight_decay, double* out);
+                        double weight_decay, void* scratch, double* out);
+
+// Gram matrix of the M = K + 1 vectors (t.g[0], ..., t.g[K-1], d = x - x*) over elements
+// [begin, end): out[i * M + j] = sum of v_i * v_j, fp32 products (fp64 when an input is fp64)
+// summed in fp64, row-major M x M; out[j * M + i] is a copy of out[i * M + j], so the matrix
+// is exactly symmetric. 1 <= K <= kGramMaxVecs.
+constexpr int32_t kGramMaxVecs = 8;
+void cpu_gram_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, void* scratch,
+                       double* out);
 
 // The instruction set the CPU kernel runs with: "avx512", "avx2" or "baseline".
 const char* cpu_isa();

@@ -32,35 +32,43 @@ namespace isa_base {
 
 namespace {
 
-using ChunkFn = void (*)(const CpuTriple&, int32_t, int64_t, int64_t, double, double*);
+using ChunkFn = void (*)(const CpuTriple&, int32_t, int64_t, int64_t, double, void*, double*);
+using GramFn = void (*)(const CpuTriple&, int32_t, int64_t, int64_t, void*, double*);
 
-ChunkFn pick() {
+struct Kernels {
+  ChunkFn chunk;
+  GramFn gram;
+  const char* isa;
+};
+
+Kernels pick() {
 #ifdef PATHGEOM_MULTIVERSION
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
-    return &isa_avx512::chunk_partials;
+    return {&isa_avx512::chunk_partials, &isa_avx512::gram_partials, "avx512"};
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &isa_avx2::chunk_partials;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {&isa_avx2::chunk_partials, &isa_avx2::gram_partials, "avx2"};
+  }
 #endif
-  return &isa_base::chunk_partials;
+  return {&isa_base::chunk_partials, &isa_base::gram_partials, "baseline"};
 }
 
-const ChunkFn kChunk = pick();
+const Kernels kKernels = pick();
 
 }  // namespace
 
 void cpu_chunk_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end,
-                        double weight_decay, double* out) {
-  kChunk(t, K, begin, end, weight_decay, out);
+                        double weight_decay, void* scratch, double* out) {
+  kKernels.chunk(t, K, begin, end, weight_decay, scratch, out);
 }
 
-const char* cpu_isa() {
-#ifdef PATHGEOM_MULTIVERSION
-  if (kChunk == &isa_avx512::chunk_partials) return "avx512";
-  if (kChunk == &isa_avx2::chunk_partials) return "avx2";
-#endif
-  return "baseline";
+void cpu_gram_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, void* scratch,
+                       double* out) {
+  kKernels.gram(t, K, begin, end, scratch, out);
 }
+
+const char* cpu_isa() { return kKernels.isa; }
 
 }  // namespace pathgeom

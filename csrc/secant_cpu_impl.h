@@ -48,18 +48,40 @@ constexpr int64_t kTile = 1024;
 constexpr int64_t kMultiTile = 32768;
 constexpr int kLanes = 32;
 
-// One gradient list: a single fused pass over g, x and x*.
-template <typename Acc, typename TG, typename TX, typename TR, bool WD>
-void chunk_one(const TG* __restrict__ g, const TX* __restrict__ x, const TR* __restrict__ r,
-               int64_t begin, int64_t end, Acc wd, double* out) {
-  double da[kLanes] = {}, db[kLanes] = {}, dc[kLanes] = {};
-  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-    const int64_t n = std::min(kTile, end - t0);
-    const int64_t nv = n / kLanes * kLanes;
-    Acc sa[kLanes] = {}, sb[kLanes] = {}, sc[kLanes] = {};
-    for (int64_t i = t0; i < t0 + nv; i += kLanes) {
+// Pairwise sum of kLanes fp64 lanes in a fixed order: five dependent additions instead of a
+// chain of 32 (the fixed cost of a short tensor is mostly this final reduction).
+inline double tree_sum(double* v) {
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) {
+    for (int j = 0; j < w; ++j) v[j] += v[j + w];
+  }
+  return v[0];
+}
+
+// One tile of chunk_one: elements [t0, t0 + n), n <= kTile, into the kLanes lanes.
+template <typename Acc, typename TG, typename TX, typename TR, bool WD>
+inline void tile_one(const TG* __restrict__ g, const TX* __restrict__ x, const TR* __restrict__ r,
+                     int64_t t0, int64_t n, Acc wd, Acc* __restrict__ sa, Acc* __restrict__ sb,
+                     Acc* __restrict__ sc) {
+  const int64_t nv = n / kLanes * kLanes;
+  for (int64_t i = t0; i < t0 + nv; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const Acc xv = load<Acc>(x, i + j);
+      const Acc d = xv - load<Acc>(r, i + j);
+      Acc h = load<Acc>(g, i + j);
+      if (WD) h += wd * xv;
+      sa[j] += h * d;
+      sb[j] += h * h;
+      sc[j] += d * d;
+    }
+  }
+  if (nv < n) {  // the last n - nv < kLanes elements: masked lanes, not a scalar loop
+    const int64_t i = t0 + nv;
+    const int rem = static_cast<int>(n - nv);
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      if (j < rem) {
         const Acc xv = load<Acc>(x, i + j);
         const Acc d = xv - load<Acc>(r, i + j);
         Acc h = load<Acc>(g, i + j);
@@ -69,41 +91,57 @@ void chunk_one(const TG* __restrict__ g, const TX* __restrict__ x, const TR* __r
         sc[j] += d * d;
       }
     }
-    for (int64_t i = t0 + nv; i < t0 + n; ++i) {
-      const int j = static_cast<int>(i - t0 - nv);
-      const Acc xv = load<Acc>(x, i);
-      const Acc d = xv - load<Acc>(r, i);
-      Acc h = load<Acc>(g, i);
-      if (WD) h += wd * xv;
-      sa[j] += h * d;
-      sb[j] += h * h;
-      sc[j] += d * d;
-    }
+  }
+}
+
+// One gradient list: a single fused pass over g, x and x*. Each tile's lanes are added to
+// fp64 lanes, whose tree sums are the results. A chunk of one tile (any tensor of up to
+// kTile elements) skips the fp64 lanes: the same sums, for a third of the fixed cost.
+template <typename Acc, typename TG, typename TX, typename TR, bool WD>
+void chunk_one(const TG* __restrict__ g, const TX* __restrict__ x, const TR* __restrict__ r,
+               int64_t begin, int64_t end, Acc wd, double* out) {
+  double da[kLanes], db[kLanes], dc[kLanes];
+  if (end - begin <= kTile) {
+    Acc sa[kLanes] = {}, sb[kLanes] = {}, sc[kLanes] = {};
+    tile_one<Acc, TG, TX, TR, WD>(g, x, r, begin, end - begin, wd, sa, sb, sc);
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      da[j] += static_cast<double>(sa[j]);
-      db[j] += static_cast<double>(sb[j]);
-      dc[j] += static_cast<double>(sc[j]);
+      da[j] = static_cast<double>(sa[j]);
+      db[j] = static_cast<double>(sb[j]);
+      dc[j] = static_cast<double>(sc[j]);
+    }
+  } else {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) da[j] = db[j] = dc[j] = 0.0;
+    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+      Acc sa[kLanes] = {}, sb[kLanes] = {}, sc[kLanes] = {};
+      tile_one<Acc, TG, TX, TR, WD>(g, x, r, t0, std::min(kTile, end - t0), wd, sa, sb, sc);
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        da[j] += static_cast<double>(sa[j]);
+        db[j] += static_cast<double>(sb[j]);
+        dc[j] += static_cast<double>(sc[j]);
+      }
     }
   }
-  double a = 0, b = 0, c = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    a += da[j];
-    b += db[j];
-    c += dc[j];
-  }
-  out[0] = a;
-  out[1] = b;
-  out[2] = c;
+  out[0] = tree_sum(da);
+  out[1] = tree_sum(db);
+  out[2] = tree_sum(dc);
 }
 
 // K gradient lists: x and x* are read once per tile into L1-resident buffers (d = x - x*,
 // and x for weight decay), then each gradient streams against them.
+//
+// The two tiles live in the caller's scratch buffer. (They were `static thread_local` arrays
+// once: one pair per template instantiation and instruction set made the library's TLS block
+// 151 MB, allocated and zeroed in full by every thread that ran any of its code.)
 template <typename Acc, typename TG, typename TX, typename TR, bool WD>
 void chunk_multi(const void* const* gptrs, int32_t K, const TX* __restrict__ x,
-                 const TR* __restrict__ r, int64_t begin, int64_t end, Acc wd, double* out) {
-  alignas(64) static thread_local Acc d[kMultiTile];
-  alignas(64) static thread_local Acc xs[kMultiTile];
+                 const TR* __restrict__ r, int64_t begin, int64_t end, Acc wd, void* scratch,
+                 double* out) {
+  static_assert(2 * kMultiTile * sizeof(Acc) <= kCpuScratchBytes, "scratch too small");
+  Acc* __restrict__ d = static_cast<Acc*>(scratch);
+  Acc* __restrict__ xs = d + kMultiTile;
   double c_sum = 0.0;
   for (int32_t k = 0; k < K; ++k) out[3 * k] = out[3 * k + 1] = 0.0;
   for (int64_t t0 = begin; t0 < end; t0 += kMultiTile) {
@@ -162,7 +200,8 @@ void chunk_multi(const void* const* gptrs, int32_t K, const TX* __restrict__ x,
 }
 
 template <typename TG, typename TX, typename TR>
-void dispatch_chunk(const CpuTriple& t, int32_t K, int64_t b, int64_t e, double wd, double* out) {
+void dispatch_chunk(const CpuTriple& t, int32_t K, int64_t b, int64_t e, double wd, void* scratch,
+                    double* out) {
   constexpr bool any64 = sizeof(TG) == 8 || sizeof(TX) == 8 || sizeof(TR) == 8;
   using Acc = typename std::conditional<any64, double, float>::type;
   const TX* x = static_cast<const TX*>(t.x);
@@ -173,8 +212,8 @@ void dispatch_chunk(const CpuTriple& t, int32_t K, int64_t b, int64_t e, double 
     if (wd != 0.0) chunk_one<Acc, TG, TX, TR, true>(g, x, r, b, e, w, out);
     else chunk_one<Acc, TG, TX, TR, false>(g, x, r, b, e, w, out);
   } else {
-    if (wd != 0.0) chunk_multi<Acc, TG, TX, TR, true>(t.g, K, x, r, b, e, w, out);
-    else chunk_multi<Acc, TG, TX, TR, false>(t.g, K, x, r, b, e, w, out);
+    if (wd != 0.0) chunk_multi<Acc, TG, TX, TR, true>(t.g, K, x, r, b, e, w, scratch, out);
+    else chunk_multi<Acc, TG, TX, TR, false>(t.g, K, x, r, b, e, w, scratch, out);
   }
 }
 
@@ -189,12 +228,100 @@ void visit_dtype(DType d, F&& f) {
 }
 
 void chunk_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, double wd,
-                    double* out) {
+                    void* scratch, double* out) {
   visit_dtype(t.g_dtype, [&](auto g_tag) {
     visit_dtype(t.x_dtype, [&](auto x_tag) {
       visit_dtype(t.r_dtype, [&](auto r_tag) {
-        dispatch_chunk<decltype(g_tag), decltype(x_tag), decltype(r_tag)>(t, K, begin, end, wd, out);
+        dispatch_chunk<decltype(g_tag), decltype(x_tag), decltype(r_tag)>(t, K, begin, end, wd,
+                                                                          scratch, out);
       });
     });
   });
+}
+
+// ---------------------------------------------------------------------------------------
+// Gram matrix of K vectors and d = x - x* (cpu_gram_partials in secant_core.h).
+//
+// Per tile of kGramTile elements, each of the K + 2 input streams is read once and converted
+// into an Acc row of the scratch buffer (d = x - x* computed there); the M (M + 1) / 2 inner
+// products then run over these rows, which stay in L1/L2. Each product sums kTile elements in
+// kLanes Acc lanes (32 products per lane, as chunk_one), whose fp64 tree sum is added to the
+// pair's fp64 total. Only the conversions depend on the input dtypes, so the products are
+// compiled once per accumulator type rather than once per dtype combination.
+// ---------------------------------------------------------------------------------------
+
+constexpr int64_t kGramTile = 4096;
+
+template <typename Acc, typename T>
+void to_acc_row(const T* __restrict__ src, int64_t n, Acc* __restrict__ dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = load<Acc>(src, i);
+}
+
+template <typename Acc, typename TX, typename TR>
+void diff_row(const TX* __restrict__ x, const TR* __restrict__ r, int64_t n, Acc* __restrict__ dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = load<Acc>(x, i) - load<Acc>(r, i);
+}
+
+// sum_i a[i] * b[i] for n <= kTile: kLanes Acc lanes, then their fp64 tree sum.
+template <typename Acc>
+double lane_dot(const Acc* __restrict__ a, const Acc* __restrict__ b, int64_t n) {
+  Acc s[kLanes] = {};
+  const int64_t nv = n / kLanes * kLanes;
+  for (int64_t i = 0; i < nv; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) s[j] += a[i + j] * b[i + j];
+  }
+  const int rem = static_cast<int>(n - nv);
+#pragma omp simd
+  for (int j = 0; j < kLanes; ++j) {
+    if (j < rem) s[j] += a[nv + j] * b[nv + j];
+  }
+  double d[kLanes];
+#pragma omp simd
+  for (int j = 0; j < kLanes; ++j) d[j] = static_cast<double>(s[j]);
+  return tree_sum(d);
+}
+
+template <typename Acc>
+void gram_chunk(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, void* scratch,
+                double* out) {
+  static_assert((kGramMaxVecs + 1) * kGramTile * sizeof(Acc) <= kCpuScratchBytes,
+                "scratch too small");
+  const int M = K + 1;
+  Acc* rows[kGramMaxVecs + 1];
+  for (int m = 0; m < M; ++m) rows[m] = static_cast<Acc*>(scratch) + m * kGramTile;
+  for (int w = 0; w < M * M; ++w) out[w] = 0.0;
+  for (int64_t t0 = begin; t0 < end; t0 += kGramTile) {
+    const int64_t n = std::min(kGramTile, end - t0);
+    for (int32_t k = 0; k < K; ++k) {
+      visit_dtype(t.g_dtype, [&](auto tag) {
+        to_acc_row(static_cast<const decltype(tag)*>(t.g[k]) + t0, n, rows[k]);
+      });
+    }
+    visit_dtype(t.x_dtype, [&](auto x_tag) {
+      visit_dtype(t.r_dtype, [&](auto r_tag) {
+        diff_row(static_cast<const decltype(x_tag)*>(t.x) + t0,
+                 static_cast<const decltype(r_tag)*>(t.r) + t0, n, rows[K]);
+      });
+    });
+    for (int64_t s0 = 0; s0 < n; s0 += kTile) {
+      const int64_t m = std::min(kTile, n - s0);
+      for (int i = 0; i < M; ++i) {
+        for (int j = i; j < M; ++j) out[i * M + j] += lane_dot(rows[i] + s0, rows[j] + s0, m);
+      }
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int j = 0; j < i; ++j) out[i * M + j] = out[j * M + i];
+  }
+}
+
+void gram_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, void* scratch,
+                   double* out) {
+  const bool any64 = t.g_dtype == DType::kFloat64 || t.x_dtype == DType::kFloat64 ||
+                     t.r_dtype == DType::kFloat64;
+  if (any64) gram_chunk<double>(t, K, begin, end, scratch, out);
+  else gram_chunk<float>(t, K, begin, end, scratch, out);
 }

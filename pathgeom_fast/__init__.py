@@ -3,12 +3,13 @@
     import pathgeom_fast as pg
     s = pg.secant_stats(grads, params, refs)        # float64 [3]: <g, x-x*>, ||g||^2, ||x-x*||^2
     geo = pg.geometry(s)                            # rsi, eb, cos, eta_star, contraction, ...
+    G = pg.secant_gram([g, u], params, refs)        # float64 [3, 3]: Gram of g, u and x - x*
 """
 
 from . import _ext
 from .geometry import Geometry, geometry
-from .ops import BACKENDS, grads_of, numel_of, secant_stats, secant_stats_multi
-from .reference import reference_secant_stats
+from .ops import BACKENDS, grads_of, numel_of, secant_gram, secant_stats, secant_stats_multi
+from .reference import reference_secant_gram, reference_secant_stats
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,9 @@ __all__ = [
     "geometry",
     "grads_of",
     "numel_of",
+    "reference_secant_gram",
     "reference_secant_stats",
+    "secant_gram",
     "secant_stats",
     "secant_stats_multi",
 ]

@@ -10,15 +10,20 @@ global sums (DESIGN.md section 3):
   are not reduced over at all: each replica already holds the whole answer.
 * ``group=``: the local results are summed over that process group.
 
-Exactly one collective per call, whatever the number of tensors or gradient lists.
+Exactly one collective per call, whatever the number of tensors or vector lists. The same
+logic serves every op (secant_stats, secant_stats_multi, secant_gram): results are sums over
+elements, so local results add up; ``_shapes`` says where the per-tensor axis is.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from . import _shapes
 
 Tensor = torch.Tensor
 
@@ -38,10 +43,11 @@ def _placements():
 
 def _check_dtensors(op: str, lists, params, refs):
     """Mesh and placements shared by triple i; raises on mixes we cannot reduce correctly."""
-    T = len(params)
+    T, K = len(params), len(lists)
+    name_of = lambda k, i: _shapes.entry_name(op, k * T + i, T, K)
     named = [(f"params[{i}]", params[i]) for i in range(T)] + [(f"refs[{i}]", refs[i]) for i in range(T)]
     for k, g in enumerate(lists):
-        named += [((f"grads[{i}]" if len(lists) == 1 else f"grads[{k}][{i}]"), g[i]) for i in range(T)]
+        named += [(name_of(k, i), g[i]) for i in range(T)]
     kinds = {is_dtensor(t) for _, t in named}
     if len(kinds) > 1:
         bad = next(n for n, t in named if is_dtensor(t) != is_dtensor(params[0]))
@@ -61,9 +67,7 @@ def _check_dtensors(op: str, lists, params, refs):
             )
     for i in range(T):
         pl = params[i].placements
-        others = [(f"refs[{i}]", refs[i])] + [
-            ((f"grads[{i}]" if len(lists) == 1 else f"grads[{k}][{i}]"), g[i]) for k, g in enumerate(lists)
-        ]
+        others = [(f"refs[{i}]", refs[i])] + [(name_of(k, i), g[i]) for k, g in enumerate(lists)]
         for name, t in others:
             if t.placements != pl or t.shape != params[i].shape:
                 raise ValueError(
@@ -82,30 +86,37 @@ def _mesh_group(mesh, dims: list[int]):
     names = [mesh.mesh_dim_names[d] for d in dims] if mesh.mesh_dim_names else None
     if names is None:
         raise ValueError(
-            "secant_stats: tensors sharded on several dimensions of an unnamed sub-mesh; give the "
+            "pathgeom: tensors sharded on several dimensions of an unnamed sub-mesh; give the "
             "DeviceMesh mesh_dim_names so that the dimensions can be flattened into one group"
         )
     return mesh[tuple(names)]._flatten().get_group()
 
 
-def dispatch(op, lists, params, refs, per_tensor, weight_decay, backend, group, run):
-    """Local compute with ``run`` (ops._run) then, for sharded inputs, one all-reduce."""
-    K, T = len(lists), len(params)
+def dispatch(op: str, lists, params, refs, per_tensor: bool, group, compute: Callable) -> Tensor:
+    """Local compute, then for sharded inputs one all-reduce (SUM) of the small result.
+
+    ``lists`` are the K vector lists (gradients, or the vectors of secant_gram);
+    ``compute(flat, params, refs)`` returns ``op``'s result over plain local tensors, with the
+    K lists given back to back in ``flat`` (zeros of the right shape, on the CPU, for empty
+    lists).
+    """
+    T = len(params)
     if T and any(is_dtensor(t) for t in (params[0], refs[0], lists[0][0])):
         if group is not None:
             raise ValueError(f"{op}: group= is for plain local shards; DTensors carry their own mesh")
-        return _dtensor(op, lists, params, refs, per_tensor, weight_decay, backend, run)
-    flat = [t for g in lists for t in g]
-    out = run(op, flat, params, refs, K, per_tensor, weight_decay, backend)
+        return _dtensor(op, lists, params, refs, per_tensor, compute)
+    # one list: passed as it is (copying a list of 10^4 tensors costs as much as the kernel
+    # on some of them)
+    flat = lists[0] if len(lists) == 1 else [t for g in lists for t in g]
+    out = compute(flat, params, refs)
     if group is not None:
         out = out.contiguous()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
 
-def _dtensor(op, lists, params, refs, per_tensor, weight_decay, backend, run):
+def _dtensor(op, lists, params, refs, per_tensor, compute):
     K, T = len(lists), len(params)
-    multi = op == "secant_stats_multi"
     mesh = _check_dtensors(op, lists, params, refs)
     _, Replicate, Shard = _placements()
     sharded = sorted({d for p in params for d, pl in enumerate(p.placements) if isinstance(pl, Shard)})
@@ -121,19 +132,13 @@ def _dtensor(op, lists, params, refs, per_tensor, weight_decay, backend, run):
     sub_lists = [[loc(g[i]) for i in keep] for g in lists]
     sub_p = [loc(params[i]) for i in keep]
     sub_r = [loc(refs[i]) for i in keep]
-    from .ops import _out_shape  # ops imports this module
-
     device = params[0].to_local().device
-    # with nothing kept here, run() returns zeros of the right shape (on the CPU)
-    part = run(op, [t for g in sub_lists for t in g], sub_p, sub_r, K, per_tensor, weight_decay, backend)
-    part = part.to(device)
+    # with nothing kept here, compute() returns zeros of the right shape (on the CPU)
+    part = compute([t for g in sub_lists for t in g], sub_p, sub_r).to(device)
     if per_tensor:  # scatter the kept rows to their positions; other rows come from other ranks
-        full = torch.zeros(_out_shape(T, K, True, multi), dtype=torch.float64, device=device)
+        full = torch.zeros(_shapes.out_shape(op, T, K, True), dtype=torch.float64, device=device)
         idx = torch.tensor(keep, dtype=torch.long, device=device)
-        if multi:
-            full[:, idx] = part
-        else:
-            full[idx] = part
+        full.index_copy_(_shapes.tensor_axis(op), idx, part)
         part = full
     part = part.contiguous()
     if sharded:

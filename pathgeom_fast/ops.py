@@ -1,4 +1,4 @@
-"""The fused secant-statistics ops and their Python wrappers.
+"""The fused secant-statistics and Gram ops and their Python wrappers.
 
 Ops (namespace ``torch.ops.pathgeom``)::
 
@@ -7,13 +7,19 @@ Ops (namespace ``torch.ops.pathgeom``)::
     secant_stats_multi(Tensor[] grads, Tensor[] params, Tensor[] refs, int num_grads,
                        bool per_tensor=False, float weight_decay=0.0) -> Tensor  # [K, 3] or [K, T, 3]
     secant_stats_triton(...)   # same as secant_stats_multi, computed by the Triton kernel
+    secant_gram(Tensor[] vecs, Tensor[] params, Tensor[] refs, int num_vecs,
+                bool per_tensor=False) -> Tensor          # [K+1, K+1] or [T, K+1, K+1]
+    secant_gram_triton(...)    # same as secant_gram, computed by the Triton kernel
 
 ``secant_stats_multi`` takes its K gradient lists back to back: ``grads[k * T + i]``.
 Each row is (a, b, c) = (<h, x - x*>, ||h||^2, ||x - x*||^2) with h = g + weight_decay * x.
+``secant_gram`` takes its K vector lists the same way and returns the Gram matrix of
+(v_0, ..., v_{K-1}, x - x*).
 
 With the extension built, ``secant_stats``/``secant_stats_multi`` run the C++ CPU and CUDA
-kernels; without it, the same ops are registered here with the pure-torch implementation so
-that code calling ``torch.ops.pathgeom`` keeps working.
+kernels and ``secant_gram`` the C++ CPU kernel (it has no CUDA kernel: CUDA tensors go to
+Triton); without the extension, the same ops are registered here with the pure-torch
+implementation so that code calling ``torch.ops.pathgeom`` keeps working.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import _ext, distributed, reference, triton_kernels
+from . import _ext, _shapes, distributed, reference, triton_gram, triton_kernels
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
@@ -35,6 +41,7 @@ _MULTI_SCHEMA = (
     "(Tensor[] grads, Tensor[] params, Tensor[] refs, int num_grads, bool per_tensor=False, "
     "float weight_decay=0.0) -> Tensor"
 )
+_GRAM_SCHEMA = "(Tensor[] vecs, Tensor[] params, Tensor[] refs, int num_vecs, bool per_tensor=False) -> Tensor"
 
 
 def _shape_rows(rows: Tensor, K: int, per_tensor: bool, multi: bool) -> Tensor:
@@ -44,10 +51,9 @@ def _shape_rows(rows: Tensor, K: int, per_tensor: bool, multi: bool) -> Tensor:
     return rows[0].contiguous() if multi else rows[0, 0].contiguous()
 
 
-def _out_shape(T: int, K: int, per_tensor: bool, multi: bool) -> tuple[int, ...]:
-    if per_tensor:
-        return (K, T, 3) if multi else (T, 3)
-    return (K, 3) if multi else (3,)
+def _gram_out(rows: Tensor, per_tensor: bool) -> Tensor:
+    """[T or 1, K+1, K+1] rows -> [T, K+1, K+1] or [K+1, K+1]."""
+    return rows if per_tensor else rows[0].contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -70,18 +76,34 @@ if not _ext.available():
         rows = reference.secant_rows(grads, params, refs, num_grads, per_tensor=per_tensor, weight_decay=weight_decay)
         return _shape_rows(rows, num_grads, per_tensor, True)
 
+    _lib.define("secant_gram" + _GRAM_SCHEMA)
+
+    def _torch_gram(vecs, params, refs, num_vecs, per_tensor=False):
+        _validate(_shapes.GRAM, vecs, params, refs, num_vecs)
+        return _gram_out(reference.gram_rows(vecs, params, refs, num_vecs, per_tensor=per_tensor), per_tensor)
+
     _lib.impl("secant_stats", _torch_single, "CompositeExplicitAutograd")
     _lib.impl("secant_stats_multi", _torch_multi, "CompositeExplicitAutograd")
+    _lib.impl("secant_gram", _torch_gram, "CompositeExplicitAutograd")
+
+
+def _fake_out(op: str, params, K: int, per_tensor: bool) -> Tensor:
+    return params[0].new_empty(_shapes.out_shape(op, len(params), K, per_tensor), dtype=torch.float64)
 
 
 @torch.library.register_fake("pathgeom::secant_stats")
 def _fake_single(grads, params, refs, per_tensor=False, weight_decay=0.0):
-    return params[0].new_empty(_out_shape(len(params), 1, per_tensor, False), dtype=torch.float64)
+    return _fake_out(_shapes.SINGLE, params, 1, per_tensor)
 
 
 @torch.library.register_fake("pathgeom::secant_stats_multi")
 def _fake_multi(grads, params, refs, num_grads, per_tensor=False, weight_decay=0.0):
-    return params[0].new_empty(_out_shape(len(params), num_grads, per_tensor, True), dtype=torch.float64)
+    return _fake_out(_shapes.MULTI, params, num_grads, per_tensor)
+
+
+@torch.library.register_fake("pathgeom::secant_gram")
+def _fake_gram(vecs, params, refs, num_vecs, per_tensor=False):
+    return _fake_out(_shapes.GRAM, params, num_vecs, per_tensor)
 
 
 @torch.library.custom_op("pathgeom::secant_stats_triton", mutates_args=())
@@ -95,7 +117,18 @@ def _triton_op(
 
 @_triton_op.register_fake
 def _(grads, params, refs, num_grads, per_tensor, weight_decay):
-    return params[0].new_empty(_out_shape(len(params), num_grads, per_tensor, True), dtype=torch.float64)
+    return _fake_out(_shapes.MULTI, params, num_grads, per_tensor)
+
+
+@torch.library.custom_op("pathgeom::secant_gram_triton", mutates_args=())
+def _triton_gram_op(vecs: list[Tensor], params: list[Tensor], refs: list[Tensor], num_vecs: int, per_tensor: bool) -> Tensor:
+    _validate(_shapes.GRAM, vecs, params, refs, num_vecs)
+    return _gram_out(triton_gram.gram_rows(vecs, params, refs, num_vecs, per_tensor), per_tensor)
+
+
+@_triton_gram_op.register_fake
+def _(vecs, params, refs, num_vecs, per_tensor):
+    return _fake_out(_shapes.GRAM, params, num_vecs, per_tensor)
 
 
 # --------------------------------------------------------------------------------------
@@ -107,19 +140,23 @@ def _describe(t: Tensor) -> str:
     return f"shape {list(t.shape)}, {t.dtype}, {t.device}"
 
 
-def _grad_name(j: int, T: int, K: int) -> str:
-    return f"grads[{j}]" if K == 1 else f"grads[{j // T}][{j % T}]"
-
-
 def _validate(op: str, grads, params, refs, K: int) -> None:
-    """Raise ValueError/TypeError naming the offending index, shapes and dtypes."""
+    """Raise ValueError/TypeError naming the offending index, shapes and dtypes.
+
+    ``grads`` holds the K vector lists back to back (the gradients of the secant ops, the
+    vectors of ``secant_gram``, named ``vecs[k][i]`` in its messages).
+    """
     T = len(params)
+    gram = op == _shapes.GRAM
+    lname, count, noun = ("vecs", "num_vecs", "vectors") if gram else ("grads", "num_grads", "gradients")
+    if gram and not 1 <= K <= _shapes.GRAM_MAX_VECS:
+        raise ValueError(f"{op}: num_vecs must be between 1 and {_shapes.GRAM_MAX_VECS}, got {K}")
     if K < 1:
-        raise ValueError(f"{op}: num_grads must be >= 1, got {K}")
+        raise ValueError(f"{op}: {count} must be >= 1, got {K}")
     if len(refs) != T or len(grads) != K * T:
-        extra = f" (expected num_grads * len(params) = {K * T})" if K > 1 else ""
+        extra = f" (expected {count} * len(params) = {K * T})" if K > 1 else ""
         raise ValueError(
-            f"{op}: the lists must have matching lengths, got {len(grads)} grads{extra}, "
+            f"{op}: the lists must have matching lengths, got {len(grads)} {lname}{extra}, "
             f"{len(params)} params and {len(refs)} refs"
         )
     if T == 0:
@@ -128,7 +165,7 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
     device = None
     for lst, fmt in names + [(grads, None)]:
         for j, t in enumerate(lst):
-            name = _grad_name(j, T, K) if fmt is None else fmt.format(j)
+            name = _shapes.entry_name(op, j, T, K) if fmt is None else fmt.format(j)
             if t is None:
                 raise ValueError(f"{op}: {name} is None (a parameter without .grad? see pathgeom_fast.grads_of)")
             if not isinstance(t, Tensor):
@@ -152,7 +189,7 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
             )
         for k in range(K):
             g = grads[k * T + i]
-            name = _grad_name(k * T + i, T, K)
+            name = _shapes.entry_name(op, k * T + i, T, K)
             if g.numel() != n:
                 raise ValueError(
                     f"{op}: index {i}: {name} has {_describe(g)} ({g.numel()} elements) but "
@@ -160,8 +197,8 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
                 )
             if g.dtype != grads[i].dtype:
                 raise TypeError(
-                    f"{op}: index {i}: {name} has {_describe(g)} but {_grad_name(i, T, K)} has "
-                    f"{_describe(grads[i])}; the K gradients of one tensor must share a dtype"
+                    f"{op}: index {i}: {name} has {_describe(g)} but {_shapes.entry_name(op, i, T, K)} has "
+                    f"{_describe(grads[i])}; the K {noun} of one tensor must share a dtype"
                 )
 
 
@@ -266,12 +303,25 @@ def _choose(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _choose_gram(backend: str, device: torch.device) -> str:
+    """Backend of secant_gram: as _choose, but with no CUDA kernel (CUDA tensors go to Triton)."""
+    if backend == "cuda":
+        raise ValueError(
+            "secant_gram has no CUDA kernel (backend='cuda'); use backend='triton', or 'auto', which "
+            "runs the Triton kernel on CUDA tensors"
+        )
+    if backend == "auto" and device.type == "cuda":
+        return "triton" if triton_kernels.available() else "torch"
+    return _choose(backend, device)
+
+
 def _run(op: str, grads, params, refs, K: int, per_tensor: bool, weight_decay: float, backend: str) -> Tensor:
+    """Local (unsharded) result of secant_stats / secant_stats_multi."""
     T = len(params)
-    multi = op == "secant_stats_multi"
+    multi = op == _shapes.MULTI
     if T == 0:
         _validate(op, grads, params, refs, K)
-        return torch.zeros(_out_shape(0, K, per_tensor, multi), dtype=torch.float64)
+        return torch.zeros(_shapes.out_shape(op, 0, K, per_tensor), dtype=torch.float64)
     device = params[0].device
     which = _choose(backend, device)
     if which in ("cpu", "cuda"):
@@ -287,6 +337,37 @@ def _run(op: str, grads, params, refs, K: int, per_tensor: bool, weight_decay: f
         return out if multi else out[0]
     rows = reference.secant_rows(grads, params, refs, K, per_tensor=per_tensor, weight_decay=weight_decay)
     return _shape_rows(rows, K, per_tensor, multi)
+
+
+def _run_gram(vecs, params, refs, K: int, per_tensor: bool, backend: str) -> Tensor:
+    """Local (unsharded) result of secant_gram."""
+    op = _shapes.GRAM
+    if len(params) == 0:
+        _validate(op, vecs, params, refs, K)
+        return torch.zeros(_shapes.out_shape(op, 0, K, per_tensor), dtype=torch.float64)
+    which = _choose_gram(backend, params[0].device)
+    if which == "cpu":
+        if torch.compiler.is_compiling():  # traced: the registered op, with its fake kernel
+            return torch.ops.pathgeom.secant_gram(vecs, params, refs, K, per_tensor)
+        # eager: the dispatcher-free entry point (mode 2: the Gram kernel; same checks)
+        return _ext._C.secant_stats_direct(vecs, params, refs, K, per_tensor, 0.0, 2)
+    _validate(op, vecs, params, refs, K)
+    if which == "triton":
+        return torch.ops.pathgeom.secant_gram_triton(vecs, params, refs, K, per_tensor)
+    return _gram_out(reference.gram_rows(vecs, params, refs, K, per_tensor=per_tensor), per_tensor)
+
+
+def _vector_lists(op: str, arg: str, noun: str, value, params: list) -> list[list[Tensor]]:
+    """K lists of tensors, each as long as ``params``, from a sequence of sequences."""
+    if isinstance(value, Tensor) or not isinstance(value, Iterable):
+        raise TypeError(f"{arg} must be a sequence of K {noun} lists, got {type(value).__name__}")
+    lists = [as_tensor_list(v, f"{arg}[{k}]") for k, v in enumerate(value)]
+    if not lists:
+        raise ValueError(f"{op}: {arg} is empty; pass at least one {noun} list")
+    for k, v in enumerate(lists):
+        if len(v) != len(params):
+            raise ValueError(f"{op}: {arg}[{k}] has {len(v)} tensors but params has {len(params)}")
+    return lists
 
 
 # --------------------------------------------------------------------------------------
@@ -322,11 +403,13 @@ def secant_stats(
     Returns:
         float64 tensor on the inputs' device; see ``pathgeom_fast.geometry`` for RSI, EB, ...
     """
-    refs = as_tensor_list(_refs_by_name(refs, params, "secant_stats"), "refs")
+    refs = as_tensor_list(_refs_by_name(refs, params, _shapes.SINGLE), "refs")
     grads = as_tensor_list(grads, "grads")
     params = as_tensor_list(params, "params")
+    wd = float(weight_decay)
     return distributed.dispatch(
-        "secant_stats", [grads], params, refs, per_tensor, float(weight_decay), backend, group, _run
+        _shapes.SINGLE, [grads], params, refs, per_tensor, group,
+        lambda flat, p, r: _run(_shapes.SINGLE, flat, p, r, 1, per_tensor, wd, backend),
     )
 
 
@@ -345,20 +428,61 @@ def secant_stats_multi(
     ``grads_lists`` is a sequence of K gradient lists. Returns float64 [K, 3], or [K, T, 3]
     with ``per_tensor=True``. Other arguments as in :func:`secant_stats`.
     """
-    if isinstance(grads_lists, Tensor) or not isinstance(grads_lists, Iterable):
-        raise TypeError(f"grads_lists must be a sequence of K gradient lists, got {type(grads_lists).__name__}")
-    lists = [as_tensor_list(g, f"grads_lists[{k}]") for k, g in enumerate(grads_lists)]
-    if not lists:
-        raise ValueError("secant_stats_multi: grads_lists is empty; pass at least one gradient list")
-    refs = as_tensor_list(_refs_by_name(refs, params, "secant_stats_multi"), "refs")
+    refs = as_tensor_list(_refs_by_name(refs, params, _shapes.MULTI), "refs")
     params = as_tensor_list(params, "params")
-    for k, g in enumerate(lists):
-        if len(g) != len(params):
-            raise ValueError(
-                f"secant_stats_multi: grads_lists[{k}] has {len(g)} tensors but params has {len(params)}"
-            )
+    lists = _vector_lists(_shapes.MULTI, "grads_lists", "gradient", grads_lists, params)
+    wd, K = float(weight_decay), len(lists)
     return distributed.dispatch(
-        "secant_stats_multi", lists, params, refs, per_tensor, float(weight_decay), backend, group, _run
+        _shapes.MULTI, lists, params, refs, per_tensor, group,
+        lambda flat, p, r: _run(_shapes.MULTI, flat, p, r, K, per_tensor, wd, backend),
+    )
+
+
+def secant_gram(
+    vec_lists,
+    params,
+    refs,
+    *,
+    per_tensor: bool = False,
+    backend: str = "auto",
+    group=None,
+) -> Tensor:
+    """Gram matrix of K vector lists and x - x*, in one fused pass with no flattening.
+
+    With v_0, ..., v_{K-1} the K vector lists (gradients, a stored earlier gradient, an update
+    ...) and v_K = x - x*::
+
+        G[i][j] = <v_i, v_j>          G[i][K] = G[K][i] = <v_i, x - x*>      G[K][K] = ||x - x*||^2
+
+    Args:
+        vec_lists: a sequence of K (1 <= K <= 8) lists of tensors, each as long as ``params``
+            and matching it position by position in numel (like ``grads`` of
+            :func:`secant_stats`); the K vectors at one position share a dtype.
+        params, refs, group: as in :func:`secant_stats` (DTensors are reduced over their mesh,
+            plain shards over ``group``, with one collective).
+        per_tensor: return one matrix per tensor position, [T, K+1, K+1].
+        backend: "auto", "cpu" (C++ kernel), "triton", or "torch". There is no CUDA kernel for
+            this op: ``backend="cuda"`` raises, and "auto" runs Triton on CUDA tensors.
+
+    Returns:
+        float64 [K+1, K+1] (or [T, K+1, K+1]) on the inputs' device, exactly symmetric: products
+        in fp32 (fp64 when an input of that tensor position is fp64), sums in fp64 in a fixed
+        order (bitwise reproducible).
+    """
+    refs = as_tensor_list(_refs_by_name(refs, params, _shapes.GRAM), "refs")
+    params = as_tensor_list(params, "params")
+    if isinstance(vec_lists, Iterable) and not isinstance(vec_lists, Tensor):
+        vec_lists = list(vec_lists)
+        if not 1 <= len(vec_lists) <= _shapes.GRAM_MAX_VECS:
+            raise ValueError(
+                f"secant_gram: vec_lists holds {len(vec_lists)} lists; pass between 1 and "
+                f"{_shapes.GRAM_MAX_VECS} vector lists"
+            )
+    lists = _vector_lists(_shapes.GRAM, "vec_lists", "vector", vec_lists, params)
+    K = len(lists)
+    return distributed.dispatch(
+        _shapes.GRAM, lists, params, refs, per_tensor, group,
+        lambda flat, p, r: _run_gram(flat, p, r, K, per_tensor, backend),
     )
 
 

@@ -57,6 +57,14 @@ def close(out, ref, rel=1e-6, what=""):
     assert ok, f"{what}: {out.tolist()} vs {ref.tolist()}"
 
 
+def gram_close(out, ref, rel=1e-6, what=""):
+    """|G - G_ref| <= rel * sqrt(G_ii G_jj), and exactly symmetric."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    diag = torch.diagonal(ref, dim1=-2, dim2=-1)
+    ok = bool(((out - ref).abs() <= rel * torch.sqrt(diag[..., :, None] * diag[..., None, :]) + 1e-300).all())
+    assert ok and torch.equal(out, out.transpose(-1, -2)), f"{what}: {out.tolist()} vs {ref.tolist()}"
+
+
 def full_lists(shapes, seed=0, K=1):
     gen = torch.Generator().manual_seed(seed)
     x = [torch.randn(s, generator=gen) for s in shapes]
@@ -104,6 +112,18 @@ def dtensor_1d(rank, world):
     ref = torch.stack([pg.reference_secant_stats(g, x, r, per_tensor=True) for g in grads])
     close(out, ref, what="multi per tensor")
     assert n == 1
+    out, n = count_collectives(lambda: pg.secant_gram(gd, xd, rd))
+    gram_close(out, pg.reference_secant_gram(grads, x, r), what="gram")
+    assert n == 1, f"{n} collectives"
+    out, n = count_collectives(lambda: pg.secant_gram(gd[:2], xd, rd, per_tensor=True))
+    gram_close(out, pg.reference_secant_gram(grads[:2], x, r, per_tensor=True), what="gram per tensor")
+    assert n == 1, f"{n} collectives"
+    try:
+        pg.secant_gram([[gd[0][0]], [gd[1][1]]], [xd[0]], [rd[0]])
+    except ValueError as e:
+        assert "index 0: vecs[1][0] has shape [1, 5]" in str(e), e
+    else:
+        raise AssertionError("mismatched shards were accepted")
     # bad mixes
     try:
         pg.secant_stats(gd[0], x, rd)
@@ -144,6 +164,9 @@ def plain_group(rank, world):
     out, n = count_collectives(lambda: pg.secant_stats_multi([loc(g) for g in grads], loc(x), loc(r), per_tensor=True, group=dist.group.WORLD))
     close(out, torch.stack([pg.reference_secant_stats(g, x, r, per_tensor=True) for g in grads]), what="group multi")
     assert n == 1
+    out, n = count_collectives(lambda: pg.secant_gram([loc(g) for g in grads], loc(x), loc(r), group=dist.group.WORLD))
+    gram_close(out, pg.reference_secant_gram(grads, x, r), what="group gram")
+    assert n == 1
 
 
 def dtensor_2d(rank, world):
@@ -167,6 +190,9 @@ def dtensor_2d(rank, world):
         gd, xd, rd = dt(grads[0]), dt(x), dt(r)
         out, n = count_collectives(lambda: pg.secant_stats(gd, xd, rd))
         close(out, pg.reference_secant_stats(grads[0], x, r), what=name)
+        assert n == 1, (name, n)
+        out, n = count_collectives(lambda: pg.secant_gram([gd, xd], xd, rd, per_tensor=True))
+        gram_close(out, pg.reference_secant_gram([grads[0], x], x, r, per_tensor=True), what=name + " gram")
         assert n == 1, (name, n)
 
 
