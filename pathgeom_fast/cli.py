@@ -64,6 +64,15 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help already says it (task-dependent defaults are None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parse_lags(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none", "off"):
         return ()
@@ -273,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "xstar.safetensors to --out and prints a summary table. Options left unset take the task's defaults. "
         f"Tasks: {table}. Under `torchrun --nproc-per-node N -m pathgeom_fast.cli demo` the model is sharded with "
         "FSDP2 (gloo on CPU, NCCL with --device cuda).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DemoHelpFormatter,
     )
     task_default = "the task's"
     demo.add_argument("--task", choices=TASKS, default=None, help="workload (default: mlp)")
@@ -292,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="clip the gradient norm (0: off); gradients are measured before clipping (default: the task's)")
     demo.add_argument("--probe-batches", type=int, default=None, help="K fixed probe minibatches (default: the task's)")
     demo.add_argument("--probe-every", type=int, default=None, help="measure probes every N steps, 0: never (default: the task's)")
-    demo.add_argument("--no-full-batch", action="store_true", help="skip the full-batch gradient")
-    demo.add_argument("--per-tensor", action="store_true", help="also write per_tensor.csv")
+    demo.add_argument("--no-full-batch", action="store_true", help="skip the full-batch gradient (default: measured)")
+    demo.add_argument("--per-tensor", action="store_true", help="also write per_tensor.csv (default: not written)")
     demo.add_argument("--snapshot-every", type=int, default=None, help="snapshot run 1 every N steps, 0: only x* (default: the task's)")
     demo.add_argument("--lags", type=_parse_lags, default=d.lags, metavar="K,K,...",
                       help="lags of the lagged orthogonal cosine, or 'none' (default: the paper's 1,2,5,10,20,50)")
@@ -309,14 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--depth", type=_positive_int, default=None, help="hidden layers / transformer blocks (default: the task's)")
     demo.add_argument("--context", type=_positive_int, default=None, help="lm: tokens per sequence (default: 64)")
     demo.add_argument("--train-size", type=_positive_int, default=None,
-                      help="training examples (digits: first N of 1797; lm: N windows, default 512)")
+                      help="training examples: digits, the first N of 1797 (default: all); lm, N windows (default: 512)")
     demo.add_argument("--threads", type=_positive_int, default=None,
                       help="CPU threads (default: torch's, capped at the cores the 1-minute load average leaves free, at "
                       "least 1: on a shared machine spin-waiting OpenMP threads are several times slower than one)")
     demo.add_argument("--device", default=d.device, help="cpu or cuda")
-    demo.add_argument("--seed", type=int, default=d.seed)
+    demo.add_argument("--seed", type=int, default=d.seed, help="seed of runs 1 and 2 (the cross-seed run uses seed+1)")
     demo.add_argument("--backend", choices=BACKENDS, default=d.backend, help="kernel backend")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars (default: shown)")
     demo.set_defaults(func=_cmd_demo)
 
     an = sub.add_parser(
