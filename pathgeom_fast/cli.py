@@ -112,7 +112,8 @@ def _cmd_demo(args) -> int:
         f"final train loss {summary['final_train_loss']:.4f}, accuracy {summary['final_train_accuracy']:.3f}; "
         f"replay ended {summary['replay_final_distance_ratio']:.1e} of the initial distance from x*; "
         f"{time.perf_counter() - t0:.1f} s in all ({summary['threads']} CPU thread(s); load average "
-        f"{summary['load_average_at_start'] if summary['load_average_at_start'] is not None else 'unknown'} at the start)"
+        + (f"{summary['load_average_at_start']:.2f}" if summary["load_average_at_start"] is not None else "unknown")
+        + " at the start)"
     )
     print(f"wrote {os.path.join(args.out, 'records.csv')}, summary.json, geometry.png, findings.md")
     return 0
