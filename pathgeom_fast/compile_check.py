@@ -1,14 +1,17 @@
 """Compiled-kernel checks that need no GPU: registers, spills and 16-byte loads.
 
     python -m pathgeom_fast.compile_check [--archs 80,90] [--out TABLE.txt] [--json ROWS.json]
-                                          [--no-cuda] [--no-triton] [--device]
+                                          [--no-cuda] [--no-triton] [--device] [--only TEXT]
 
-* Triton: every specialisation listed by ``triton_kernels.compile_specs()`` is compiled ahead
-  of time for each architecture (``triton.compile(ASTSource(...), target=GPUTarget("cuda",
-  arch, 32))``). Registers and stack come from the cubin (cuobjdump), spill bytes from ptxas
-  -v on Triton's PTX; the hot loop (the PTX loop bodies) is scanned for its global loads.
-  A ``@triton.jit`` function of triton_kernels whose name ends in ``_kernel`` and that has
-  no spec is reported as an error, so a new kernel cannot be left unchecked.
+* Triton: every module of the package that defines ``@triton.jit`` functions (found by
+  scanning the package's sources: today ``triton_kernels`` and ``triton_gram``) must have a
+  ``compile_specs()``; every specialisation it lists is compiled ahead of time for each
+  architecture (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``).
+  Registers and stack come from the cubin (cuobjdump), spill bytes from ptxas -v on Triton's
+  PTX; the hot loop (the PTX loop bodies) is scanned for its global loads. A ``@triton.jit``
+  function whose name ends in ``_kernel`` and that its module's specs do not list, or a
+  kernel module without ``compile_specs()``, is reported as an error, so a new kernel cannot
+  be left unchecked.
 * CUDA: ``csrc/secant_cuda.cu`` through nvcc (``-cubin -Xptxas -v --keep``), per
   architecture: registers and spills of every kernel instantiation from the ptxas report,
   loads from the kept PTX.
@@ -282,17 +285,32 @@ def _triton_spec_label(spec: dict) -> dict:
     return {k: (str(v) if k == "constexprs" else v) for k, v in spec.items()}
 
 
-def _compile_triton(index: int, arch: int) -> dict:
+def triton_modules() -> list[str]:
+    """Modules of the package (``pathgeom_fast.<name>``) whose source defines Triton kernels."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+        with open(path) as f:
+            if re.search(r"(?m)^\s*@triton\.jit\b", f.read()):
+                out.append("pathgeom_fast." + os.path.splitext(os.path.basename(path))[0])
+    return out
+
+
+def _import(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _compile_triton(module: str, index: int, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import triton
 
-    from . import triton_kernels as tk
-
-    spec = tk.compile_specs()[index]
+    mod = _import(module)
+    spec = mod.compile_specs()[index]
     row = Row("triton", spec["kernel"], spec["variant"], arch, vector16=spec["vector16"])
-    fn = getattr(tk, spec["kernel"])
+    fn = getattr(mod, spec["kernel"])
     try:
         sig = {}
         attrs = {}
@@ -333,35 +351,48 @@ def _compile_triton(index: int, arch: int) -> dict:
     return asdict(row)
 
 
-def triton_rows(archs: list[int], jobs: int) -> list[Row]:
+def triton_rows(archs: list[int], jobs: int, only: str | None = None) -> list[Row]:
     try:
         import triton
     except ImportError:
         return [Row("triton", "-", "-", 0, error="triton is not installed")]
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [Row("triton", "-", "-", 0, error="TRITON_INTERPRET=1 is set: run this check without it")]
-    from . import triton_kernels as tk
 
-    specs = tk.compile_specs()
     rows: list[Row] = []
-    registered = {s["kernel"] for s in specs}
-    for name, obj in vars(tk).items():
-        if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel") and name not in registered:
-            rows.append(Row("triton", name, "-", 0, error="no compile spec: add it to triton_kernels.compile_specs()"))
-    source = inspect.getsource(tk)
     todo = []
-    for i, spec in enumerate(specs):
-        for arch in archs:
-            key = _digest("triton", triton.__version__, source, _triton_spec_label(spec), arch)
-            hit = _cache_get(key)
-            if hit is not None:
-                rows.append(Row(**hit))
-            else:
-                todo.append((i, arch, key))
+    modules = triton_modules()
+    # Kernels call helpers across modules (triton_gram uses triton_kernels' loads): a cached
+    # row is valid for the sources of all kernel modules together.
+    sources = []
+    for name in modules:
+        sources.append(inspect.getsource(_import(name)))
+    for name in modules:
+        mod = _import(name)
+        short = name.rsplit(".", 1)[1]
+        if not callable(getattr(mod, "compile_specs", None)):
+            rows.append(Row("triton", short, "-", 0, error=f"{name} defines Triton kernels but no compile_specs()"))
+            continue
+        specs = mod.compile_specs()
+        registered = {s["kernel"] for s in specs}
+        for kname, obj in vars(mod).items():
+            if (isinstance(obj, triton.runtime.JITFunction) and kname.endswith("_kernel")
+                    and getattr(obj.fn, "__module__", name) == name and kname not in registered):
+                rows.append(Row("triton", kname, "-", 0, error=f"no compile spec: add it to {short}.compile_specs()"))
+        for i, spec in enumerate(specs):
+            if only and only not in f"{spec['kernel']} {spec['variant']}":
+                continue
+            for arch in archs:
+                key = _digest("triton", triton.__version__, sources, _triton_spec_label(spec), arch)
+                hit = _cache_get(key)
+                if hit is not None:
+                    rows.append(Row(**hit))
+                else:
+                    todo.append((name, i, arch, key))
     if todo:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
-            futs = [(pool.submit(_compile_triton, i, arch), key) for i, arch, key in todo]
+            futs = [(pool.submit(_compile_triton, name, i, arch), key) for name, i, arch, key in todo]
             for fut, key in futs:
                 r = fut.result()
                 if not r["error"]:
@@ -520,7 +551,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--device", action="store_true", help="also the GPU's own arch and the built extension")
-    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles (processes)")
+    ap.add_argument("--only", help="Triton specialisations whose 'kernel variant' contains this text (while iterating)")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.archs.split(",") if a.strip()]
     if args.device:
@@ -531,7 +563,7 @@ def main(argv=None) -> int:
             archs = sorted(set(archs) | {cap[0] * 10 + cap[1]})
     rows: list[Row] = []
     if not args.no_triton:
-        rows += triton_rows(archs, args.jobs)
+        rows += triton_rows(archs, args.jobs, args.only)
     if not args.no_cuda:
         rows += cuda_rows(archs, min(args.jobs, len(archs)))
     if args.device:
