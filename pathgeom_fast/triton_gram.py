@@ -6,30 +6,38 @@ For K <= 8 vector lists v_0 .. v_{K-1} and M = K + 1::
 
 Everything but the kernel's arithmetic is shared with ``secant_stats``'s Triton path
 (``triton_kernels``): the launch plan (``pathgeom_fast.plan.plan_triton``: one program per
-chunk of ``CHUNK`` elements of one tensor, launches grouped by dtype combination and
-alignment, partial rows laid out by tensor), the one int64 argument buffer (filled by a NumPy
-scatter, copied once, non-blocking, from pinned memory, cached by content), the stream
-addressing and loads (``_stream_ptrs``, ``_load_step``) and the fixed-order segment sum.
-K <= 8 is one pass of the plan: the table row of a tensor holds its K vector addresses
-(padded with zeros to KP, K rounded up to a power of two), then x, then x*.
+chunk of ``CHUNK`` elements of one tensor, one launch per dtype combination and alignment,
+partial rows laid out by tensor) and its cache, the grouping of tensors by dtype combination
+and alignment (``prepare``), the one int64 argument buffer (filled by a NumPy scatter, copied
+once, non-blocking, from pinned memory, cached by content: ``launch_setup``), the typed,
+alignment-annotated pointers read from the table (``_table_ptr``) and the fixed-order segment
+sum (``segment_sum``). Plans and buffers are the same objects for both ops when they are
+called on the same tensors. K <= 8 is one pass of the plan: the table row of a tensor holds
+its K vector addresses (padded with zeros to KP, K rounded up to a power of two), then x,
+then x*.
 
-Kernel. Each program walks its chunk in steps of BLOCK = V x threads elements, each thread
-taking V consecutive elements of every stream, and keeps fp32 accumulators (fp64 when an input
-of the tensor is fp64) of one value per thread and quantity: only the upper triangle of the
-vector pairs (i <= j, built as a [KP, KP] tile whose lower half is never read, so the compiler
-drops it), the K vector-d products and d * d. At the end of its chunk it sums them in fp64
-across threads and writes one row of M * M values in which G[i][j] and G[j][i] are stores of
-the same register: the matrix is exactly symmetric. The second kernel sums each tensor's rows
-(or all rows) in a fixed order, so results are bitwise reproducible.
+Kernel. Each program walks its chunk in steps of BLOCK = V x threads elements; every stream
+is loaded as a [BLOCK / V, V] tile whose row t is thread t's V elements, so each product is
+summed over V inside the thread and every accumulator is one register per thread: the
+K (K + 1) / 2 vector pairs a <= b (the upper triangle only, as a tuple of K (K + 1) / 2
+tensors unrolled at compile time), the K vector-d products and d * d, in fp32 (fp64 when an
+input of the tensor is fp64). The hot loop has no shuffle, barrier or shared-memory access
+(``compile_check`` verifies it). At the end of its chunk the program sums the accumulators
+across threads in fp64, ``GROUP`` entries per reduction, and writes one row of M * M values in
+which G[a][b] and G[b][a] are stores of the same value: the matrix is exactly symmetric. The
+second kernel sums each tensor's rows (or all rows) in a fixed order, so results are bitwise
+reproducible.
 
 Vector loads. When every address of a tensor is 16-byte aligned (``data_ptr() % 16 == 0``)
 its launch uses the ``ALIGNED`` specialisation: addresses are table_ptr plus element offsets
-marked ``tl.multiple_of`` and the hot loop runs over whole blocks without a mask, so fp32,
-fp16 and bf16-vectors-with-fp32-params inputs are read with 16-byte loads (V x itemsize >= 16
-bytes per stream and step). Misaligned tensors go to their own launch of the general
-specialisation (scalar loads). ``gram_config`` picks V, BLOCK and num_warps per K and dtypes;
-``pathgeom_fast.compile_check`` compiles every shipped specialisation ahead of time for sm_80
-and sm_90 and checks the 16-byte loads and the absence of register spills from the PTX.
+marked ``tl.multiple_of``, each thread's V elements are consecutive and the hot loop runs over
+whole blocks without a mask, so fp32, fp16, fp64 and bf16-vectors-with-fp32-params inputs are
+read with 16-byte loads only (V = 16 bytes of the narrowest stream; wider streams take two).
+Misaligned tensors go to their own launch of the general specialisation, whose V elements per
+thread are strided by BLOCK / V (scalar loads, coalesced across threads). ``gram_config``
+picks V, BLOCK and num_warps per K and dtypes; ``pathgeom_fast.compile_check`` compiles every
+shipped specialisation (``compile_specs``) ahead of time for sm_80 and sm_90 and checks the
+16-byte loads, the thread-local hot loop and the absence of register spills from the PTX.
 
 Host work per call: one ``data_ptr()``/``dtype``/contiguity read per tensor, the rest in NumPy
 on a cached plan; no per-tensor Python loop builds anything, and the argument buffer is copied
@@ -70,7 +78,7 @@ if HAVE_TRITON:
         # offs [BLOCK // V, V]: row t is thread t's V elements, so every sum over axis 1 stays
         # inside a thread and each accumulator is one register per thread. Every byte is read
         # once, hence evict_first. (Loads written out here rather than in a helper: under the
-        # interpreter each nested @triton.jit call costs about a millisecond.)
+        # interpreter each nested @triton.jit call costs a fraction of a millisecond.)
         vals = ()
         if MASKED:
             d = (tl.load(x_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
@@ -197,12 +205,14 @@ GROUP = 16  # entries of G per cross-thread reduction at the end of a chunk: 32 
 def gram_config(key: int, K: int, warps: int | None = None) -> dict:
     """Constexprs of the Gram partials kernel for a group key (``triton_kernels.group_key``) and K.
 
-    V consecutive elements per thread and step (the step is BLOCK = V x threads):
-    aligned, fp32 accumulation: 16 bytes of the narrowest stream (4 for fp32, 8 when a stream
-    is 16-bit), and 8 for K <= 2 (two 16-byte loads of fp32 in flight per stream, as
-    ``secant_stats``); aligned fp64 accumulation: 2 (16 bytes of fp64); misaligned: 2 (scalar
-    loads anyway). Register pressure grows as K^2 (the pair accumulators) + K V (a step's
-    values), which is what bounds V at K = 8; the compiled-kernel checks prove no spills.
+    V elements per thread and step (the step is BLOCK = V x 32 x warps):
+    aligned: 16 bytes of the narrowest stream (fp32 4, fp64 2, 8 when a stream is 16-bit: one
+    16-byte load per stream and step, two for wider streams), at most 4 when accumulating in
+    fp64 with a 16-bit stream (not a shipped combination: 16 fp64 registers per stream);
+    misaligned: 4 for K <= 2, else 2 (scalar loads; each adds K + 2 registers).
+    Register pressure is K (K + 1) / 2 + K + 1 accumulators plus (K + 2) V values of a step,
+    largest at K = 8; the compiled-kernel checks prove no spills for K = 1, 2 and 8.
+    ``warps``: 4 on a GPU; under the interpreter ``INTERPRET_WARPS`` unless given.
     """
     vd, xd, rd, aligned = unpack_key(key)
     any64 = torch.float64 in (vd, xd, rd)
@@ -230,28 +240,29 @@ def gram_rows(vecs, params, refs, num_vecs: int, per_tensor: bool) -> torch.Tens
     device = params[0].device
     plan, buf, keep = _tk.launch_setup(vecs, params, refs, K, per_tensor)
     partials = torch.empty(plan.total_rows, M, M, dtype=torch.float64, device=device)
-    for L in plan.launches:  # one pass (K <= 8): k0 = 0, kc = K
-        cfg = gram_config(L.key, K)
-        _gram_partials_kernel[(L.programs,)](
-            buf[L.table :],
-            buf[L.numel :],
-            buf[L.chunk_local :],
-            buf[L.chunk_index :],
-            buf[L.chunk_row :],
-            partials,
-            K=K,
-            KP=L.kcp,
-            GS=GROUP,
-            V_DT=_TL[cfg["V_DT"]],
-            X_DT=_TL[cfg["X_DT"]],
-            R_DT=_TL[cfg["R_DT"]],
-            ACC=_TL[cfg["ACC"]],
-            ALIGNED=cfg["ALIGNED"],
-            CHUNK=plan.chunk,
-            BLOCK=cfg["BLOCK"],
-            V=cfg["V"],
-            num_warps=cfg["num_warps"],
-        )
+    with _tk.on_device(device):
+        for L in plan.launches:  # one pass (K <= 8): k0 = 0, kc = K
+            cfg = gram_config(L.key, K)
+            _gram_partials_kernel[(L.programs,)](
+                buf[L.table :],
+                buf[L.numel :],
+                buf[L.chunk_local :],
+                buf[L.chunk_index :],
+                buf[L.chunk_row :],
+                partials,
+                K=K,
+                KP=L.kcp,
+                GS=GROUP,
+                V_DT=_TL[cfg["V_DT"]],
+                X_DT=_TL[cfg["X_DT"]],
+                R_DT=_TL[cfg["R_DT"]],
+                ACC=_TL[cfg["ACC"]],
+                ALIGNED=cfg["ALIGNED"],
+                CHUNK=plan.chunk,
+                BLOCK=cfg["BLOCK"],
+                V=cfg["V"],
+                num_warps=cfg["num_warps"],
+            )
     del keep
     out = torch.empty(plan.nsegments, M, M, dtype=torch.float64, device=device)
     return _tk.segment_sum(partials, buf, plan, out)
@@ -268,7 +279,9 @@ def compile_specs() -> list[dict]:
     """Every specialisation of this module's kernels that ``pathgeom_fast.compile_check``
     compiles ahead of time (same format as ``triton_kernels.compile_specs``): the shipped dtype
     combinations (fp32, bf16 vectors with fp32 params and x*, fp16, fp64), K = 1, 2 and 8,
-    aligned (16-byte loads required) and misaligned. The segment sum is ``triton_kernels``'s."""
+    aligned (16-byte loads required) and misaligned; every one must keep its hot loop
+    thread-local (no shuffle, barrier or shared memory). The segment sum is
+    ``triton_kernels``'s."""
     if not HAVE_TRITON:
         return []
     specs = []
@@ -289,6 +302,7 @@ def compile_specs() -> list[dict]:
                         ),
                         num_warps=cfg["num_warps"],
                         vector16=aligned,
+                        thread_local=True,  # no shuffle, barrier or shared memory in the hot loop
                     )
                 )
     return specs

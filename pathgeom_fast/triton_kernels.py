@@ -31,12 +31,20 @@ raises a clear error during capture instead of capturing a copy from host memory
 change. Non-contiguous inputs are copied on every call, so their addresses change: make
 them contiguous before capturing. (Reasoned from the code; no GPU has run this yet.)
 
+Shared with ``secant_gram``'s kernel (``pathgeom_fast.triton_gram``): the plan and its cache
+(a plan depends on sizes, group keys, K and per_tensor, not on the op, so both ops' calls on
+the same tensors share it), ``prepare`` (addresses, dtype and alignment grouping),
+``launch_setup`` (the cached argument buffer and the CUDA-graph rules above), ``_table_ptr``
+(typed, alignment-annotated pointers from the table), ``segment_sum`` (the fixed-order second
+pass) and ``on_device``. Launches run on the current stream of the inputs' device.
+
 Runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before import),
 which is how CI tests it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -292,6 +300,12 @@ def prepare(grads, params, refs, K: int, per_tensor: bool):
     return plan, plan_key, addrs, keep
 
 
+def on_device(device: torch.device):
+    """Context of the launches: Triton launches on the current device's current stream, so the
+    inputs' device is made current (a no-op when it already is, and on CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def check_device(device: torch.device) -> None:
     if not HAVE_TRITON:
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
@@ -342,7 +356,8 @@ def segment_sum(partials: torch.Tensor, buf: torch.Tensor, plan, out: torch.Tens
             out.zero_()
         else:
             W = out[0].numel()
-            _segment_sum_kernel[(plan.nsegments,)](partials, buf[plan.segments :], out, W=W, WP=_plan.next_pow2(W), ROWS=ROWS)
+            with on_device(out.device):
+                _segment_sum_kernel[(plan.nsegments,)](partials, buf[plan.segments :], out, W=W, WP=_plan.next_pow2(W), ROWS=ROWS)
     return out
 
 
@@ -355,30 +370,31 @@ def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_de
     partials = torch.empty(plan.total_rows, K, 3, dtype=torch.float64, device=device)
     flat = partials.view(-1)
     wd = float(weight_decay)
-    for L in plan.launches:
-        cfg = kernel_config(L.key)
-        _partials_kernel[(L.programs,)](
-            buf[L.table :],
-            buf[L.numel :],
-            buf[L.chunk_local :],
-            buf[L.chunk_index :],
-            buf[L.chunk_row :],
-            flat[3 * L.k0 :],
-            wd,
-            3 * K,
-            KC=L.kc,
-            KCP=L.kcp,
-            G_DT=_TL[cfg["G_DT"]],
-            X_DT=_TL[cfg["X_DT"]],
-            R_DT=_TL[cfg["R_DT"]],
-            ACC=_TL[cfg["ACC"]],
-            HAS_WD=wd != 0.0,
-            ALIGNED=cfg["ALIGNED"],
-            CHUNK=plan.chunk,
-            BLOCK=cfg["BLOCK"],
-            V=cfg["V"],
-            num_warps=cfg["num_warps"],
-        )
+    with on_device(device):
+        for L in plan.launches:
+            cfg = kernel_config(L.key)
+            _partials_kernel[(L.programs,)](
+                buf[L.table :],
+                buf[L.numel :],
+                buf[L.chunk_local :],
+                buf[L.chunk_index :],
+                buf[L.chunk_row :],
+                flat[3 * L.k0 :],
+                wd,
+                3 * K,
+                KC=L.kc,
+                KCP=L.kcp,
+                G_DT=_TL[cfg["G_DT"]],
+                X_DT=_TL[cfg["X_DT"]],
+                R_DT=_TL[cfg["R_DT"]],
+                ACC=_TL[cfg["ACC"]],
+                HAS_WD=wd != 0.0,
+                ALIGNED=cfg["ALIGNED"],
+                CHUNK=plan.chunk,
+                BLOCK=cfg["BLOCK"],
+                V=cfg["V"],
+                num_warps=cfg["num_warps"],
+            )
     del keep
     out = torch.empty(plan.nsegments, K, 3, dtype=torch.float64, device=device)
     return segment_sum(partials, buf, plan, out)
