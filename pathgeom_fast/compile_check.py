@@ -288,8 +288,12 @@ def _cache_put(key: str, value) -> None:
         pass
 
 
+ROW_VERSION = 2  # of what a cached row holds (2: loop_xthread); part of every cache key
+
+
 def _digest(*parts) -> str:
     h = hashlib.sha256()
+    h.update(f"rows v{ROW_VERSION}".encode())
     for p in parts:
         h.update(repr(p).encode())
         h.update(b"\0")
