@@ -50,7 +50,7 @@ step() {  # step NAME LOGFILE COMMAND...
 step build "$OUT/gpu-build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
 step version "$OUT/gpu-version.txt" $PY -m pathgeom_fast.cli --version
 step tests "$OUT/gpu-tests.log" $PY -m pytest tests/test_ops_cuda.py tests/test_ops.py tests/test_triton_kernels.py \
-  tests/test_plan.py tests/test_compiled_kernels.py -q -rs
+  tests/test_gram.py tests/test_plan.py tests/test_compiled_kernels.py -q -rs
 step sync-check "$OUT/gpu-sync-check.txt" $PY bench/gpu_sync_check.py
 step compiled-kernels "$OUT/compiled-kernels.log" $PY -m pathgeom_fast.compile_check --device \
   --out "$OUT/compiled-kernels.txt" --json "$OUT/compiled-kernels.json"

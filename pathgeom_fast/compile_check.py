@@ -1,14 +1,17 @@
 """Compiled-kernel checks that need no GPU: registers, spills and 16-byte loads.
 
     python -m pathgeom_fast.compile_check [--archs 80,90] [--out TABLE.txt] [--json ROWS.json]
-                                          [--no-cuda] [--no-triton] [--device]
+                                          [--no-cuda] [--no-triton] [--device] [--only TEXT]
 
-* Triton: every specialisation listed by ``triton_kernels.compile_specs()`` is compiled ahead
-  of time for each architecture (``triton.compile(ASTSource(...), target=GPUTarget("cuda",
-  arch, 32))``). Registers and stack come from the cubin (cuobjdump), spill bytes from ptxas
-  -v on Triton's PTX; the hot loop (the PTX loop bodies) is scanned for its global loads.
-  A ``@triton.jit`` function of triton_kernels whose name ends in ``_kernel`` and that has
-  no spec is reported as an error, so a new kernel cannot be left unchecked.
+* Triton: every module of the package that defines ``@triton.jit`` functions (found by
+  scanning the package's sources: today ``triton_kernels`` and ``triton_gram``) must have a
+  ``compile_specs()``; every specialisation it lists is compiled ahead of time for each
+  architecture (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``).
+  Registers and stack come from the cubin (cuobjdump), spill bytes from ptxas -v on Triton's
+  PTX; the hot loop (the PTX loop bodies) is scanned for its global loads. A ``@triton.jit``
+  function whose name ends in ``_kernel`` and that its module's specs do not list, or a
+  kernel module without ``compile_specs()``, is reported as an error, so a new kernel cannot
+  be left unchecked.
 * CUDA: ``csrc/secant_cuda.cu`` through nvcc (``-cubin -Xptxas -v --keep``), per
   architecture: registers and spills of every kernel instantiation from the ptxas report,
   loads from the kept PTX.
@@ -16,7 +19,9 @@
 A row fails on a compile error, any spill (or stack frame), or, where the row expects it
 (aligned Triton launches; the CUDA partials kernel for fp32/bf16/fp16 inputs), a hot loop
 whose global loads are not all 16-byte vector loads (for CUDA: no loop made only of them,
-the vector path; its scalar loop is the misaligned fallback). Exit status 1 if any row fails.
+the vector path; its scalar loop is the misaligned fallback), or, where the spec says
+``thread_local`` (the Gram kernel), any warp shuffle, barrier or shared-memory access inside a
+loop (column ``xthr``, counted for every row). Exit status 1 if any row fails.
 
 Must run where TRITON_INTERPRET is not set (the interpreter replaces the kernels):
 tests/test_compiled_kernels.py runs this module in a subprocess with a clean environment.
@@ -63,6 +68,8 @@ class Row:
     loop_loads: int | None = None  # global load instructions inside loops
     loop_loads16: int | None = None  # ... of which 16-byte vector loads
     vector16: bool = False  # expected: hot loop of 16-byte loads
+    loop_xthread: int | None = None  # shuffles, barriers and shared-memory accesses inside loops
+    thread_local: bool = False  # expected: none of them (every thread sums its own elements)
     error: str | None = None
     notes: list = field(default_factory=list)
 
@@ -76,6 +83,8 @@ class Row:
             out.append(f"{self.stack}-byte stack frame")
         if self.vector16 and not self.notes_ok_vector():
             out.append(f"hot loop loads not 16-byte vector loads ({self.loop_loads16}/{self.loop_loads})")
+        if self.thread_local and self.loop_xthread:
+            out.append(f"hot loop exchanges data between threads ({self.loop_xthread} shuffles/barriers/shared accesses)")
         return out
 
     def notes_ok_vector(self) -> bool:
@@ -149,6 +158,20 @@ def loop_load_stats(ptx_fn: str) -> tuple[int, int, bool]:
             vector_loop = True
         sizes.update(body)
     return len(sizes), sum(v == 16 for v in sizes.values()), vector_loop
+
+
+_XTHREAD = re.compile(r"\b(?:shfl\.|bar\.|barrier\.|ld\.shared|st\.shared|atom\.shared|red\.shared)")
+
+
+def loop_crossthread(ptx_fn: str) -> int:
+    """Instructions inside loops that move data between threads (warp shuffles, barriers,
+    shared-memory loads/stores): a layout conversion or a cross-thread reduction in the hot
+    loop. A line inside nested loops counts once."""
+    lines = ptx_fn.splitlines()
+    hits = set()
+    for lo, hi in loops(ptx_fn):
+        hits.update(i for i in range(lo, hi) if _XTHREAD.search(lines[i]))
+    return len(hits)
 
 
 # --------------------------------------------------------------------------------------
@@ -265,8 +288,12 @@ def _cache_put(key: str, value) -> None:
         pass
 
 
+ROW_VERSION = 2  # of what a cached row holds (2: loop_xthread); part of every cache key
+
+
 def _digest(*parts) -> str:
     h = hashlib.sha256()
+    h.update(f"rows v{ROW_VERSION}".encode())
     for p in parts:
         h.update(repr(p).encode())
         h.update(b"\0")
@@ -282,17 +309,33 @@ def _triton_spec_label(spec: dict) -> dict:
     return {k: (str(v) if k == "constexprs" else v) for k, v in spec.items()}
 
 
-def _compile_triton(index: int, arch: int) -> dict:
+def triton_modules() -> list[str]:
+    """Modules of the package (``pathgeom_fast.<name>``) whose source defines Triton kernels."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+        with open(path) as f:
+            if re.search(r"(?m)^\s*@triton\.jit\b", f.read()):
+                out.append("pathgeom_fast." + os.path.splitext(os.path.basename(path))[0])
+    return out
+
+
+def _import(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _compile_triton(module: str, index: int, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import triton
 
-    from . import triton_kernels as tk
-
-    spec = tk.compile_specs()[index]
-    row = Row("triton", spec["kernel"], spec["variant"], arch, vector16=spec["vector16"])
-    fn = getattr(tk, spec["kernel"])
+    mod = _import(module)
+    spec = mod.compile_specs()[index]
+    row = Row("triton", spec["kernel"], spec["variant"], arch, vector16=spec["vector16"],
+              thread_local=spec.get("thread_local", False))
+    fn = getattr(mod, spec["kernel"])
     try:
         sig = {}
         attrs = {}
@@ -325,43 +368,80 @@ def _compile_triton(index: int, arch: int) -> dict:
                 row.spill_bytes = info.get("spill_bytes")
                 if row.registers is None:
                     row.registers, row.stack = info.get("registers"), info.get("stack")
-        fns = ptx_functions(ptx)
-        total, wide, _ = loop_load_stats(next(iter(fns.values())))
+        fn_ptx = next(iter(ptx_functions(ptx).values()))
+        total, wide, _ = loop_load_stats(fn_ptx)
         row.loop_loads, row.loop_loads16 = total, wide
+        row.loop_xthread = loop_crossthread(fn_ptx)
     except Exception as exc:  # a compile error is a failing row, not a crash of the check
         row.error = f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
     return asdict(row)
 
 
-def triton_rows(archs: list[int], jobs: int) -> list[Row]:
+def _is_jit_function(obj) -> bool:
+    import triton
+
+    kinds = [triton.runtime.JITFunction]
+    try:  # what @triton.jit returns under TRITON_INTERPRET=1
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kinds.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(obj, tuple(kinds))
+
+
+def registry_errors(mod) -> list[Row]:
+    """Failing rows for a Triton kernel module whose kernels are not all registered: no
+    ``compile_specs()``, or a ``@triton.jit`` function defined in it whose name ends in
+    ``_kernel`` and that no spec lists (helpers, and kernels imported from other modules, are
+    not its to list)."""
+    name = mod.__name__
+    short = name.rsplit(".", 1)[-1]
+    if not callable(getattr(mod, "compile_specs", None)):
+        return [Row("triton", short, "-", 0, error=f"{name} defines Triton kernels but no compile_specs()")]
+    registered = {s["kernel"] for s in mod.compile_specs()}
+    rows = []
+    for kname, obj in vars(mod).items():
+        if (_is_jit_function(obj) and kname.endswith("_kernel") and kname not in registered
+                and getattr(getattr(obj, "fn", None), "__module__", name) == name):
+            rows.append(Row("triton", kname, "-", 0, error=f"no compile spec: add it to {short}.compile_specs()"))
+    return rows
+
+
+def triton_rows(archs: list[int], jobs: int, only: str | None = None) -> list[Row]:
     try:
         import triton
     except ImportError:
         return [Row("triton", "-", "-", 0, error="triton is not installed")]
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [Row("triton", "-", "-", 0, error="TRITON_INTERPRET=1 is set: run this check without it")]
-    from . import triton_kernels as tk
 
-    specs = tk.compile_specs()
     rows: list[Row] = []
-    registered = {s["kernel"] for s in specs}
-    for name, obj in vars(tk).items():
-        if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel") and name not in registered:
-            rows.append(Row("triton", name, "-", 0, error="no compile spec: add it to triton_kernels.compile_specs()"))
-    source = inspect.getsource(tk)
     todo = []
-    for i, spec in enumerate(specs):
-        for arch in archs:
-            key = _digest("triton", triton.__version__, source, _triton_spec_label(spec), arch)
-            hit = _cache_get(key)
-            if hit is not None:
-                rows.append(Row(**hit))
-            else:
-                todo.append((i, arch, key))
+    modules = triton_modules()
+    # Kernels call helpers across modules (triton_gram uses triton_kernels' addressing): a
+    # cached row is valid for the sources of all kernel modules together.
+    sources = [inspect.getsource(_import(name)) for name in modules]
+    for name in modules:
+        mod = _import(name)
+        errors = registry_errors(mod)
+        rows += errors
+        if not callable(getattr(mod, "compile_specs", None)):
+            continue
+        for i, spec in enumerate(mod.compile_specs()):
+            if only and only not in f"{spec['kernel']} {spec['variant']}":
+                continue
+            for arch in archs:
+                key = _digest("triton", triton.__version__, sources, _triton_spec_label(spec), arch)
+                hit = _cache_get(key)
+                if hit is not None:
+                    rows.append(Row(**hit))
+                else:
+                    todo.append((name, i, arch, key))
     if todo:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
-            futs = [(pool.submit(_compile_triton, i, arch), key) for i, arch, key in todo]
+            futs = [(pool.submit(_compile_triton, name, i, arch), key) for name, i, arch, key in todo]
             for fut, key in futs:
                 r = fut.result()
                 if not r["error"]:
@@ -403,6 +483,7 @@ def _cuda_arch(arch: int) -> list[dict]:
         if name in fns:
             total, wide, vloop = loop_load_stats(fns[name])
             row.loop_loads, row.loop_loads16 = total, wide
+            row.loop_xthread = loop_crossthread(fns[name])
             if vloop:
                 row.notes.append("vector-loop")
         rows.append(asdict(row))
@@ -456,7 +537,7 @@ def built_extension_rows() -> list[Row]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'backend':<10} {'kernel':<28} {'variant':<34} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'16B loop loads':>15}  status"
+    head = f"{'backend':<10} {'kernel':<28} {'variant':<34} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'16B loop loads':>15} {'xthr':>5}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
         loads = "-" if r.loop_loads is None else f"{r.loop_loads16}/{r.loop_loads}"
@@ -467,7 +548,7 @@ def format_table(rows: list[Row]) -> str:
         na = lambda v: "-" if v is None else str(v)
         lines.append(
             f"{r.backend:<10} {r.kernel[:28]:<28} {r.variant[:34]:<34} {('sm_%d' % r.arch) if r.arch else '-':>5} "
-            f"{na(r.registers):>5} {na(r.spill_bytes):>6} {na(r.stack):>6} {loads:>15}  {status}"
+            f"{na(r.registers):>5} {na(r.spill_bytes):>6} {na(r.stack):>6} {loads:>15} {na(r.loop_xthread):>5}  {status}"
         )
     return "\n".join(lines)
 
@@ -520,7 +601,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--device", action="store_true", help="also the GPU's own arch and the built extension")
-    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles (processes)")
+    ap.add_argument("--only", help="Triton specialisations whose 'kernel variant' contains this text (while iterating)")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.archs.split(",") if a.strip()]
     if args.device:
@@ -531,7 +613,7 @@ def main(argv=None) -> int:
             archs = sorted(set(archs) | {cap[0] * 10 + cap[1]})
     rows: list[Row] = []
     if not args.no_triton:
-        rows += triton_rows(archs, args.jobs)
+        rows += triton_rows(archs, args.jobs, args.only)
     if not args.no_cuda:
         rows += cuda_rows(archs, min(args.jobs, len(archs)))
     if args.device:

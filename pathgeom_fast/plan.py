@@ -1,5 +1,10 @@
 """Launch plan of the Triton backend: torch-free (standard library and NumPy), tested on CPU.
 
+One planner for every Triton op of the package: ``secant_stats`` (``triton_kernels``, rows of
+3 K values) and ``secant_gram`` (``triton_gram``, rows of (K + 1)^2 values, K <= 8 so one
+pass); the plan does not depend on the op, only on what is listed below, so both ops share
+cached plans and argument buffers. "Gradient lists" below are ``secant_gram``'s vector lists.
+
 A plan says which programs (one per chunk of ``chunk`` elements of one tensor) each launch
 runs, which partial row each program writes, and where every kernel argument lives in one
 int64 buffer. It depends only on the tensor sizes, a group key per tensor (the dtype
@@ -11,10 +16,11 @@ operations, whatever T.
 
 Layout (what the kernels and the tests rely on):
 
-* Partial rows: ``total_rows`` rows of width 3 K (float64), laid out **by tensor**: tensor i
-  owns rows ``first[i] .. first[i+1]``, one per chunk, chunk q of tensor i (elements
-  ``q * chunk .. min((q+1) * chunk, numel[i])``) in row ``first[i] + q``. Empty tensors own
-  no row (and their per-tensor result is the empty sum, 0).
+* Partial rows: ``total_rows`` rows (float64; 3 K values for secant_stats, (K + 1)^2 for
+  secant_gram), laid out **by tensor**: tensor i owns rows ``first[i] .. first[i+1]``, one
+  per chunk, chunk q of tensor i (elements ``q * chunk .. min((q+1) * chunk, numel[i])``) in
+  row ``first[i] + q``. Empty tensors own no row (and their per-tensor result is the empty
+  sum, 0).
 * Passes: the K gradient lists are read in passes of at most ``max_grads_per_pass`` (8)
   lists, each re-reading x and x*: pass p covers lists ``k0 .. k0 + kc`` and writes columns
   ``3 k0 .. 3 (k0 + kc)`` of the rows, so every (row, k) is written exactly once. Bounding

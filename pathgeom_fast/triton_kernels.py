@@ -31,12 +31,20 @@ raises a clear error during capture instead of capturing a copy from host memory
 change. Non-contiguous inputs are copied on every call, so their addresses change: make
 them contiguous before capturing. (Reasoned from the code; no GPU has run this yet.)
 
+Shared with ``secant_gram``'s kernel (``pathgeom_fast.triton_gram``): the plan and its cache
+(a plan depends on sizes, group keys, K and per_tensor, not on the op, so both ops' calls on
+the same tensors share it), ``prepare`` (addresses, dtype and alignment grouping),
+``launch_setup`` (the cached argument buffer and the CUDA-graph rules above), ``_table_ptr``
+(typed, alignment-annotated pointers from the table), ``segment_sum`` (the fixed-order second
+pass) and ``on_device``. Launches run on the current stream of the inputs' device.
+
 Runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before import),
 which is how CI tests it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -103,6 +111,23 @@ if HAVE_TRITON:
     }
 
     @triton.jit
+    def _table_ptr(table_ptr, addr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+        """A typed pointer (or tensor of pointers) from input addresses read from the argument
+        table. Shared by every partials kernel of the package.
+
+        ALIGNED (every address of the launch is 16-byte aligned): Triton's alignment analysis
+        does not follow an integer cast to a pointer (tt.int_to_ptr), but it does follow
+        pointer + offset, so the address is table_ptr (a 16-byte aligned argument) plus an
+        element offset marked as a multiple of 16 bytes (an exact division: both addresses are
+        16-byte aligned). Loads through it can then be 16-byte vector loads."""
+        if ALIGNED:
+            S: tl.constexpr = DT.primitive_bitwidth // 8
+            base = table_ptr.to(tl.int64, bitcast=True)
+            return table_ptr.to(tl.pointer_type(DT), bitcast=True) + tl.multiple_of((addr - base) // S, 16 // S)
+        else:
+            return addr.to(tl.pointer_type(DT))
+
+    @triton.jit
     def _accumulate(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, m, kmask, wd,
                     ACC: tl.constexpr, HAS_WD: tl.constexpr, MASKED: tl.constexpr, KMASKED: tl.constexpr,
                     KCP: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr):
@@ -159,28 +184,12 @@ if HAVE_TRITON:
         j = tl.load(chunk_local_ptr + c)
         begin = tl.load(chunk_index_ptr + c) * CHUNK  # a multiple of CHUNK: aligned stays aligned
         end = tl.minimum(begin + CHUNK, tl.load(numel_ptr + j))
-        row = table_ptr + j * (KCP + 2)
         ks = tl.arange(0, KCP)
         kmask = ks < KC
-        xa = tl.load(row + KCP)
-        ra = tl.load(row + KCP + 1)
-        ga = tl.load(row + ks)  # [KCP]
-        if ALIGNED:
-            # Triton's alignment analysis does not follow an integer cast to a pointer
-            # (tt.int_to_ptr), but it does follow pointer + offset: address the inputs from
-            # table_ptr (a 16-byte aligned argument) with element offsets that are multiples
-            # of 16 bytes. Exact divisions: every address is 16-byte aligned here.
-            base = table_ptr.to(tl.int64, bitcast=True)
-            XS: tl.constexpr = X_DT.primitive_bitwidth // 8
-            RS: tl.constexpr = R_DT.primitive_bitwidth // 8
-            GS: tl.constexpr = G_DT.primitive_bitwidth // 8
-            x_ptr = table_ptr.to(tl.pointer_type(X_DT), bitcast=True) + tl.multiple_of((xa - base) // XS, 16 // XS)
-            r_ptr = table_ptr.to(tl.pointer_type(R_DT), bitcast=True) + tl.multiple_of((ra - base) // RS, 16 // RS)
-            g_ptrs = table_ptr.to(tl.pointer_type(G_DT), bitcast=True) + tl.multiple_of((ga - base) // GS, 16 // GS)
-        else:
-            x_ptr = xa.to(tl.pointer_type(X_DT))
-            r_ptr = ra.to(tl.pointer_type(R_DT))
-            g_ptrs = ga.to(tl.pointer_type(G_DT))
+        row = table_ptr + j * (KCP + 2)
+        x_ptr = _table_ptr(table_ptr, tl.load(row + KCP), X_DT, ALIGNED)
+        r_ptr = _table_ptr(table_ptr, tl.load(row + KCP + 1), R_DT, ALIGNED)
+        g_ptrs = _table_ptr(table_ptr, tl.load(row + ks), G_DT, ALIGNED)  # [KCP]
         acc_a = tl.zeros([KCP, BLOCK // V], dtype=ACC)
         acc_b = tl.zeros([KCP, BLOCK // V], dtype=ACC)
         acc_c = tl.zeros([BLOCK // V], dtype=ACC)
@@ -291,20 +300,31 @@ def prepare(grads, params, refs, K: int, per_tensor: bool):
     return plan, plan_key, addrs, keep
 
 
-def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_decay: float) -> torch.Tensor:
-    """[T or 1, K, 3] float64 rows. Inputs already validated (see ops._validate)."""
+def on_device(device: torch.device):
+    """Context of the launches: Triton launches on the current device's current stream, so the
+    inputs' device is made current (a no-op when it already is, and on CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_device(device: torch.device) -> None:
     if not HAVE_TRITON:
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    K = num_grads
-    device = params[0].device
     if device.type == "cpu" and not INTERPRET:
         raise ValueError(
             "backend='triton' got CPU tensors; Triton runs on GPUs, or on CPU tensors only under "
             "the interpreter (set TRITON_INTERPRET=1 before importing pathgeom_fast)"
         )
-    # Contiguous copies of non-contiguous inputs (only those) are in `keep`. They may be freed once
-    # the launches are queued: the caching allocator reuses memory in stream order, after the kernels.
-    plan, plan_key, addrs, keep = prepare(grads, params, refs, K, per_tensor)
+
+
+def launch_setup(lists, params, refs, K: int, per_tensor: bool):
+    """(plan, buf, keep) of one call of any Triton op of this package (``secant_stats`` and
+    ``secant_gram`` share it): the cached plan, the device int64 argument buffer (cached by
+    content, addresses included; see the module docstring on CUDA graphs) and the contiguous
+    copies of non-contiguous inputs (keep them alive until the launches are queued; they may be
+    freed then: the caching allocator reuses memory in stream order, after the kernels)."""
+    device = params[0].device
+    check_device(device)
+    plan, plan_key, addrs, keep = prepare(lists, params, refs, K, per_tensor)
     capturing = _capturing(device)
     buf_key = (str(device), plan_key, addrs.tobytes())
 
@@ -325,44 +345,59 @@ def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_de
     if capturing:
         with _LOCK:
             _CAPTURED[buf_key] = buf
+    return plan, buf, keep
 
-    partials = torch.empty(plan.total_rows, K, 3, dtype=torch.float64, device=device)
-    flat = partials.view(-1)
-    wd = float(weight_decay)
-    for L in plan.launches:
-        cfg = kernel_config(L.key)
-        _partials_kernel[(L.programs,)](
-            buf[L.table :],
-            buf[L.numel :],
-            buf[L.chunk_local :],
-            buf[L.chunk_index :],
-            buf[L.chunk_row :],
-            flat[3 * L.k0 :],
-            wd,
-            3 * K,
-            KC=L.kc,
-            KCP=L.kcp,
-            G_DT=_TL[cfg["G_DT"]],
-            X_DT=_TL[cfg["X_DT"]],
-            R_DT=_TL[cfg["R_DT"]],
-            ACC=_TL[cfg["ACC"]],
-            HAS_WD=wd != 0.0,
-            ALIGNED=cfg["ALIGNED"],
-            CHUNK=plan.chunk,
-            BLOCK=cfg["BLOCK"],
-            V=cfg["V"],
-            num_warps=cfg["num_warps"],
-        )
-    del keep
 
-    W = 3 * K
-    out = torch.empty(plan.nsegments, K, 3, dtype=torch.float64, device=device)
+def segment_sum(partials: torch.Tensor, buf: torch.Tensor, plan, out: torch.Tensor) -> torch.Tensor:
+    """out [nsegments, ...] (W values per segment) = the sums, in row order, of the plan's
+    segments of ``partials`` [total_rows, ...] (W float64 values per row): per tensor, or all."""
     if plan.nsegments:
         if plan.total_rows == 0:
             out.zero_()
         else:
-            _segment_sum_kernel[(plan.nsegments,)](partials, buf[plan.segments :], out, W=W, WP=_plan.next_pow2(W), ROWS=ROWS)
+            W = out[0].numel()
+            with on_device(out.device):
+                _segment_sum_kernel[(plan.nsegments,)](partials, buf[plan.segments :], out, W=W, WP=_plan.next_pow2(W), ROWS=ROWS)
     return out
+
+
+def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_decay: float) -> torch.Tensor:
+    """[T or 1, K, 3] float64 rows. Inputs already validated (see ops._validate)."""
+    check_device(params[0].device)
+    K = num_grads
+    device = params[0].device
+    plan, buf, keep = launch_setup(grads, params, refs, K, per_tensor)
+    partials = torch.empty(plan.total_rows, K, 3, dtype=torch.float64, device=device)
+    flat = partials.view(-1)
+    wd = float(weight_decay)
+    with on_device(device):
+        for L in plan.launches:
+            cfg = kernel_config(L.key)
+            _partials_kernel[(L.programs,)](
+                buf[L.table :],
+                buf[L.numel :],
+                buf[L.chunk_local :],
+                buf[L.chunk_index :],
+                buf[L.chunk_row :],
+                flat[3 * L.k0 :],
+                wd,
+                3 * K,
+                KC=L.kc,
+                KCP=L.kcp,
+                G_DT=_TL[cfg["G_DT"]],
+                X_DT=_TL[cfg["X_DT"]],
+                R_DT=_TL[cfg["R_DT"]],
+                ACC=_TL[cfg["ACC"]],
+                HAS_WD=wd != 0.0,
+                ALIGNED=cfg["ALIGNED"],
+                CHUNK=plan.chunk,
+                BLOCK=cfg["BLOCK"],
+                V=cfg["V"],
+                num_warps=cfg["num_warps"],
+            )
+    del keep
+    out = torch.empty(plan.nsegments, K, 3, dtype=torch.float64, device=device)
+    return segment_sum(partials, buf, plan, out)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Compiled-kernel checks without a GPU (pathgeom_fast.compile_check), and its PTX parsing.
 
 The check runs in a subprocess with TRITON_INTERPRET removed (conftest sets it, and the
-interpreter replaces the kernels). It compiles every Triton specialisation of
-triton_kernels.compile_specs() for sm_80 and sm_90 and the CUDA kernels through nvcc, and
-fails on a compile error, a register spill, or a hot loop without 16-byte loads where they
-are expected. The table is printed (pytest -s, or in the failure message) and written to
+interpreter replaces the kernels). It compiles every Triton specialisation listed by the
+compile_specs() of each module holding Triton kernels (triton_kernels, triton_gram) for sm_80
+and sm_90 and the CUDA kernels through nvcc, and fails on a compile error, a register spill, a
+hot loop without 16-byte loads where they are expected, or (Gram kernel) a hot loop that
+exchanges data between threads. The table is printed (pytest -s, or in the failure message) and written to
 the pytest temporary directory; bench/results/compiled-kernels-*.txt keeps a recorded one.
 """
 
@@ -64,7 +65,20 @@ def test_triton_kernels_compile_vectorised_without_spills(tmp_path):
     for r in partials:
         if " aligned" in r["variant"]:
             assert r["loop_loads"] and r["loop_loads16"] == r["loop_loads"], r
-    assert {r["kernel"] for r in rows} >= {"_partials_kernel", "_segment_sum_kernel"}
+    assert {r["kernel"] for r in rows} >= {"_partials_kernel", "_segment_sum_kernel", "_gram_partials_kernel"}
+    # the Gram kernel: every shipped dtype combination, K = 1, 2, 8, both specialisations, both
+    # archs; aligned hot loops of 16-byte loads only; no hot loop exchanges data between threads
+    gram = [r for r in rows if r["kernel"] == "_gram_partials_kernel"]
+    for dt in ("f32 ", "bf16g-f32 ", "f16 ", "f64 "):
+        for k in ("K=1 ", "K=2 ", "K=8 "):
+            for al in ("aligned", "misaligned"):
+                for arch in (80, 90):
+                    hits = [r for r in gram if r["variant"].startswith(dt + k) and f" {al} " in r["variant"] + " " and r["arch"] == arch]
+                    assert len(hits) == 1, (dt, k, al, arch)
+    for r in gram:
+        assert r["spill_bytes"] == 0 and r["stack"] == 0 and r["loop_xthread"] == 0 and r["thread_local"], r
+        if " aligned" in r["variant"]:
+            assert r["loop_loads"] and r["loop_loads16"] == r["loop_loads"], r
 
 
 @pytest.mark.slow
@@ -102,6 +116,50 @@ $L__BB0_3:
 	ret;
 }
 """
+
+
+def test_loop_crossthread():
+    assert cc.loop_crossthread(cc.ptx_functions(PTX)["k"]) == 0
+    ptx = PTX.replace("ld.global.b32 \t%r9, [%rd8];", "shfl.sync.bfly.b32 %r9, %r8, 16, 31, -1;\n\tbar.sync 0;\n\tst.shared.b32 [%r1], %r9;")
+    assert cc.loop_crossthread(cc.ptx_functions(ptx)["k"]) == 3
+    row = cc.Row("triton", "k", "-", 90, registers=40, spill_bytes=0, stack=0, loop_xthread=3, thread_local=True)
+    assert not row.ok and any("between threads" in f for f in row.failures())
+    assert cc.Row("triton", "k", "-", 90, registers=40, spill_bytes=0, stack=0, loop_xthread=3).ok  # not expected: shown only
+
+
+def test_every_triton_module_is_scanned_and_unregistered_kernels_fail():
+    assert {"pathgeom_fast.triton_kernels", "pathgeom_fast.triton_gram"} <= set(cc.triton_modules())
+    if not _have_triton():
+        pytest.skip("triton is not installed")
+    import types
+
+    import triton
+    import triton.language as tl
+
+    from pathgeom_fast import triton_gram, triton_kernels
+
+    for mod in (triton_kernels, triton_gram):  # the shipped modules register every kernel they define
+        assert cc.registry_errors(mod) == []
+
+    def _new_kernel(x_ptr, N: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, N), 0.0)
+
+    def _helper(x):
+        return x
+
+    fake = types.ModuleType("pathgeom_fast.fake_kernels")
+    fake._new_kernel = triton.jit(_new_kernel)
+    fake._helper = triton.jit(_helper)
+    fake._segment_sum_kernel = triton_kernels._segment_sum_kernel  # imported: not its to list
+    for f in (fake._new_kernel, fake._helper):
+        f.fn.__module__ = fake.__name__
+    no_specs = cc.registry_errors(fake)
+    assert len(no_specs) == 1 and "no compile_specs()" in no_specs[0].error and not no_specs[0].ok
+    fake.compile_specs = lambda: []
+    errors = cc.registry_errors(fake)
+    assert [(r.kernel, r.ok) for r in errors] == [("_new_kernel", False)] and "fake_kernels.compile_specs()" in errors[0].error
+    fake.compile_specs = lambda: [{"kernel": "_new_kernel"}]
+    assert cc.registry_errors(fake) == []
 
 
 def test_load_bytes():

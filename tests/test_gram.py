@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import pathgeom_fast as pg
-from pathgeom_fast import _ext
+from pathgeom_fast import _ext, triton_kernels
+from pathgeom_fast import triton_gram as tg
 
-from utils import backends_for, make_lists
+from utils import HAS_CUDA, backends_for, make_lists
 
 CPU_BACKENDS = backends_for("cpu")
 ODD_SIZES = [1, 3, 1023, 65537, 0, 8, 70001]
@@ -260,3 +261,160 @@ def test_module_and_generator_inputs():
     u = [torch.randn_like(t) for t in g]
     out = pg.secant_gram((v for v in (g, u)), model, tuple(ref_model.parameters()))
     assert_gram_close(out, flat_oracle([g, u], list(model.parameters()), list(ref_model.parameters())))
+
+
+# --------------------------------------------------------------------------------------
+# The Triton kernel's specialisations (pathgeom_fast.triton_gram): 16-byte aligned and general,
+# every shipped dtype combination, K = 1, 2, 8, mixed in one call; under the interpreter on
+# CPU, or on a GPU when there is one. Which specialisation ran is read from the cached plan.
+# --------------------------------------------------------------------------------------
+
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    not (triton_kernels.available() and (HAS_CUDA or triton_kernels.INTERPRET)),
+    reason="needs triton, and a GPU or TRITON_INTERPRET=1",
+)
+SHIPPED = {
+    "f32": (torch.float32,) * 3,
+    "bf16v-f32": (torch.bfloat16, torch.float32, torch.float32),
+    "f16": (torch.float16,) * 3,
+    "f64": (torch.float64,) * 3,
+}
+# a chunk boundary with a tail (70001 = 65536 + 4465), whole blocks only (4096), tiny, empty
+TRITON_SIZES = [1000, 70001, 3, 0, 4096]
+
+
+def offset_copy(t):
+    """Same values at an address one element further: contiguous, not 16-byte aligned."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    buf[1:] = t.reshape(-1)
+    return buf[1:].view(t.shape)
+
+
+def launches(vecs, x, r):
+    """{(vector dtype, param dtype, ref dtype, aligned)} of the launches of this call's plan."""
+    flat = [t for v in vecs for t in v]
+    plan, *_ = triton_kernels.prepare(flat, x, r, len(vecs), True)
+    return {triton_kernels.unpack_key(L.key) for L in plan.launches}
+
+
+def gram_triton(vecs, x, r, per_tensor):
+    return pg.secant_gram(vecs, x, r, backend="triton", per_tensor=per_tensor)
+
+
+@needs_triton
+@pytest.mark.parametrize("K", [1, 2, 8])
+@pytest.mark.parametrize("dtypes", list(SHIPPED.values()), ids=list(SHIPPED))
+def test_triton_aligned_and_misaligned_against_flat_oracle(dtypes, K):
+    vecs, x, r = make_vecs(TRITON_SIZES, K, dtypes, seed=40 + K)
+    ref_per, ref_total = per_tensor_oracle(vecs, x, r), flat_oracle(vecs, x, r)
+    live = [i for i, n in enumerate(TRITON_SIZES) if n]
+    dev = lambda ts: [t.to(TRITON_DEVICE) for t in ts]
+    vecs, x, r = [dev(v) for v in vecs], dev(x), dev(r)
+    assert launches(vecs, x, r) == {(*dtypes, True)}
+    per = gram_triton(vecs, x, r, True)
+    assert_gram_close(per[live], ref_per[live], what="aligned")
+    assert torch.equal(per[TRITON_SIZES.index(0)].cpu(), torch.zeros(K + 1, K + 1, dtype=torch.float64))
+    assert_gram_close(gram_triton(vecs, x, r, False), ref_total, what="aligned total")
+    # the same values at addresses that are not 16-byte aligned: the general specialisation
+    vecs2, x2, r2 = [[offset_copy(t) for t in v] for v in vecs], [offset_copy(t) for t in x], [offset_copy(t) for t in r]
+    assert launches(vecs2, x2, r2) == {(*dtypes, False)}
+    assert_gram_close(gram_triton(vecs2, x2, r2, True)[live], ref_per[live], what="misaligned")
+    assert_gram_close(gram_triton(vecs2, x2, r2, False), ref_total, what="misaligned total")
+
+
+@needs_triton
+@pytest.mark.parametrize("K", [8, 3])
+def test_triton_mixed_alignment_and_dtypes_in_one_call(K):
+    """Aligned and misaligned positions, four dtype combinations, in one call: five launches."""
+    sizes = [70001, 1000, 4096, 333, 5, 0, 2048]
+    vecs, x, r = make_vecs(sizes, K, seed=50 + K)
+    for k in range(K):  # position 1: bf16 vectors with fp32 params; position 2: all fp16
+        vecs[k][1] = vecs[k][1].bfloat16()
+        vecs[k][2] = vecs[k][2].half()
+    x[2], r[2] = x[2].half(), r[2].half()
+    x[3], r[3] = x[3].double(), r[3].double()  # fp64 position: fp64 products
+    vecs = [[t.to(TRITON_DEVICE) for t in v] for v in vecs]
+    x, r = [t.to(TRITON_DEVICE) for t in x], [t.to(TRITON_DEVICE) for t in r]
+    vecs[K - 1][0] = offset_copy(vecs[K - 1][0])  # one vector misaligned: its whole position goes general
+    x[4] = offset_copy(x[4])  # positions 0 and 4 in one general launch; 6 in an aligned fp32 one
+    f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+    assert launches(vecs, x, r) == {
+        (f32, f32, f32, False), (bf16, f32, f32, True), (f16, f16, f16, True), (f32, f64, f64, True), (f32, f32, f32, True)
+    }
+    ref = per_tensor_oracle(vecs, x, r)
+    per = gram_triton(vecs, x, r, True)
+    live = [i for i, n in enumerate(sizes) if n]
+    assert_gram_close(per[live], ref[live], what="mixed")
+    assert_gram_close(per[3], ref[3], rel=1e-13, what="fp64 position")
+    assert_gram_close(gram_triton(vecs, x, r, False), flat_oracle(vecs, x, r), what="mixed total")
+
+
+@needs_triton
+def test_triton_deterministic_cached_and_shared_with_secant_stats():
+    """Bitwise equal across calls and cache states; G symmetric; the plan and the argument
+    buffer are secant_stats's (one planner, one cache)."""
+    vecs, x, r = make_vecs([70001, 1000, 3, 4096], 2, seed=60)
+    vecs = [[t.to(TRITON_DEVICE) for t in v] for v in vecs]
+    x, r = [t.to(TRITON_DEVICE) for t in x], [t.to(TRITON_DEVICE) for t in r]
+    triton_kernels.clear_caches()
+    first = gram_triton(vecs, x, r, True)
+    total = gram_triton(vecs, x, r, False)
+    info = triton_kernels.cache_info()
+    assert info["plans"] == 2 and info["buffers"] == 2  # per_tensor and total
+    assert torch.equal(gram_triton(vecs, x, r, True), first) and torch.equal(gram_triton(vecs, x, r, False), total)
+    assert triton_kernels.cache_info() == info  # nothing new: no plan, no copy
+    pg.secant_stats_multi(vecs, x, r, backend="triton", per_tensor=True)  # same lists: same plan and buffer
+    assert triton_kernels.cache_info() == info
+    triton_kernels.clear_caches()
+    assert torch.equal(gram_triton(vecs, x, r, True), first)
+    for G in (first, total):
+        assert torch.equal(G, G.transpose(-1, -2))
+    s = pg.secant_stats_multi(vecs, x, r, backend="triton")  # diagonal and last column agree with secant_stats
+    assert_gram_close(total, flat_oracle(vecs, x, r))
+    for k in range(2):
+        assert math.isclose(total[k, 2].item(), s[k, 0].item(), rel_tol=1e-6)
+        assert math.isclose(total[k, k].item(), s[k, 1].item(), rel_tol=1e-6)
+
+
+@needs_triton
+def test_triton_many_small_tensors():
+    sizes = [(7 * i) % 61 for i in range(300)]
+    vecs, x, r = make_vecs(sizes, 2, seed=61)
+    ref = per_tensor_oracle(vecs, x, r)
+    dev = lambda ts: [t.to(TRITON_DEVICE) for t in ts]
+    vecs, x, r = [dev(v) for v in vecs], dev(x), dev(r)
+    live = [i for i, n in enumerate(sizes) if n]
+    assert_gram_close(gram_triton(vecs, x, r, True)[live], ref[live])
+
+
+@needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs this configuration in every test")
+@pytest.mark.parametrize("K", [2, 8])
+def test_triton_gpu_block_under_interpreter(monkeypatch, K):
+    """The interpreter normally takes 8x longer steps (tg.INTERPRET_WARPS); here the
+    GPU's own BLOCK (4 warps), aligned and misaligned."""
+    monkeypatch.setattr(tg, "INTERPRET_WARPS", tg.NUM_WARPS)
+    vecs, x, r = make_vecs([70001, 515], K, (torch.bfloat16, torch.float32, torch.float32), seed=62)
+    r[1] = offset_copy(r[1])
+    assert gram_config_blocks(vecs, x, r) == {8 * 32 * tg.NUM_WARPS, (4 if K <= 2 else 2) * 32 * tg.NUM_WARPS}
+    assert_gram_close(gram_triton(vecs, x, r, True), per_tensor_oracle(vecs, x, r))
+
+
+def gram_config_blocks(vecs, x, r):
+    flat = [t for v in vecs for t in v]
+    plan, *_ = triton_kernels.prepare(flat, x, r, len(vecs), True)
+    return {tg.gram_config(L.key, len(vecs))["BLOCK"] for L in plan.launches}
+
+
+def test_gram_config():
+    f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+    key = triton_kernels.group_key
+    for K in (1, 2, 8):  # aligned: 16 bytes of the narrowest stream per thread and step
+        assert tg.gram_config(key(f32, f32, f32, True), K, 4)["V"] == 4
+        assert tg.gram_config(key(bf16, f32, f32, True), K, 4)["V"] == 8
+        assert tg.gram_config(key(f16, f16, f16, True), K, 4)["V"] == 8
+        assert tg.gram_config(key(f64, f64, f64, True), K, 4)["V"] == 2
+        cfg = tg.gram_config(key(f32, f32, f32, False), K, 4)
+        assert cfg["V"] == (4 if K <= 2 else 2) and cfg["BLOCK"] == cfg["V"] * 128 and cfg["num_warps"] == 4
+    assert tg.gram_config(key(bf16, f64, f64, True), 8, 4)["ACC"] == f64

@@ -104,6 +104,37 @@ def test_triton_graph_capture_after_warmup():
     assert triton_kernels.cache_info()["captured"] >= 1
 
 
+def test_triton_gram_graph_capture_after_warmup():
+    if "triton" not in GPU_BACKENDS:
+        pytest.skip("triton unavailable")
+    from pathgeom_fast import triton_kernels
+
+    grads, x, r = make_lists([4096, 70001, 5], device="cuda", seed=27, K=3)
+    x[2] = torch.empty(6, device="cuda")[1:].copy_(x[2])  # one misaligned tensor: both specialisations
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        pg.secant_gram(grads, x, r, backend="triton")  # warm-up: compiles, caches plan and buffer
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = pg.secant_gram(grads, x, r, backend="triton")
+    for g in grads:
+        for t in g:
+            t.mul_(2.0)  # new values in the same memory
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = pg.reference_secant_gram(grads, x, r).cpu()
+    scale = torch.sqrt(torch.diagonal(ref)[:, None] * torch.diagonal(ref)[None, :])
+    assert bool(((out.cpu() - ref).abs() <= 1e-6 * scale).all()) and torch.equal(out, out.T)
+    g2 = [[t.clone() for t in g] for g in grads]  # not warmed up: a clear error, not a host copy
+    with torch.cuda.stream(stream):
+        graph2 = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError) as err:
+            with torch.cuda.graph(graph2, stream=stream):
+                pg.secant_gram(g2, x, r, backend="triton")
+    assert "before capturing" in str(err.value) + str(err.value.__context__)
+    assert triton_kernels.cache_info()["captured"] >= 1
+
+
 def test_cuda_mixed_devices_error():
     if "cuda" not in GPU_BACKENDS:
         pytest.skip("CUDA kernel not built")
