@@ -70,7 +70,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _TL, _table_ptr
+    from .triton_kernels import _TL, _step_lanes, _sum_across_threads, _table_ptr
 
     @triton.jit
     def _gram_step(acc_vv, acc_vd, acc_dd, x_ptr, r_ptr, v_ptrs, offs, m,
@@ -131,12 +131,7 @@ if HAVE_TRITON:
         v_ptrs = ()
         for k in tl.static_range(K):
             v_ptrs = v_ptrs + (_table_ptr(table_ptr, tl.load(row + k), V_DT, ALIGNED),)
-        t = tl.arange(0, BLOCK // V)[:, None]
-        u = tl.arange(0, V)[None, :]
-        if ALIGNED:
-            lane = t * V + u  # V consecutive elements per thread: 16-byte loads
-        else:
-            lane = t + u * (BLOCK // V)  # V strided elements per thread: coalesced scalar loads
+        lane = _step_lanes(BLOCK, V, ALIGNED)  # [BLOCK // V, V]: row t is thread t's V elements
         zero = tl.zeros([BLOCK // V], dtype=ACC)
         acc_vv = ()
         for p in tl.static_range(P):
@@ -175,15 +170,13 @@ if HAVE_TRITON:
         out = out_ptr + tl.load(chunk_row_ptr + c) * (M * M)
         es = tl.arange(0, GS)
         for g in tl.static_range((E + GS - 1) // GS):
-            tot = tl.zeros([BLOCK // V, GS], dtype=tl.float64)
+            s = _sum_across_threads(entries, g * GS, GS, BLOCK // V)  # [GS]
             pos = tl.zeros([GS], dtype=tl.int32)
             mirror = tl.zeros([GS], dtype=tl.int32)
             for e in tl.static_range(GS):
                 if g * GS + e < E:
-                    tot = tl.where(es[None, :] == e, entries[g * GS + e].to(tl.float64)[:, None], tot)
                     pos = tl.where(es == e, pos_q[g * GS + e], pos)
                     mirror = tl.where(es == e, mirror_q[g * GS + e], mirror)
-            s = tl.sum(tot, axis=0)  # [GS]
             live = es < E - g * GS
             tl.store(out + pos, s, mask=live)
             tl.store(out + mirror, s, mask=live)
@@ -193,13 +186,14 @@ def available() -> bool:
     return HAVE_TRITON
 
 
-NUM_WARPS = 4
+NUM_WARPS = _tk.NUM_WARPS
 # Under the interpreter a step costs the same whatever its length (it pays per operation, and
 # tl.sum, a @triton.jit function, re-patches the language on every call), so it runs steps 8x
-# longer. The kernel's logic does not depend on BLOCK (a power of two dividing CHUNK);
-# tests/test_gram.py also runs the GPU's BLOCK under the interpreter by setting this to NUM_WARPS.
-INTERPRET_WARPS = 32
-GROUP = 16  # entries of G per cross-thread reduction at the end of a chunk: 32 fp64 registers
+# longer (as secant_stats' kernel). The kernel's logic does not depend on BLOCK (a power of two
+# dividing CHUNK); tests/test_gram.py also runs the GPU's BLOCK under the interpreter by setting
+# this to NUM_WARPS.
+INTERPRET_WARPS = _tk.INTERPRET_WARPS
+GROUP = _tk.GROUP  # entries of G per cross-thread reduction at the end of a chunk: 32 fp64 registers
 
 
 def gram_config(key: int, K: int, warps: int | None = None) -> dict:
@@ -218,9 +212,7 @@ def gram_config(key: int, K: int, warps: int | None = None) -> dict:
     any64 = torch.float64 in (vd, xd, rd)
     kp = _plan.next_pow2(K)
     if aligned:
-        v = 16 // min(dt.itemsize for dt in (vd, xd, rd))
-        if any64:
-            v = min(v, 4)
+        v = _tk.aligned_width(vd, xd, rd)
     else:
         v = 4 if kp <= 2 else 2
     cfg = dict(V_DT=vd, X_DT=xd, R_DT=rd, ACC=torch.float64 if any64 else torch.float32, ALIGNED=aligned)

@@ -7,14 +7,28 @@ sums each tensor's rows (or all rows) in a fixed order, so results are bitwise r
 The launch plan (which programs, which rows, where each argument lives) is
 ``pathgeom_fast.plan.plan_triton``, torch-free and unit-tested on CPU.
 
+Kernel. Each program walks its chunk in steps of BLOCK = V x threads elements. Every stream
+is loaded as a [BLOCK / V, V] tile whose row t is thread t's V elements (``_step_lanes``), so
+each product is summed over V inside the thread and every accumulator is one register per
+thread: a_k = sum h_k d and b_k = sum h_k h_k for the KC gradient lists of the pass (tuples
+unrolled at compile time; h_k = g_k + wd x, h_k = g_k exactly when wd == 0), and c = sum d d,
+with d = x - x*. Products and these sums are in fp32 (fp64 when an input of the tensor is fp64).
+The hot loop has no shuffle, barrier or shared-memory access (``compile_check`` verifies it).
+At the end of its chunk the program sums its 3 KC values across threads in fp64, ``GROUP`` per
+reduction (``_sum_across_threads``, shared with the Gram kernel), and writes one row; c is
+computed with the same operations in every pass (V does not depend on KC), so it is bitwise
+equal across the passes of ``secant_stats_multi``.
+
 Vector loads. The addresses come from a table, so Triton cannot infer their alignment. When
 every address of a launch is 16-byte aligned (``data_ptr() % 16 == 0``; chunk starts are
 multiples of CHUNK, so aligned bases stay aligned), the launch uses the ``ALIGNED``
-specialisation: the addresses carry ``tl.multiple_of(.., 16)`` and the hot loop runs over
-whole blocks without a mask, so it compiles to 16-byte loads; the last partial block of a
-chunk is masked. Tensors that are not aligned (views at an odd offset) go to a separate
-launch of the general specialisation, with scalar loads. ``pathgeom_fast.compile_check``
-proves the 16-byte loads, the register counts and the absence of spills from the PTX,
+specialisation: the addresses carry ``tl.multiple_of(.., 16)``, each thread's V elements are
+consecutive (V = 16 bytes of the narrowest stream, ``aligned_width``) and the hot loop runs
+over whole blocks without a mask, so it compiles to 16-byte loads; the last partial block of
+a chunk is masked. Tensors that are not aligned (views at an odd offset) go to a separate
+launch of the general specialisation, whose V elements per thread are strided by BLOCK / V
+(scalar loads, coalesced across threads). ``pathgeom_fast.compile_check`` proves the 16-byte
+loads, the thread-local hot loop, the register counts and the absence of spills from the PTX,
 without a GPU.
 
 Host work per call: one ``data_ptr()``/``dtype``/contiguity check per tensor, the rest in
@@ -35,8 +49,10 @@ Shared with ``secant_gram``'s kernel (``pathgeom_fast.triton_gram``): the plan a
 (a plan depends on sizes, group keys, K and per_tensor, not on the op, so both ops' calls on
 the same tensors share it), ``prepare`` (addresses, dtype and alignment grouping),
 ``launch_setup`` (the cached argument buffer and the CUDA-graph rules above), ``_table_ptr``
-(typed, alignment-annotated pointers from the table), ``segment_sum`` (the fixed-order second
-pass) and ``on_device``. Launches run on the current stream of the inputs' device.
+(typed, alignment-annotated pointers from the table), ``_step_lanes`` (the [BLOCK / V, V]
+tile of a step), ``_sum_across_threads`` (the end-of-chunk reduction), ``aligned_width``,
+``segment_sum`` (the fixed-order second pass) and ``on_device``. Launches run on the current
+stream of the inputs' device.
 
 Runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before import),
 which is how CI tests it.
@@ -74,22 +90,50 @@ def available() -> bool:
 
 
 NUM_WARPS = 4
+# Under the interpreter a step costs the same whatever its length (it pays per operation), so
+# it runs steps 8x longer. The kernels' logic does not depend on BLOCK (a power of two dividing
+# CHUNK); the tests also run the GPU's BLOCK under the interpreter by setting this to NUM_WARPS.
+INTERPRET_WARPS = 32
+GROUP = 16  # values per cross-thread reduction at the end of a chunk (_sum_across_threads): 32 fp64 registers
 
 
-def kernel_config(key: int) -> dict:
-    """Constexprs of the partials kernel for a group key (see ``group_key``), less KC/KCP.
+def aligned_width(gd: torch.dtype, xd: torch.dtype, rd: torch.dtype) -> int:
+    """Elements per thread and step of an aligned launch, for both ops' kernels: 16 bytes of the
+    narrowest stream (fp32 4, fp64 2, 8 when a stream is 16-bit), at most 4 when accumulating in
+    fp64 (a 16-bit stream beside an fp64 one: not a shipped combination). Each stream then takes
+    one 16-byte load per step, two for a stream twice as wide. Wider is not possible without
+    crossing threads: Triton's layout gives each thread as many consecutive elements as the
+    widest 16-byte load of the step covers (4 for fp32), and a thread's row of V elements must
+    be exactly what it holds for the sums over V to stay inside it (V = 8 with fp32 streams
+    only put each row on two threads: shuffles in the hot loop)."""
+    v = 16 // min(dt.itemsize for dt in (gd, xd, rd))
+    return min(v, 4) if torch.float64 in (gd, xd, rd) else v
 
-    V consecutive elements per thread and step: 8 for aligned launches accumulating in fp32
-    (one or two 16-byte loads per stream; 8 is 16 bytes of a 16-bit type), 2 for aligned
-    fp64 accumulation (16 bytes of fp64; more would spill at K = 8) and for misaligned
-    launches (scalar loads anyway; keeps registers low). The step is BLOCK = V x threads.
+
+def kernel_config(key: int, warps: int | None = None) -> dict:
+    """Constexprs of the partials kernel for a group key (see ``group_key``), less KC/KCP/GS.
+
+    V elements per thread and step (the step is BLOCK = V x 32 x warps): aligned,
+    ``aligned_width`` (fp32 4, bf16 gradients with fp32 params 8, fp16 8, fp64 2); misaligned, 2
+    (scalar loads anyway, K + 2 registers more per element). V depends on the dtypes and the
+    alignment only, not on the number of gradient lists of a pass, so every pass of
+    ``secant_stats_multi`` computes c = ||x - x*||^2 with the same operations: bitwise equal
+    across passes. ``warps``: 4 on a GPU; under the interpreter ``INTERPRET_WARPS`` unless given.
     """
     gd, xd, rd, aligned = unpack_key(key)
     any64 = torch.float64 in (gd, xd, rd)
-    v = 8 if aligned and not any64 else 2
+    v = aligned_width(gd, xd, rd) if aligned else 2
     cfg = dict(G_DT=gd, X_DT=xd, R_DT=rd, ACC=torch.float64 if any64 else torch.float32, ALIGNED=aligned)
-    cfg.update(V=v, BLOCK=v * 32 * NUM_WARPS, num_warps=NUM_WARPS)
+    if warps is None:
+        warps = INTERPRET_WARPS if INTERPRET else NUM_WARPS
+    cfg.update(V=v, BLOCK=v * 32 * warps, num_warps=warps)
     return cfg
+
+
+def reduce_group(kc: int) -> int:
+    """GS of a pass of kc gradient lists: its 3 kc output values are summed across threads
+    GS at a time (one reduction at K = 1, two at K = 8)."""
+    return min(GROUP, _plan.next_pow2(3 * kc))
 
 
 def group_key(gd: torch.dtype, xd: torch.dtype, rd: torch.dtype, aligned: bool) -> int:
@@ -128,35 +172,61 @@ if HAVE_TRITON:
             return addr.to(tl.pointer_type(DT))
 
     @triton.jit
-    def _accumulate(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, m, kmask, wd,
-                    ACC: tl.constexpr, HAS_WD: tl.constexpr, MASKED: tl.constexpr, KMASKED: tl.constexpr,
-                    KCP: tl.constexpr, BLOCK: tl.constexpr, V: tl.constexpr):
-        # One step of BLOCK elements: every byte is read once, hence evict_first.
+    def _step_lanes(BLOCK: tl.constexpr, V: tl.constexpr, ALIGNED: tl.constexpr):
+        """Offsets [BLOCK // V, V] of one step of BLOCK elements; row t is thread t's V elements
+        (the blocked layout gives each thread one row), so a sum over axis 1 stays inside a
+        thread. Shared by every partials kernel of the package.
+
+        ALIGNED: the V elements are consecutive (16-byte loads); otherwise strided by
+        BLOCK // V, so that each of the V scalar loads is coalesced across the threads."""
+        t = tl.arange(0, BLOCK // V)[:, None]
+        u = tl.arange(0, V)[None, :]
+        if ALIGNED:
+            return t * V + u
+        else:
+            return t + u * (BLOCK // V)
+
+    @triton.jit
+    def _sum_across_threads(entries, G0: tl.constexpr, GS: tl.constexpr, BT: tl.constexpr):
+        """float64 [GS]: element e is the sum over the BT threads of entries[G0 + e] (0 past
+        the end of the tuple). entries: a tuple of per-thread accumulators [BT], placed side
+        by side as columns of [BT, GS] (in each thread's registers) and reduced across threads
+        in fp64 in one reduction: GS entries per shuffle/shared-memory round instead of one.
+        Shared by every partials kernel of the package; called once per chunk, after the loop."""
+        es = tl.arange(0, GS)[None, :]
+        tot = tl.zeros([BT, GS], dtype=tl.float64)
+        for e in tl.static_range(GS):
+            if G0 + e < len(entries):
+                tot = tl.where(es == e, entries[G0 + e].to(tl.float64)[:, None], tot)
+        return tl.sum(tot, axis=0)
+
+    @triton.jit
+    def _stats_step(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, m, wd,
+                    KC: tl.constexpr, ACC: tl.constexpr, HAS_WD: tl.constexpr, MASKED: tl.constexpr):
+        # offs [BLOCK // V, V] (see _step_lanes): every sum over axis 1 is over one thread's V
+        # elements, so the accumulators are one register per thread and nothing crosses threads.
+        # Every byte is read once, hence evict_first. Products in ACC (fp32, or fp64 when an
+        # input is fp64), summed over V and over the chunk's steps in ACC.
         if MASKED:
             xv = tl.load(x_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
             d = xv - tl.load(r_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
-            gm = kmask[:, None] & m[None, :]
-            h = tl.load(g_ptrs[:, None] + offs[None, :], mask=gm, other=0.0, eviction_policy="evict_first").to(ACC)
-            if HAS_WD:
-                h = tl.where(gm, h + wd * xv[None, :], 0.0)
         else:
             xv = tl.load(x_ptr + offs, eviction_policy="evict_first").to(ACC)
             d = xv - tl.load(r_ptr + offs, eviction_policy="evict_first").to(ACC)
-            if KMASKED:  # padding rows of the table hold address 0
-                h = tl.load(g_ptrs[:, None] + offs[None, :], mask=kmask[:, None], other=0.0,
-                            eviction_policy="evict_first").to(ACC)
-                if HAS_WD:
-                    h = tl.where(kmask[:, None], h + wd * xv[None, :], 0.0)
+        new_a = ()
+        new_b = ()
+        for k in tl.static_range(KC):
+            if MASKED:
+                h = tl.load(g_ptrs[k] + offs, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
+                if HAS_WD:  # masked lanes stay 0 whatever wd is (wd * 0 is NaN for an infinite wd)
+                    h = tl.where(m, h + wd * xv, 0.0)
             else:
-                h = tl.load(g_ptrs[:, None] + offs[None, :], eviction_policy="evict_first").to(ACC)
+                h = tl.load(g_ptrs[k] + offs, eviction_policy="evict_first").to(ACC)
                 if HAS_WD:
-                    h = h + wd * xv[None, :]
-        # Sum each thread's V consecutive elements at once (no data crosses threads), so the
-        # accumulators hold BLOCK // V values per gradient list, not BLOCK.
-        acc_c += tl.sum(tl.reshape(d * d, [BLOCK // V, V]), axis=1)
-        acc_a += tl.sum(tl.reshape(h * d[None, :], [KCP, BLOCK // V, V]), axis=2)
-        acc_b += tl.sum(tl.reshape(h * h, [KCP, BLOCK // V, V]), axis=2)
-        return acc_a, acc_b, acc_c
+                    h = h + wd * xv
+            new_a = new_a + (acc_a[k] + tl.sum(h * d, axis=1),)
+            new_b = new_b + (acc_b[k] + tl.sum(h * h, axis=1),)
+        return new_a, new_b, acc_c + tl.sum(d * d, axis=1)
 
     @triton.jit
     def _partials_kernel(
@@ -169,7 +239,8 @@ if HAVE_TRITON:
         wd,
         W,  # row width of out_ptr: 3 K
         KC: tl.constexpr,
-        KCP: tl.constexpr,
+        KCP: tl.constexpr,  # KC rounded up to a power of two: the table row is KCP + 2 addresses
+        GS: tl.constexpr,  # output values summed across threads per reduction (a power of two)
         G_DT: tl.constexpr,
         X_DT: tl.constexpr,
         R_DT: tl.constexpr,
@@ -178,38 +249,46 @@ if HAVE_TRITON:
         ALIGNED: tl.constexpr,  # every address of the launch is 16-byte aligned
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
-        V: tl.constexpr,  # consecutive elements per thread and step (8: 16 bytes of a 16-bit type)
+        V: tl.constexpr,  # elements per thread and step
     ):
         c = tl.program_id(0)
         j = tl.load(chunk_local_ptr + c)
         begin = tl.load(chunk_index_ptr + c) * CHUNK  # a multiple of CHUNK: aligned stays aligned
         end = tl.minimum(begin + CHUNK, tl.load(numel_ptr + j))
-        ks = tl.arange(0, KCP)
-        kmask = ks < KC
         row = table_ptr + j * (KCP + 2)
         x_ptr = _table_ptr(table_ptr, tl.load(row + KCP), X_DT, ALIGNED)
         r_ptr = _table_ptr(table_ptr, tl.load(row + KCP + 1), R_DT, ALIGNED)
-        g_ptrs = _table_ptr(table_ptr, tl.load(row + ks), G_DT, ALIGNED)  # [KCP]
-        acc_a = tl.zeros([KCP, BLOCK // V], dtype=ACC)
-        acc_b = tl.zeros([KCP, BLOCK // V], dtype=ACC)
-        acc_c = tl.zeros([BLOCK // V], dtype=ACC)
+        g_ptrs = ()  # the KC gradient pointers, unrolled at compile time: no padding rows read
+        for k in tl.static_range(KC):
+            g_ptrs = g_ptrs + (_table_ptr(table_ptr, tl.load(row + k), G_DT, ALIGNED),)
+        lane = _step_lanes(BLOCK, V, ALIGNED)
+        zero = tl.zeros([BLOCK // V], dtype=ACC)
+        acc_a = ()
+        acc_b = ()
+        for k in tl.static_range(KC):
+            acc_a = acc_a + (zero,)
+            acc_b = acc_b + (zero,)
+        acc_c = zero
         nfull = (end - begin) // BLOCK
         for i in range(0, nfull):  # whole blocks, no mask: 16-byte loads when ALIGNED
-            offs = begin + i * BLOCK + tl.arange(0, BLOCK)
-            acc_a, acc_b, acc_c = _accumulate(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, offs < end, kmask,
-                                              wd, ACC, HAS_WD, False, KC < KCP, KCP, BLOCK, V)
+            offs = begin + i * BLOCK + lane
+            acc_a, acc_b, acc_c = _stats_step(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, offs < end, wd,
+                                              KC, ACC, HAS_WD, False)
         tail = begin + nfull * BLOCK
         if tail < end:
-            offs = tail + tl.arange(0, BLOCK)
-            acc_a, acc_b, acc_c = _accumulate(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, offs < end, kmask,
-                                              wd, ACC, HAS_WD, True, KC < KCP, KCP, BLOCK, V)
-        a = tl.sum(acc_a.to(tl.float64), axis=1)  # [KCP]
-        b = tl.sum(acc_b.to(tl.float64), axis=1)
-        cc = tl.sum(acc_c.to(tl.float64), axis=0)
-        out = out_ptr + tl.load(chunk_row_ptr + c) * W + ks * 3
-        tl.store(out, a, mask=kmask)
-        tl.store(out + 1, b, mask=kmask)
-        tl.store(out + 2, tl.zeros([KCP], dtype=tl.float64) + cc, mask=kmask)
+            offs = tail + lane
+            acc_a, acc_b, acc_c = _stats_step(acc_a, acc_b, acc_c, x_ptr, r_ptr, g_ptrs, offs, offs < end, wd,
+                                              KC, ACC, HAS_WD, True)
+        # The row's 3 KC values in output order (a_k, b_k, c for each k: c repeated, reduced
+        # the same way each time, so bitwise equal), summed across threads in fp64 GS at a time.
+        entries = ()
+        for k in tl.static_range(KC):
+            entries = entries + (acc_a[k], acc_b[k], acc_c)
+        out = out_ptr + tl.load(chunk_row_ptr + c) * W
+        es = tl.arange(0, GS)
+        for g in tl.static_range((3 * KC + GS - 1) // GS):
+            s = _sum_across_threads(entries, g * GS, GS, BLOCK // V)
+            tl.store(out + g * GS + es, s, mask=es < 3 * KC - g * GS)
 
     @triton.jit
     def _segment_sum_kernel(
@@ -384,6 +463,7 @@ def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_de
                 3 * K,
                 KC=L.kc,
                 KCP=L.kcp,
+                GS=reduce_group(L.kc),
                 G_DT=_TL[cfg["G_DT"]],
                 X_DT=_TL[cfg["X_DT"]],
                 R_DT=_TL[cfg["R_DT"]],
@@ -418,9 +498,11 @@ def compile_specs() -> list[dict]:
 
     Each spec: kernel (name of the @triton.jit function in this module), variant (a label),
     signature (runtime argument -> Triton type; pointer arguments get 16-byte divisibility,
-    as every buffer passed here is 16-byte aligned), constexprs, num_warps, and vector16: the
-    hot loop must use only 16-byte loads. A new kernel whose name ends in ``_kernel`` must
-    be listed here, or the check fails and names it.
+    as every buffer passed here is 16-byte aligned), constexprs, num_warps, vector16: the
+    hot loop must use only 16-byte loads, and thread_local (the check's default: True): no
+    shuffle, barrier or shared-memory access inside a loop. Every shipped dtype combination,
+    K = 1 and 8 (K = 8 also with weight decay), aligned and misaligned. A new kernel whose
+    name ends in ``_kernel`` must be listed here, or the check fails and names it.
     """
     if not HAVE_TRITON:
         return []
@@ -431,7 +513,7 @@ def compile_specs() -> list[dict]:
     )
     for name, (gd, xd, rd) in SHIPPED_DTYPES.items():
         for aligned in (True, False):
-            cfg = kernel_config(group_key(gd, xd, rd, aligned))
+            cfg = kernel_config(group_key(gd, xd, rd, aligned), NUM_WARPS)
             for kc, wd in ((1, False), (8, False), (8, True)):
                 specs.append(
                     dict(
@@ -439,11 +521,12 @@ def compile_specs() -> list[dict]:
                         variant=f"{name} K={kc}{' wd' if wd else ''} {'aligned' if aligned else 'misaligned'} V={cfg['V']}",
                         signature=partials_sig,
                         constexprs=dict(
-                            KC=kc, KCP=_plan.next_pow2(kc), G_DT=_TL[gd], X_DT=_TL[xd], R_DT=_TL[rd], ACC=_TL[cfg["ACC"]],
+                            KC=kc, KCP=_plan.next_pow2(kc), GS=reduce_group(kc), G_DT=_TL[gd], X_DT=_TL[xd], R_DT=_TL[rd], ACC=_TL[cfg["ACC"]],
                             HAS_WD=wd, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=cfg["BLOCK"], V=cfg["V"],
                         ),
                         num_warps=cfg["num_warps"],
                         vector16=aligned,
+                        thread_local=True,  # no shuffle, barrier or shared memory in the hot loop
                     )
                 )
     for K in (1, 8):

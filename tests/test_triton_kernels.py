@@ -82,10 +82,130 @@ def test_plans_and_buffers_are_cached_by_content():
 
 
 def test_kernel_config_vector_width():
-    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
-    assert tk.kernel_config(tk.group_key(f32, f32, f32, True))["V"] == 8
+    f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+    # aligned: 16 bytes of the narrowest stream per thread and step (fp32 8 would put a
+    # thread's row on two threads: shuffles in the hot loop), the same rule as the Gram kernel's
+    assert tk.kernel_config(tk.group_key(f32, f32, f32, True))["V"] == 4
     assert tk.kernel_config(tk.group_key(bf16, f32, f32, True))["V"] == 8
+    assert tk.kernel_config(tk.group_key(f16, f16, f16, True))["V"] == 8
     assert tk.kernel_config(tk.group_key(f64, f64, f64, True))["V"] == 2
     assert tk.kernel_config(tk.group_key(f32, f32, f32, False))["V"] == 2
     for key in range(128):
+        for warps in (None, tk.NUM_WARPS):
+            cfg = tk.kernel_config(key, warps)
+            assert cfg["BLOCK"] == cfg["V"] * 32 * cfg["num_warps"] and tk.CHUNK % cfg["BLOCK"] == 0
+        assert tk.kernel_config(key, tk.NUM_WARPS)["num_warps"] == 4
         assert tk.group_key(*tk.unpack_key(key)) == key
+    assert [tk.reduce_group(k) for k in (1, 2, 3, 5, 6, 8)] == [4, 8, 16, 16, 16, 16]
+
+
+# --------------------------------------------------------------------------------------
+# The thread-local kernel's edges: V-tiles cut by the end of a tensor or chunk, the masked
+# tail, no whole step at all, gradient counts that are not powers of two (no padding row is
+# read), one or two cross-thread reductions per chunk, against an fp64 oracle built here
+# --------------------------------------------------------------------------------------
+
+
+def flat_oracle(grads_lists, params, refs, weight_decay=0.0, per_tensor=False):
+    """[K, 3] (or [K, T, 3]) float64 from flattened float64 copies: independent of the package."""
+
+    def stats(gl, xl, rl):
+        f = lambda ts: torch.cat([t.detach().cpu().reshape(-1).double() for t in ts] + [torch.zeros(0, dtype=torch.float64)])
+        x = f(xl)
+        d = x - f(rl)
+        out = []
+        for g in gl:
+            h = f(g) + weight_decay * x if weight_decay else f(g)
+            out.append(torch.stack([(h * d).sum(), (h * h).sum(), (d * d).sum()]))
+        return torch.stack(out)
+
+    if per_tensor:
+        return torch.stack([stats([[g[i]] for g in grads_lists], [params[i]], [refs[i]]) for i in range(len(params))], 1)
+    return stats(grads_lists, params, refs)
+
+
+def edge_sizes(dtypes, aligned):
+    """Sizes around the step's edges for this specialisation: inside one V-tile, one past it,
+    one short of and one past a whole step (BLOCK), a step plus a cut V-tile, and one past a
+    chunk (the next chunk holds a single element)."""
+    cfg = tk.kernel_config(tk.group_key(*dtypes, aligned))
+    V, B = cfg["V"], cfg["BLOCK"]
+    return [1, V - 1, V + 1, B - 1, B, B + V + 3, 3 * B + 1, tk.CHUNK + 1]
+
+
+SHIPPED = [tk.SHIPPED_DTYPES[n] for n in ("f32", "bf16g-f32", "f16", "f64")]
+
+
+@pytest.mark.parametrize("dtypes", SHIPPED, ids=["f32", "bf16-f32-f32", "f16", "f64"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+def test_step_edges_per_tensor(dtypes, aligned):
+    sizes = edge_sizes(dtypes, aligned)
+    grads, x, r = make_lists(sizes, dtypes, device=DEVICE, seed=33, K=3)
+    if not aligned:
+        grads, x, r = [offset_views(g) for g in grads], offset_views(x), offset_views(r)
+    flat = [t for g in grads for t in g]
+    assert launch_alignment(flat, x, r, 3, per_tensor=True) == {aligned}
+    out = pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True)
+    assert_stats_close(out, flat_oracle(grads, x, r, per_tensor=True))
+    assert torch.equal(out[:, :, 2], out[:1, :, 2].expand(3, -1))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs this configuration in every test")
+@pytest.mark.parametrize("dtypes", [SHIPPED[1], SHIPPED[0]], ids=["bf16-f32-f32", "f32"])
+def test_gpu_block_under_interpreter(monkeypatch, dtypes):
+    """The interpreter normally takes 8x longer steps (tk.INTERPRET_WARPS); here the GPU's own
+    BLOCK (4 warps), aligned and misaligned tensors in one call, K = 8 with weight decay."""
+    monkeypatch.setattr(tk, "INTERPRET_WARPS", tk.NUM_WARPS)
+    sizes = edge_sizes(dtypes, True)[:-1] + [5 * 2 * 32 * tk.NUM_WARPS + 1]  # the last one misaligned
+    assert sizes[4] == tk.kernel_config(tk.group_key(*dtypes, True), tk.NUM_WARPS)["BLOCK"]
+    grads, x, r = make_lists(sizes, dtypes, device=DEVICE, seed=37, K=8)
+    r[-1] = offset_views([r[-1]])[0]
+    flat = [t for g in grads for t in g]
+    plan, *_ = tk.prepare(flat, x, r, 8, True)
+    blocks = {(tk.unpack_key(L.key)[3], tk.kernel_config(L.key)["BLOCK"]) for L in plan.launches}
+    assert blocks == {(True, sizes[4]), (False, 2 * 32 * tk.NUM_WARPS)}
+    out = pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True, weight_decay=0.02)
+    assert_stats_close(out, flat_oracle(grads, x, r, weight_decay=0.02, per_tensor=True))
+    assert torch.equal(out[:, :, 2], out[:1, :, 2].expand(8, -1))
+
+
+@pytest.mark.parametrize("K", [1, 5, 6, 8])
+def test_gradient_counts_and_weight_decay(K):
+    # K = 5, 6: table rows padded to 8 (the padding is never read); 3 K = 15 values in one
+    # cross-thread reduction, 18 and 24 in two (the second partly empty)
+    sizes = [2 * tk.kernel_config(tk.group_key(*SHIPPED[0], True))["BLOCK"] + 7, 13, 300]
+    grads, x, r = make_lists(sizes, device=DEVICE, seed=34, K=max(K, 2))
+    grads = grads[:K]
+    out = pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True, weight_decay=0.03)
+    assert_stats_close(out, flat_oracle(grads, x, r, weight_decay=0.03, per_tensor=True))
+    plain = pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True)
+    assert_stats_close(plain, flat_oracle(grads, x, r, per_tensor=True))
+    # h = g exactly when wd == 0: the same bits as the call without weight decay
+    assert torch.equal(pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True, weight_decay=0.0), plain)
+    assert torch.equal(out[:, :, 2], plain[:, :, 2])  # c does not see the weight decay
+
+
+def test_c_bitwise_equal_across_passes_and_lists():
+    # K = 10: passes of 8 and 2 lists; K = 2 alone: the same c for every tensor, to the bit
+    grads, x, r = make_lists([70001, 1000, 4099], device=DEVICE, seed=35, K=10)
+    x[2] = offset_views([x[2]])[0]
+    ten = pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True)
+    two = pg.secant_stats_multi(grads[:2], x, r, backend="triton", per_tensor=True)
+    assert_stats_close(ten, flat_oracle(grads, x, r, per_tensor=True))
+    assert torch.equal(ten[:, :, 2], ten[:1, :, 2].expand(10, -1))
+    assert torch.equal(ten[:2], two)
+
+
+def test_nan_inf_in_hot_loop_and_tail():
+    B = tk.kernel_config(tk.group_key(*SHIPPED[0], True))["BLOCK"]
+    grads, x, r = make_lists([3 * B + 5, 50], device=DEVICE, seed=36, K=3)
+    grads[1][0][B + 7] = float("nan")  # in a whole step of tensor 0: list 1 only
+    grads[2][0][3 * B + 2] = float("inf")  # in the masked tail of tensor 0: list 2 only
+    x[1][49] = float("inf")  # tensor 1's only (tail) step: c and every a of tensor 1
+    out = pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True)
+    ref = flat_oracle(grads, x, r, per_tensor=True)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.isnan(out[1, 0, :2]).all() and torch.isinf(out[2, 0, 1]) and torch.isfinite(out[0, 0]).all()
+    assert torch.isinf(out[:, 1, 2]).all() and torch.isfinite(out[:, 1, 1]).all()
+    finite = torch.isfinite(ref)
+    assert torch.allclose(out[finite], ref[finite], rtol=1e-5)
