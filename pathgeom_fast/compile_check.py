@@ -19,9 +19,12 @@
 A row fails on a compile error, any spill (or stack frame), or, where the row expects it
 (aligned Triton launches; the CUDA partials kernel for fp32/bf16/fp16 inputs), a hot loop
 whose global loads are not all 16-byte vector loads (for CUDA: no loop made only of them,
-the vector path; its scalar loop is the misaligned fallback), or, where the spec says
-``thread_local`` (the Gram kernel), any warp shuffle, barrier or shared-memory access inside a
-loop (column ``xthr``, counted for every row). Exit status 1 if any row fails.
+the vector path; its scalar loop is the misaligned fallback), or, for every Triton
+specialisation (``secant_stats``' and ``secant_gram``'s partials kernels, the segment sum;
+a spec may opt out only with ``thread_local=False``, which none does), any warp shuffle,
+barrier or shared-memory access inside a loop: the hot loops keep every sum inside a thread
+and reduce across threads once, after the loop (column ``xthr``, counted for every row, CUDA
+included). Exit status 1 if any row fails.
 
 Must run where TRITON_INTERPRET is not set (the interpreter replaces the kernels):
 tests/test_compiled_kernels.py runs this module in a subprocess with a clean environment.
@@ -69,7 +72,7 @@ class Row:
     loop_loads16: int | None = None  # ... of which 16-byte vector loads
     vector16: bool = False  # expected: hot loop of 16-byte loads
     loop_xthread: int | None = None  # shuffles, barriers and shared-memory accesses inside loops
-    thread_local: bool = False  # expected: none of them (every thread sums its own elements)
+    thread_local: bool = False  # expected: none of them (every thread sums its own elements; Triton rows)
     error: str | None = None
     notes: list = field(default_factory=list)
 
@@ -288,7 +291,7 @@ def _cache_put(key: str, value) -> None:
         pass
 
 
-ROW_VERSION = 2  # of what a cached row holds (2: loop_xthread); part of every cache key
+ROW_VERSION = 3  # of what a cached row holds (2: loop_xthread; 3: thread_local by default); part of every cache key
 
 
 def _digest(*parts) -> str:
@@ -325,6 +328,13 @@ def _import(name: str):
     return importlib.import_module(name)
 
 
+def spec_row(spec: dict, arch: int) -> Row:
+    """The (not yet measured) row of a Triton spec: what it expects. Every Triton hot loop must
+    be thread-local unless its spec says ``thread_local=False``."""
+    return Row("triton", spec["kernel"], spec["variant"], arch, vector16=spec["vector16"],
+               thread_local=spec.get("thread_local", True))
+
+
 def _compile_triton(module: str, index: int, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -333,8 +343,7 @@ def _compile_triton(module: str, index: int, arch: int) -> dict:
 
     mod = _import(module)
     spec = mod.compile_specs()[index]
-    row = Row("triton", spec["kernel"], spec["variant"], arch, vector16=spec["vector16"],
-              thread_local=spec.get("thread_local", False))
+    row = spec_row(spec, arch)
     fn = getattr(mod, spec["kernel"])
     try:
         sig = {}

@@ -4,8 +4,8 @@ The check runs in a subprocess with TRITON_INTERPRET removed (conftest sets it, 
 interpreter replaces the kernels). It compiles every Triton specialisation listed by the
 compile_specs() of each module holding Triton kernels (triton_kernels, triton_gram) for sm_80
 and sm_90 and the CUDA kernels through nvcc, and fails on a compile error, a register spill, a
-hot loop without 16-byte loads where they are expected, or (Gram kernel) a hot loop that
-exchanges data between threads. The table is printed (pytest -s, or in the failure message) and written to
+hot loop without 16-byte loads where they are expected, or a Triton hot loop that exchanges
+data between threads (shuffles, barriers, shared memory: column xthr). The table is printed (pytest -s, or in the failure message) and written to
 the pytest temporary directory; bench/results/compiled-kernels-*.txt keeps a recorded one.
 """
 
@@ -61,10 +61,15 @@ def test_triton_kernels_compile_vectorised_without_spills(tmp_path):
                 for arch in (80, 90):
                     hits = [r for r in partials if r["variant"].startswith(dt + k) and f" {al} " in r["variant"] + " " and r["arch"] == arch]
                     assert hits, (dt, k, al, arch)
-    # aligned: every load of the hot loop is a 16-byte load (fp32 and bf16 included)
+    # aligned: every load of the hot loop is a 16-byte load (fp32 and bf16 included); every
+    # variant: thread-local hot loop (no shuffle, barrier or shared memory), no spill, no stack
     for r in partials:
+        assert r["spill_bytes"] == 0 and r["stack"] == 0 and r["loop_xthread"] == 0 and r["thread_local"], r
         if " aligned" in r["variant"]:
             assert r["loop_loads"] and r["loop_loads16"] == r["loop_loads"], r
+    for dt in ("f32 ", "bf16g-f32 ", "f16 ", "f64 "):  # weight decay, both specialisations
+        assert len([r for r in partials if r["variant"].startswith(dt + "K=8 wd ")]) == 4, dt
+    assert all(r["thread_local"] and r["loop_xthread"] == 0 for r in rows if r["kernel"] == "_segment_sum_kernel")
     assert {r["kernel"] for r in rows} >= {"_partials_kernel", "_segment_sum_kernel", "_gram_partials_kernel"}
     # the Gram kernel: every shipped dtype combination, K = 1, 2, 8, both specialisations, both
     # archs; aligned hot loops of 16-byte loads only; no hot loop exchanges data between threads
@@ -125,6 +130,14 @@ def test_loop_crossthread():
     row = cc.Row("triton", "k", "-", 90, registers=40, spill_bytes=0, stack=0, loop_xthread=3, thread_local=True)
     assert not row.ok and any("between threads" in f for f in row.failures())
     assert cc.Row("triton", "k", "-", 90, registers=40, spill_bytes=0, stack=0, loop_xthread=3).ok  # not expected: shown only
+    # Triton specs expect a thread-local hot loop unless they opt out
+    spec = {"kernel": "k", "variant": "-", "vector16": False}
+    assert cc.spec_row(spec, 90).thread_local and not cc.spec_row({**spec, "thread_local": False}, 90).thread_local
+    if _have_triton():
+        from pathgeom_fast import triton_gram, triton_kernels
+
+        specs = triton_kernels.compile_specs() + triton_gram.compile_specs()
+        assert specs and all(cc.spec_row(s, 90).thread_local for s in specs)
 
 
 def test_every_triton_module_is_scanned_and_unregistered_kernels_fail():
