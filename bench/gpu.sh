@@ -7,11 +7,13 @@
 # 2. rebuild the extension (CUDA)       -> OUT/gpu-build.log
 # 3. every GPU test (CUDA kernel, compiled Triton, plans, >2^31 elements, opcheck/compile)
 #                                       -> OUT/gpu-tests.log
-# 4. the sync-free check                -> OUT/gpu-sync-check.txt
-# 5. the compiled-kernel table on this machine's toolchain and GPU arch, plus the
+# 4. the GPU benchmark table            -> OUT/gpu-bench.txt, gpu-bench.json
+# 5. the sync-free check                -> OUT/gpu-sync-check.txt
+# 6. the compiled-kernel table on this machine's toolchain and GPU arch, plus the
 #    resource usage of the built extension -> OUT/compiled-kernels.txt (.json)
-# 6. the GPU benchmark table            -> OUT/gpu-bench.txt, gpu-bench.json
 #
+# Steps run in order of value (correctness, then speed, then resource tables); each is bounded
+# by STEP_TIMEOUT seconds (default 900) so that a short lease still returns the early ones.
 # Each step's exit status is recorded and the script goes on after a failing step; a summary
 # is printed last (and written to OUT/summary.txt). Exit status: the number of failed steps.
 # The GPU machines bring their own torch/triton: the build uses them, without dependencies.
@@ -29,8 +31,9 @@ step() {  # step NAME LOGFILE COMMAND...
   local name="$1" log="$2"; shift 2
   local t0=$SECONDS
   echo "== $name" | tee -a "$OUT/summary.txt"
-  "$@" > "$log" 2>&1
+  timeout "${STEP_TIMEOUT:-900}" "$@" > "$log" 2>&1
   local rc=$?
+  [ "$rc" = 124 ] && echo "(step stopped after STEP_TIMEOUT=${STEP_TIMEOUT:-900} s)" | tee -a "$log"
   tail -n 25 "$log"
   NAMES+=("$name"); STATUS+=("$rc"); SECS+=("$((SECONDS - t0))")
   echo "-- $name: exit $rc ($((SECONDS - t0)) s), log $log" | tee -a "$OUT/summary.txt"
@@ -51,10 +54,10 @@ step build "$OUT/gpu-build.log" $PY -m pip install -v --no-build-isolation --no-
 step version "$OUT/gpu-version.txt" $PY -m pathgeom_fast.cli --version
 step tests "$OUT/gpu-tests.log" $PY -m pytest tests/test_ops_cuda.py tests/test_ops.py tests/test_triton_kernels.py \
   tests/test_gram.py tests/test_plan.py tests/test_compiled_kernels.py -q -rs
+step bench "$OUT/gpu-bench.txt" $PY -m pathgeom_fast.cli bench --device cuda --repeats 20 --json "$OUT/gpu-bench.json"
 step sync-check "$OUT/gpu-sync-check.txt" $PY bench/gpu_sync_check.py
 step compiled-kernels "$OUT/compiled-kernels.log" $PY -m pathgeom_fast.compile_check --device \
   --out "$OUT/compiled-kernels.txt" --json "$OUT/compiled-kernels.json"
-step bench "$OUT/gpu-bench.txt" $PY -m pathgeom_fast.cli bench --device cuda --repeats 20 --json "$OUT/gpu-bench.json"
 
 failed=0
 echo
