@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <exception>
 #include <sstream>
 #include <utility>
 
@@ -602,21 +603,35 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
   borrow_list(x, "params", in.params, T, K);
   borrow_list(r, "refs", in.refs, T, K);
   TORCH_CHECK_VALUE(T > 0, op, ": the direct entry point needs at least one tensor");
+  if (K < 1 || static_cast<int64_t>(in.refs.size()) != T ||
+      static_cast<int64_t>(in.grads.size()) != K * T) {
+    prepare_inputs(op, in, K, names);  // raises the length message, with the GIL held
+  }
+  const at::Device dev = in.params[0]->device();
+  RowsFn fn = gram ? nullptr : dev.is_cpu() ? &cpu_rows : dev.is_cuda() ? cuda_rows_fn : nullptr;
+  if (gram) {
+    TORCH_CHECK(dev.is_cpu(), op, ": no compiled kernel for tensors on ", dev,
+                " (the Gram op has a CPU kernel only; use backend='triton')");
+  } else {
+    TORCH_CHECK(fn != nullptr, op, ": no compiled kernel for tensors on ", dev,
+                dev.is_cuda() ? " (pathgeom_fast._C was built without CUDA)" : "");
+  }
+  // The GIL is released for the pass alone. An error raised inside it (bad input found by the
+  // parallel checks) is carried out as an exception_ptr and rethrown once the GIL is back, so
+  // that no exception unwinds through the release. (An H100 machine, torch 2.11 / Python 3.12,
+  // segfaulted on such an error on 2026-11-27; the cause was not established there.)
   at::Tensor out;
+  std::exception_ptr error;
   {
     ReleaseGil nogil;
-    const at::Device dev = in.params[0]->device();
-    if (gram) {
-      TORCH_CHECK(dev.is_cpu(), op, ": no compiled kernel for tensors on ", dev,
-                  " (the Gram op has a CPU kernel only; use backend='triton')");
-      out = gram_cpu(in, K, per_tensor);
-    } else {
-      RowsFn fn = dev.is_cpu() ? &cpu_rows : dev.is_cuda() ? cuda_rows_fn : nullptr;
-      TORCH_CHECK(fn != nullptr, op, ": no compiled kernel for tensors on ", dev,
-                  dev.is_cuda() ? " (pathgeom_fast._C was built without CUDA)" : "");
-      out = shape_output(fn(op, in, K, per_tensor, wd), K, per_tensor, multi);
+    try {
+      out = gram ? gram_cpu(in, K, per_tensor)
+                 : shape_output(fn(op, in, K, per_tensor, wd), K, per_tensor, multi);
+    } catch (...) {
+      error = std::current_exception();
     }
   }
+  if (error) std::rethrow_exception(error);
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
 }

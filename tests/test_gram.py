@@ -17,9 +17,10 @@ ODD_SIZES = [1, 3, 1023, 65537, 0, 8, 70001]
 
 def flat_oracle(vec_lists, params, refs):
     """G of (v_0, ..., v_{K-1}, x - x*) from torch.cat of float64 copies: independent of the package."""
-    rows = [torch.cat([t.detach().reshape(-1).double() for t in v] + [torch.zeros(0, dtype=torch.float64)]) for v in vec_lists]
-    x = torch.cat([t.detach().reshape(-1).double() for t in params] + [torch.zeros(0, dtype=torch.float64)])
-    r = torch.cat([t.detach().reshape(-1).double() for t in refs] + [torch.zeros(0, dtype=torch.float64)])
+    # on the CPU whatever the inputs' device (an H100 run found the CPU zeros(0) mixed with CUDA)
+    flat = lambda ts: torch.cat([t.detach().cpu().reshape(-1).double() for t in ts] + [torch.zeros(0, dtype=torch.float64)])
+    rows = [flat(v) for v in vec_lists]
+    x, r = flat(params), flat(refs)
     rows.append(x - r)
     M = len(rows)
     G = torch.empty(M, M, dtype=torch.float64)
