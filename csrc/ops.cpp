@@ -82,16 +82,24 @@ std::string grad_name(int64_t j, int64_t T, int64_t K, const ListNames& names = 
 // overlaps those misses (2-3x faster set-up for 10^4 small tensors).
 constexpr int64_t kAheadImpl = 16, kAheadStorage = 8;
 
+// Every cache line of an object (malloc aligns to 16 bytes only: a 176-byte TensorImpl spans
+// 3 or 4 lines, and the checks read fields at both ends).
+template <size_t kBytes>
+void prefetch_object(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t b = 0; b < kBytes; b += 64) __builtin_prefetch(c + b);
+  __builtin_prefetch(c + kBytes - 1);
+}
+
 void prefetch_impl(const at::Tensor& t) {
-  const char* c = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
-  __builtin_prefetch(c);
-  __builtin_prefetch(c + 64);
-  __builtin_prefetch(c + 128);
+  prefetch_object<sizeof(c10::TensorImpl)>(t.unsafeGetTensorImpl());
 }
 
 void prefetch_storage(const at::Tensor& t) {
   // An undefined tensor's impl is the UndefinedTensorImpl singleton, which has no storage.
-  if (t.defined()) __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  if (!t.defined()) return;
+  const c10::StorageImpl* s = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+  if (s != nullptr) prefetch_object<sizeof(c10::StorageImpl)>(s);
 }
 
 // Calls f on params[i], refs[i] and the K vectors of position i.
@@ -102,9 +110,10 @@ void for_each_member(const Inputs& in, int64_t T, int64_t K, int64_t i, F&& f) {
   for (int64_t k = 0; k < K; ++k) f(*in.grads[k * T + i]);
 }
 
-void prefetch_position(const Inputs& in, int64_t T, int64_t K, int64_t i) {
-  if (i + kAheadImpl < T) for_each_member(in, T, K, i + kAheadImpl, prefetch_impl);
-  if (i + kAheadStorage < T) for_each_member(in, T, K, i + kAheadStorage, prefetch_storage);
+// Prefetches the metadata of the positions checked after position i, up to `end`.
+void prefetch_position(const Inputs& in, int64_t end, int64_t T, int64_t K, int64_t i) {
+  if (i + kAheadImpl < end) for_each_member(in, T, K, i + kAheadImpl, prefetch_impl);
+  if (i + kAheadStorage < end) for_each_member(in, T, K, i + kAheadStorage, prefetch_storage);
 }
 
 }  // namespace
@@ -169,7 +178,7 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListN
   std::vector<const at::Tensor*> members;
   members.reserve(K + 2);
   for (int64_t i = 0; i < T; ++i) {
-    prefetch_position(in, T, K, i);
+    prefetch_position(in, T, T, K, i);
     const at::Tensor& x = *params[i];
     const at::Tensor& r = *refs[i];
     p.x_dt[i] = check_one(x, kParam, i);
@@ -234,40 +243,36 @@ at::Tensor shape_output(const at::Tensor& rows, int64_t K, bool per_tensor, bool
 }
 
 // ---------------------------------------------------------------------------------------
-// CPU: validation fused into the parallel pass.
+// CPU: checks and small tensors in one parallel pass.
 //
-// For 10^4 small tensors the work per tensor is a few microseconds of reading, and a serial
-// validation pass (prepare_inputs) followed by the parallel kernel pass cost about as much
-// again: each tensor's metadata is a handful of cache misses. So each parallel task checks
-// the positions it computes, with the same metadata prefetching, and computes them right
-// away. A position that is not plainly valid and copy-free (bad input, or non-contiguous
-// members with different layouts) is left out and flagged; if any is flagged, the serial
-// prepare_inputs runs afterwards: it raises the usual message for bad input, or makes the
-// contiguous copies, and the flagged positions are computed from those. Results are the
-// same either way: partial rows are per chunk, combined in a fixed order.
+// For 10^4 tensors of 10^3 elements the reading takes a few milliseconds, and the serial work
+// around it used to cost as much: a validation pass over every tensor's metadata (TensorImpl,
+// StorageImpl: cache and TLB misses, scattered over the heap between the data blocks) before
+// the parallel kernel pass, and a chunk table built one push_back at a time. Now:
+//  1. block pass, parallel, blocks of kBlock positions handed out in order: the positions of a
+//     block are checked (every check of prepare_inputs, as a predicate, with the raw pointers;
+//     metadata prefetched ahead), then its small tensors are computed. A position that fails a check, or whose members would need a copy, is
+//     flagged; if any is, the serial prepare_inputs runs for the whole list: it raises its
+//     usual message, or makes the copies the flagged positions then use;
+//  2. chunk pass, parallel: the flagged and the larger positions, in chunks of kCpuChunk;
+//  3. the fixed-order combine. A position's partial values do not depend on the pass that
+//     computed it, nor on the thread: results are bitwise the same whatever the schedule.
 // ---------------------------------------------------------------------------------------
 namespace {
 
-// One tensor position as the kernels see it.
-struct CpuPosition {
-  int64_t numel = 0;
-  const void* x = nullptr;
-  const void* r = nullptr;
-  DType g_dt = DType::kFloat32, x_dt = DType::kFloat32, r_dt = DType::kFloat32;
-};
-
-// True when position i passes every check of prepare_inputs on `device` and its members
-// share one memory order (prepare_inputs would then copy nothing); fills `pos` and the K
-// vector pointers `g` exactly as prepare_inputs would. False: prepare_inputs must decide.
-bool fast_position(const Inputs& in, int64_t T, int64_t K, int64_t i, at::Device device,
-                   CpuPosition* pos, const void** g) {
+// Fills position i of `p` exactly as prepare_inputs would, when position i passes every check
+// of prepare_inputs on p.device and its members share one memory order (no copy needed).
+// Returns false otherwise: prepare_inputs must decide.
+bool fast_position(const Inputs& in, int64_t i, Prepared& p) {
+  const int64_t T = p.T, K = p.K;
   auto usable = [&](const at::Tensor& t, DType* dt) {
     return t.defined() && t.layout() == at::kStrided && to_dtype(t.scalar_type(), dt) &&
-           t.device() == device;
+           t.device() == p.device;
   };
   const at::Tensor& x = *in.params[i];
   const at::Tensor& r = *in.refs[i];
-  if (!usable(x, &pos->x_dt) || !usable(r, &pos->r_dt)) return false;
+  DType x_dt, r_dt, g_dt = DType::kFloat32;
+  if (!usable(x, &x_dt) || !usable(r, &r_dt)) return false;
   const int64_t n = x.numel();
   if (r.numel() != n) return false;
   bool all_contig = x.is_contiguous() && r.is_contiguous();
@@ -275,8 +280,8 @@ bool fast_position(const Inputs& in, int64_t T, int64_t K, int64_t i, at::Device
     const at::Tensor& gk = *in.grads[k * T + i];
     DType dt;
     if (!usable(gk, &dt) || gk.numel() != n) return false;
-    if (k == 0) pos->g_dt = dt;
-    else if (dt != pos->g_dt) return false;
+    if (k == 0) g_dt = dt;
+    else if (dt != g_dt) return false;
     all_contig = all_contig && gk.is_contiguous();
   }
   if (!all_contig) {  // copy-free only if all are dense with the same sizes and strides
@@ -288,11 +293,29 @@ bool fast_position(const Inputs& in, int64_t T, int64_t K, int64_t i, at::Device
       if (!same(*in.grads[k * T + i])) return false;
     }
   }
-  pos->numel = n;
-  pos->x = n ? x.const_data_ptr() : nullptr;
-  pos->r = n ? r.const_data_ptr() : nullptr;
-  for (int64_t k = 0; k < K; ++k) g[k] = n ? in.grads[k * T + i]->const_data_ptr() : nullptr;
+  p.numel[i] = n;
+  p.x_dt[i] = x_dt;
+  p.r_dt[i] = r_dt;
+  p.g_dt[i] = g_dt;
+  p.x[i] = n ? x.const_data_ptr() : nullptr;
+  p.r[i] = n ? r.const_data_ptr() : nullptr;
+  for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = n ? in.grads[k * T + i]->const_data_ptr() : nullptr;
   return true;
+}
+
+// Runs worker(next) on each intra-op thread (one call inline when a single thread would do);
+// the workers take indices in order from the shared counter `next`, so a thread slowed down
+// (by another process on its core, by farther memory) simply takes fewer of them. Results
+// must not depend on which thread runs which index: here every index writes its own slots.
+template <typename F>
+void parallel_dynamic(int64_t n, F&& worker) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  if (workers <= 1 || at::in_parallel_region()) {
+    worker(next);
+    return;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
 }
 
 // Scratch memory of the kernels (kCpuScratchBytes), one buffer per thread, reused across
@@ -310,44 +333,12 @@ void* thread_scratch() {
   return buf.ptr;
 }
 
-// The hardware prefetchers lose their streams at every tensor boundary (K + 2 of them), which
-// cost 15-30 % of the time of 10^4 tensors of 10^3 elements: the data of a small tensor is
-// prefetched kAheadData positions before it is computed, up to kPrefetchBytes per stream
-// (beyond that the hardware prefetchers have caught on).
-constexpr int64_t kAheadData = 2;
-constexpr int64_t kPrefetchBytes = 4096;
-
-int64_t element_size(DType dt) {
-  switch (dt) {
-    case DType::kFloat16:
-    case DType::kBFloat16: return 2;
-    case DType::kFloat32: return 4;
-    case DType::kFloat64: return 8;
-  }
-  return 8;
-}
-
-void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < std::min(bytes, kPrefetchBytes); b += 64) __builtin_prefetch(c + b);
-}
-
-void prefetch_data(const CpuPosition& pos, const void* const* g, int64_t K) {
-  if (pos.numel == 0) return;
-  prefetch_bytes(pos.x, pos.numel * element_size(pos.x_dt));
-  prefetch_bytes(pos.r, pos.numel * element_size(pos.r_dt));
-  for (int64_t k = 0; k < K; ++k) prefetch_bytes(g[k], pos.numel * element_size(pos.g_dt));
-}
-
-// A parallel task: whole small tensors [t0, t1) (end < 0), or elements [begin, end) of the
-// one tensor t0 = t1 - 1, a chunk of a tensor larger than kCpuChunk.
-struct Task {
-  int64_t t0, t1, begin, end;
-};
-
-// Cost of one tensor position in elements of reading, when grouping small tensors into
-// tasks: its metadata checks and the kernel's fixed cost (~0.1 us).
-constexpr int64_t kPositionCost = 512;
+// Positions of at most kSmallNumel elements are computed in the block pass, right after the
+// checks of their block; larger ones, in chunks of kCpuChunk elements, in the chunk pass.
+constexpr int64_t kSmallNumel = 4096;
+// Positions per step of a worker of the block pass (paired runs: 256 and 1024 alike, a few
+// percent faster than 64, 16 and 8 slower).
+constexpr int64_t kBlock = 256;
 
 }  // namespace
 
@@ -362,125 +353,116 @@ at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const Li
   }
   at::Tensor rows = at::zeros({per_tensor ? T : 1, W}, at::dtype(at::kDouble));
   if (T == 0) return rows;
+  if (!in.params[0]->defined()) prepare_inputs(op, in, K, names);  // raises
 
-  // Plan from the parameters' sizes alone (one serial read of each params[i]; bad entries
-  // count as empty here and are caught by the checks of the parallel pass). Partial row
-  // first[t] + q is chunk q of tensor t; an empty tensor has none.
-  std::vector<int64_t> first(T + 1);
-  std::vector<Task> tasks;
-  tasks.reserve(static_cast<size_t>(T / 16 + 16));
-  int64_t nchunks = 0, run_start = 0, run_cost = 0;
-  for (int64_t t = 0; t < std::min(T, kAheadImpl); ++t) prefetch_impl(*in.params[t]);
-  for (int64_t t = 0; t < T; ++t) {
-    if (t + kAheadImpl < T) prefetch_impl(*in.params[t + kAheadImpl]);
-    const at::Tensor& x = *in.params[t];
-    const int64_t n = x.defined() && x.layout() == at::kStrided ? x.numel() : 0;
-    first[t] = nchunks;
-    if (n > kCpuChunk) {
-      if (run_start < t) tasks.push_back({run_start, t, 0, -1});
-      for (int64_t b = 0; b < n; b += kCpuChunk) tasks.push_back({t, t + 1, b, std::min(n, b + kCpuChunk)});
-      nchunks += (n + kCpuChunk - 1) / kCpuChunk;
-      run_start = t + 1;
-      run_cost = 0;
-    } else {
-      nchunks += n > 0;
-      run_cost += n + kPositionCost;
-      if (run_cost >= kCpuChunk) {
-        tasks.push_back({run_start, t + 1, 0, -1});
-        run_start = t + 1;
-        run_cost = 0;
-      }
-    }
-  }
-  first[T] = nchunks;
-  if (run_start < T) tasks.push_back({run_start, T, 0, -1});
+  Prepared p;
+  p.T = T;
+  p.K = K;
+  p.device = in.params[0]->device();
+  p.g.resize(T * K);
+  p.x.resize(T);
+  p.r.resize(T);
+  p.numel.resize(T);
+  p.g_dt.resize(T);
+  p.x_dt.resize(T);
+  p.r_dt.resize(T);
+  std::vector<uint8_t> flagged(T, 0);
+  std::atomic<bool> any_flagged{false}, any_large{false};
+  auto in_block_pass = [&](int64_t t) { return !flagged[t] && p.numel[t] <= kSmallNumel; };
+  std::vector<double> small_rows(static_cast<size_t>(T * W));  // partial row of such a position
 
-  std::vector<double> partials(static_cast<size_t>(nchunks * W));
-  std::vector<uint8_t> flagged(T, 0);  // written for position t by the task holding its element 0
-  std::atomic<bool> any_flagged{false};
-  const at::Tensor& x0 = *in.params[0];
-  const at::Device device = x0.defined() ? x0.device() : at::Device(at::kCPU);
-  auto run = [&](const CpuPosition& pos, const void* const* g, int64_t b, int64_t e, void* scratch,
-                 double* out) {
-    const CpuTriple tr{g, pos.x, pos.r, pos.g_dt, pos.x_dt, pos.r_dt};
-    kernel.fn(tr, static_cast<int32_t>(K), b, e, kernel.weight_decay, scratch, out);
-  };
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t tb, int64_t te) {
+  // Block pass: check a block of positions, then compute its small ones.
+  const int64_t nblocks = (T + kBlock - 1) / kBlock;
+  parallel_dynamic(nblocks, [&](std::atomic<int64_t>& next) {
     void* scratch = thread_scratch();
-    // Positions of a run are checked kAheadData ahead of their computation (a ring of
-    // kRing slots), so that their data can be prefetched.
-    constexpr int64_t kRing = kAheadData + 1;
-    CpuPosition pos[kRing];
-    bool ok[kRing];
-    std::vector<const void*> g(kRing * K);
-    auto check = [&](const Task& task, int64_t t) {
-      const int64_t s = t % kRing;
-      prefetch_position(in, T, K, t);
-      ok[s] = fast_position(in, T, K, t, device, &pos[s], &g[s * K]);
-      if (!ok[s]) {
-        if (task.end < 0 || task.begin == 0) flagged[t] = 1;
-        any_flagged.store(true, std::memory_order_relaxed);
-      }
-      return ok[s];
-    };
-    for (int64_t i = std::max<int64_t>(0, tasks[tb].t0); i < std::min(T, tasks[tb].t0 + kAheadImpl); ++i) {
+    int64_t cur = next++;
+    for (int64_t i = cur * kBlock; i < std::min(T, cur * kBlock + kAheadImpl); ++i) {
       for_each_member(in, T, K, i, prefetch_impl);
     }
-    for (int64_t k = tb; k < te; ++k) {
-      const Task& task = tasks[k];
-      if (task.end >= 0) {  // a chunk of a large tensor
-        const int64_t t = task.t0;
-        if (check(task, t)) {
-          run(pos[t % kRing], &g[(t % kRing) * K], task.begin, task.end, scratch,
-              partials.data() + (first[t] + task.begin / kCpuChunk) * W);
+    while (cur < nblocks) {
+      const int64_t nxt = next++;  // taken now, to prefetch its metadata during these checks
+      const int64_t b = cur * kBlock, e = std::min(T, b + kBlock);
+      // j-th position of this worker's sequence from b: this block, then the next one
+      auto seq = [&](int64_t j) -> int64_t {
+        if (b + j < e) return b + j;
+        const int64_t nb = nxt * kBlock + (j - (e - b));
+        return nxt < nblocks && nb < std::min(T, (nxt + 1) * kBlock) ? nb : -1;
+      };
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t ai = seq(i - b + kAheadImpl), as = seq(i - b + kAheadStorage);
+        if (ai >= 0) for_each_member(in, T, K, ai, prefetch_impl);
+        if (as >= 0) for_each_member(in, T, K, as, prefetch_storage);
+        if (!fast_position(in, i, p)) {
+          flagged[i] = 1;
+          any_flagged.store(true, std::memory_order_relaxed);
+        } else if (p.numel[i] > kSmallNumel) {
+          any_large.store(true, std::memory_order_relaxed);
         }
-        continue;
       }
-      for (int64_t t = task.t0; t < std::min(task.t1, task.t0 + kAheadData); ++t) {
-        if (check(task, t)) prefetch_data(pos[t % kRing], &g[(t % kRing) * K], K);
-      }
-      for (int64_t t = task.t0; t < task.t1; ++t) {
-        const int64_t a = t + kAheadData;
-        if (a < task.t1 && check(task, a)) prefetch_data(pos[a % kRing], &g[(a % kRing) * K], K);
-        const int64_t s = t % kRing;
-        if (ok[s] && pos[s].numel > 0) {
-          run(pos[s], &g[s * K], 0, pos[s].numel, scratch, partials.data() + first[t] * W);
+      for (int64_t t = b; t < e; ++t) {
+        if (in_block_pass(t) && p.numel[t] > 0) {
+          const CpuTriple tr{p.g.data() + t * K, p.x[t], p.r[t], p.g_dt[t], p.x_dt[t], p.r_dt[t]};
+          kernel.fn(tr, static_cast<int32_t>(K), 0, p.numel[t], kernel.weight_decay, scratch,
+                    small_rows.data() + t * W);
         }
       }
+      cur = nxt;
     }
   });
 
   if (any_flagged.load()) {
-    // Bad input raises here, with the message naming the first offending index.
-    Prepared p = prepare_inputs(op, in, K, names);
-    std::vector<std::pair<int64_t, int64_t>> work;  // (position, chunk) of flagged positions
-    for (int64_t t = 0; t < T; ++t) {
-      if (!flagged[t]) continue;
-      TORCH_INTERNAL_ASSERT(first[t + 1] - first[t] == (p.numel[t] + kCpuChunk - 1) / kCpuChunk);
-      for (int64_t q = 0; q < first[t + 1] - first[t]; ++q) work.emplace_back(t, q);
+    // Bad input raises here, with the message naming the first offending index; otherwise
+    // the flagged positions get prepare_inputs' pointers (to contiguous copies where needed).
+    Prepared full = prepare_inputs(op, in, K, names);
+    for (int64_t i = 0; i < T; ++i) {
+      if (!flagged[i]) continue;
+      p.numel[i] = full.numel[i];
+      p.x[i] = full.x[i];
+      p.r[i] = full.r[i];
+      for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = full.g[i * K + k];
+      p.g_dt[i] = full.g_dt[i];
+      p.x_dt[i] = full.x_dt[i];
+      p.r_dt[i] = full.r_dt[i];
     }
-    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t wb, int64_t we) {
-      void* scratch = thread_scratch();
-      for (int64_t w = wb; w < we; ++w) {
-        const int64_t t = work[w].first, q = work[w].second;
-        CpuPosition pos;
-        pos.x = p.x[t];
-        pos.r = p.r[t];
-        pos.g_dt = p.g_dt[t];
-        pos.x_dt = p.x_dt[t];
-        pos.r_dt = p.r_dt[t];
-        const int64_t b = q * kCpuChunk, e = std::min(p.numel[t], b + kCpuChunk);
-        run(pos, p.g.data() + t * K, b, e, scratch, partials.data() + (first[t] + q) * W);
-      }
-    });
+    p.keepalive = std::move(full.keepalive);
   }
 
-  // Fixed-order combine in fp64.
+  // Chunk pass: the other positions, in chunks of kCpuChunk elements (chunk q of position t
+  // writes chunk_rows[first[t] + q]). The values are those a single chunk [0, numel) of the
+  // block pass would give, so results do not depend on the path a position took.
+  std::vector<int64_t> first;
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (position, chunk)
+  if (any_flagged.load() || any_large.load()) first.assign(T + 1, 0);
+  for (int64_t t = 0; t < static_cast<int64_t>(first.size()) - 1; ++t) {
+    first[t] = static_cast<int64_t>(chunks.size());
+    if (in_block_pass(t)) continue;
+    for (int64_t q = 0; q * kCpuChunk < p.numel[t]; ++q) chunks.emplace_back(t, q);
+  }
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  if (!first.empty()) first[T] = nchunks;
+  std::vector<double> chunk_rows(static_cast<size_t>(nchunks * W));
+  parallel_dynamic(nchunks, [&](std::atomic<int64_t>& next) {
+    void* scratch = thread_scratch();
+    for (int64_t c = next++; c < nchunks; c = next++) {
+      const int64_t t = chunks[c].first, b = chunks[c].second * kCpuChunk;
+      const CpuTriple tr{p.g.data() + t * K, p.x[t], p.r[t], p.g_dt[t], p.x_dt[t], p.r_dt[t]};
+      kernel.fn(tr, static_cast<int32_t>(K), b, std::min(p.numel[t], b + kCpuChunk),
+                kernel.weight_decay, scratch, chunk_rows.data() + c * W);
+    }
+  });
+
+  // Fixed-order combine in fp64: positions in order, the chunks of each in order.
   double* out = rows.data_ptr<double>();
   for (int64_t t = 0; t < T; ++t) {
     double* row = out + (per_tensor ? t * W : 0);
+    if (in_block_pass(t)) {
+      if (p.numel[t] > 0) {
+        for (int64_t w = 0; w < W; ++w) row[w] += small_rows[t * W + w];
+      }
+      continue;
+    }
     for (int64_t c = first[t]; c < first[t + 1]; ++c) {
-      for (int64_t w = 0; w < W; ++w) row[w] += partials[c * W + w];
+      for (int64_t w = 0; w < W; ++w) row[w] += chunk_rows[c * W + w];
     }
   }
   return rows;
@@ -566,7 +548,9 @@ void borrow_list(PyObject* list, const char* what, std::vector<const at::Tensor*
   TORCH_CHECK_TYPE(PyList_Check(list), what, " must be a list");
   const Py_ssize_t n = PyList_GET_SIZE(list);
   out.resize(n);
+  constexpr Py_ssize_t kAheadObject = 16;
   for (Py_ssize_t j = 0; j < n; ++j) {
+    if (j + kAheadObject < n) __builtin_prefetch(PyList_GET_ITEM(list, j + kAheadObject));
     PyObject* o = PyList_GET_ITEM(list, j);
     if (!THPVariable_Check(o)) {
       std::string name = std::string(what) + "[" + std::to_string(j) + "]";

@@ -242,15 +242,20 @@ void chunk_partials(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, d
 // ---------------------------------------------------------------------------------------
 // Gram matrix of K vectors and d = x - x* (cpu_gram_partials in secant_core.h).
 //
-// Per tile of kGramTile elements, each of the K + 2 input streams is read once and converted
-// into an Acc row of the scratch buffer (d = x - x* computed there); the M (M + 1) / 2 inner
-// products then run over these rows, which stay in L1/L2. Each product sums kTile elements in
-// kLanes Acc lanes (32 products per lane, as chunk_one), whose fp64 tree sum is added to the
-// pair's fp64 total. Only the conversions depend on the input dtypes, so the products are
-// compiled once per accumulator type rather than once per dtype combination.
+// Per tile of GramTile<Acc> elements (as long as the scratch buffer allows, so that every
+// stream is read in long runs the hardware prefetchers follow), each of the K + 2 input
+// streams is read once and converted into an Acc row of the scratch buffer (d = x - x*
+// computed there); the M (M + 1) / 2 inner products then run over these rows, from L2, up to
+// four at a time so that a row is loaded once for four products. Each product accumulates
+// kTile elements in kLanes Acc lanes (32 products per lane, as chunk_one), added to the pair's
+// fp64 lanes, which are tree-summed at the end of the chunk. Only the conversions depend on the input dtypes: the
+// products are compiled once per accumulator type, not once per dtype combination.
 // ---------------------------------------------------------------------------------------
 
-constexpr int64_t kGramTile = 4096;
+template <typename Acc>
+constexpr int64_t GramTile() {
+  return kCpuScratchBytes / ((kGramMaxVecs + 1) * sizeof(Acc)) / kTile * kTile;
+}
 
 template <typename Acc, typename T>
 void to_acc_row(const T* __restrict__ src, int64_t n, Acc* __restrict__ dst) {
@@ -264,35 +269,54 @@ void diff_row(const TX* __restrict__ x, const TR* __restrict__ r, int64_t n, Acc
   for (int64_t i = 0; i < n; ++i) dst[i] = load<Acc>(x, i) - load<Acc>(r, i);
 }
 
-// sum_i a[i] * b[i] for n <= kTile: kLanes Acc lanes, then their fp64 tree sum.
-template <typename Acc>
-double lane_dot(const Acc* __restrict__ a, const Acc* __restrict__ b, int64_t n) {
-  Acc s[kLanes] = {};
+// lanes[c][j] += lane j of sum_i a[i] * b[c][i], for c < C and n <= kTile: kLanes Acc lanes
+// per product (each sums n / kLanes products), added to fp64 lanes.
+template <int C, typename Acc>
+inline void lane_dots(const Acc* __restrict__ a, const Acc* const* b, int64_t n, double* const* lanes) {
+  Acc s[C][kLanes];
+  for (int c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) s[c][j] = Acc(0);
+  }
   const int64_t nv = n / kLanes * kLanes;
   for (int64_t i = 0; i < nv; i += kLanes) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) s[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < kLanes; ++j) {
+      const Acc av = a[i + j];
+      for (int c = 0; c < C; ++c) s[c][j] += av * b[c][i + j];
+    }
   }
   const int rem = static_cast<int>(n - nv);
 #pragma omp simd
   for (int j = 0; j < kLanes; ++j) {
-    if (j < rem) s[j] += a[nv + j] * b[nv + j];
+    if (j < rem) {
+      const Acc av = a[nv + j];
+      for (int c = 0; c < C; ++c) s[c][j] += av * b[c][nv + j];
+    }
   }
-  double d[kLanes];
+  for (int c = 0; c < C; ++c) {
+    double* __restrict__ l = lanes[c];
 #pragma omp simd
-  for (int j = 0; j < kLanes; ++j) d[j] = static_cast<double>(s[j]);
-  return tree_sum(d);
+    for (int j = 0; j < kLanes; ++j) l[j] += static_cast<double>(s[c][j]);
+  }
 }
 
 template <typename Acc>
 void gram_chunk(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, void* scratch,
                 double* out) {
-  static_assert((kGramMaxVecs + 1) * kGramTile * sizeof(Acc) <= kCpuScratchBytes,
-                "scratch too small");
+  constexpr int64_t kGramTile = GramTile<Acc>();
+  static_assert(kGramTile >= kTile, "scratch too small");
   const int M = K + 1;
   Acc* rows[kGramMaxVecs + 1];
   for (int m = 0; m < M; ++m) rows[m] = static_cast<Acc*>(scratch) + m * kGramTile;
-  for (int w = 0; w < M * M; ++w) out[w] = 0.0;
+  // fp64 lanes of pair (i, j), i <= j; tree-summed once, at the end of the chunk
+  alignas(64) double lanes[(kGramMaxVecs + 1) * (kGramMaxVecs + 1)][kLanes];
+  for (int i = 0; i < M; ++i) {
+    for (int j = i; j < M; ++j) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lanes[i * M + j][l] = 0.0;
+    }
+  }
   for (int64_t t0 = begin; t0 < end; t0 += kGramTile) {
     const int64_t n = std::min(kGramTile, end - t0);
     for (int32_t k = 0; k < K; ++k) {
@@ -309,12 +333,26 @@ void gram_chunk(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, void*
     for (int64_t s0 = 0; s0 < n; s0 += kTile) {
       const int64_t m = std::min(kTile, n - s0);
       for (int i = 0; i < M; ++i) {
-        for (int j = i; j < M; ++j) out[i * M + j] += lane_dot(rows[i] + s0, rows[j] + s0, m);
+        // products of row i with rows j = i .. M - 1, four at a time
+        for (int j = i; j < M; j += 4) {
+          const Acc* b[4] = {};
+          double* o[4] = {};
+          for (int c = 0; c < 4 && j + c < M; ++c) {
+            b[c] = rows[j + c] + s0;
+            o[c] = lanes[i * M + j + c];
+          }
+          switch (std::min(4, M - j)) {
+            case 4: lane_dots<4>(rows[i] + s0, b, m, o); break;
+            case 3: lane_dots<3>(rows[i] + s0, b, m, o); break;
+            case 2: lane_dots<2>(rows[i] + s0, b, m, o); break;
+            default: lane_dots<1>(rows[i] + s0, b, m, o); break;
+          }
+        }
       }
     }
   }
   for (int i = 0; i < M; ++i) {
-    for (int j = 0; j < i; ++j) out[i * M + j] = out[j * M + i];
+    for (int j = i; j < M; ++j) out[i * M + j] = out[j * M + i] = tree_sum(lanes[i * M + j]);
   }
 }
 

@@ -11,6 +11,10 @@ Baselines (defined here once; bench/ suites and ``pathgeom bench`` import them):
 * ``probe``: the read-bandwidth limit: the faster of one ``sum`` and one ``dot`` over a single
   contiguous buffer of the same number of bytes as g, x and x* together.
 
+The Gram case (``pg.secant_gram`` of K vector lists and x - x*) has its own baselines:
+``naive`` stacks the flattened [K + 1, D] fp32 rows and takes V V^T; ``loop`` does the same
+per tensor.
+
 Every method is first compared with the fp64 reference: the fused op must be within the
 DESIGN tolerance (1e-6), baselines report their error (``rel err``; fp32 norms of 10^8
 elements are off by percents). Reported: median time, effective GB/s (bytes of g, x, x* /
@@ -104,6 +108,41 @@ def multi_loop_of(single: Callable) -> Callable:
 
 
 BASELINES = {"naive": naive, "loop": loop, "foreach": foreach, "compiled": compiled}
+
+
+# Gram matrix of K vector lists and x - x* (pg.secant_gram)
+
+
+def gram_naive(vec_lists, params, refs):
+    """The flattening way: [K + 1, D] fp32 rows (K vectors and x - x*), then V V^T."""
+    rows = [torch.cat([t.reshape(-1) for t in v]).float() for v in vec_lists]
+    x = torch.cat([t.reshape(-1) for t in params]).float()
+    rows.append(x - torch.cat([t.reshape(-1) for t in refs]).float())
+    V = torch.stack(rows)
+    return V @ V.T
+
+
+def gram_loop(vec_lists, params, refs):
+    """Per tensor: stack its K + 1 rows in fp32 and add V V^T."""
+    G = 0.0
+    for i in range(len(params)):
+        V = torch.stack([v[i].reshape(-1).float() for v in vec_lists] + [params[i].reshape(-1).float() - refs[i].reshape(-1).float()])
+        G = G + V @ V.T
+    return G
+
+
+def fused_gram(backend: str) -> Callable:
+    def run(vec_lists, params, refs):
+        return pg.secant_gram(vec_lists, params, refs, backend=backend)
+
+    return run
+
+
+def gram_error(out: Tensor, ref: Tensor) -> float:
+    """Largest |G_ij - G*_ij| / sqrt(G*_ii G*_jj) against the fp64 reference."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    d = torch.diagonal(ref)
+    return float(((out - ref).abs() / torch.sqrt(d[:, None] * d[None, :])).max())
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,11 +276,15 @@ def rel_error(out: Tensor, ref: Tensor) -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int, multi: bool = False) -> list[dict]:
+def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int, multi: bool = False,
+               gram: bool = False) -> list[dict]:
     """Timings of one case (probe first); memory comes later, from ``memory_case``."""
     grads, params, refs = inputs
     total = nbytes(grads, params, refs)
-    if multi:
+    error = gram_error if gram else rel_error
+    if gram:
+        ref = pg.reference_secant_gram(grads, params, refs)
+    elif multi:
         ref = torch.stack([pg.reference_secant_stats(g, params, refs) for g in grads])
     else:
         ref = pg.reference_secant_stats(grads, params, refs)
@@ -249,7 +292,7 @@ def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int,
     rows = [{"case": name, "method": "probe", "extra_mb": 0.0}]
     for mname, fn in methods.items():
         try:
-            err = rel_error(fn(grads, params, refs), ref)
+            err = error(fn(grads, params, refs), ref)
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             rows.append({"case": name, "method": mname, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             continue
@@ -333,7 +376,7 @@ def environment(device) -> dict:
 
 
 def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: int = 8, multi_size: int = 2 * 10**7,
-        repeats: int = 5, backends=None, compile_baseline: bool = True, cases=None) -> tuple[list[dict], dict]:
+        repeats: int = 5, backends=None, compile_baseline: bool = True, cases=None, gram_k: int = 2) -> tuple[list[dict], dict]:
     dev = torch.device(device)
     if backends is None:
         backends = ["cuda", "triton"] if dev.type == "cuda" else (["cpu"] if pg.extension_available() else ["torch"])
@@ -344,8 +387,13 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
         "large_bf16g_fp32": (model_like_sizes(size), mixed, 1),
         "small_10k_fp32": ([1000] * small_n, f32, 1),
         f"multi_k{multi_k}_fp32": (model_like_sizes(multi_size), f32, multi_k),
+        f"gram_k{gram_k}_fp32": (model_like_sizes(multi_size), f32, gram_k),
     }
     def methods_for(name, K):
+        if name.startswith("gram"):
+            # the Gram op has no CUDA kernel: Triton serves CUDA tensors
+            gram_backends = [b for b in backends if b != "cuda"] or ["triton"]
+            return {"naive": gram_naive, "loop": gram_loop, **{f"fused_{b}_gram": fused_gram(b) for b in gram_backends}}
         base = dict(BASELINES)
         if not compile_baseline or name.startswith("small"):
             base.pop("compiled")
@@ -360,7 +408,8 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
     per_case = {}
     for name, (sizes, dtypes, K) in selected.items():  # timings first, in normal conditions
         inputs = make_inputs(sizes, dtypes, dev, K=K)
-        per_case[name] = bench_case(name, inputs, methods_for(name, K), dev, repeats, multi=K > 1)
+        per_case[name] = bench_case(name, inputs, methods_for(name, K), dev, repeats, multi=K > 1,
+                                    gram=name.startswith("gram"))
         del inputs
     if dev.type == "cpu":
         pin_mmap_threshold()
@@ -380,14 +429,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multi-size", type=int, default=2 * 10**7, help="elements per list of the multi case")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median), after one warm-up")
     p.add_argument("--backends", nargs="*", default=None, help="fused backends to time (default: the device's)")
-    p.add_argument("--cases", nargs="*", default=None, help="case name prefixes (large, small, multi)")
+    p.add_argument("--gram-k", type=int, default=2, help="K vector lists of the Gram case (multi-size elements each)")
+    p.add_argument("--cases", nargs="*", default=None, help="case name prefixes (large, small, multi, gram)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--json", default="pathgeom-bench.json", help="where to write all rows and the environment")
 
 
 def main(args) -> int:
     rows, env = run(args.device, args.size, args.small_n, args.multi_k, args.multi_size, args.repeats, args.backends,
-                    not args.no_compile, args.cases)
+                    not args.no_compile, args.cases, args.gram_k)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date']}")
     print(format_rows(rows))
     if args.json:

@@ -253,3 +253,49 @@ def test_missing_or_mismatched_extension_is_explained():
         pytest.skip("the extension is not built here")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
+
+
+def test_cpu_kernel_paths_give_bitwise_equal_results():
+    """Many positions (several parallel blocks), small and large tensors, some needing a contiguous
+    copy (a strided view among contiguous members): whatever path a position takes (checked and
+    computed in the block pass, or flagged and computed from prepare_inputs' copy in the chunk
+    pass), and whatever the thread count, the result is bitwise the same."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    gen = torch.Generator().manual_seed(16)
+    sizes = torch.randint(1, 3000, (600,), generator=gen).tolist()
+    sizes[17], sizes[100], sizes[101], sizes[199], sizes[300] = 70001, 4097, 40000, 0, 4096
+    g, x, r = make_lists(sizes, seed=16)
+    first = pg.secant_stats(g, x, r, backend="cpu", per_tensor=True)
+    total = pg.secant_stats(g, x, r, backend="cpu")
+    assert_stats_close(first, pg.reference_secant_stats(g, x, r, per_tensor=True))
+
+    def strided(t):  # the same values, as a non-contiguous view
+        return torch.empty(2 * t.numel(), dtype=t.dtype)[::2].copy_(t)
+
+    xs = [strided(t) if i % 7 == 3 or i in (17, 101) else t for i, t in enumerate(x)]
+    assert not xs[17].is_contiguous() and xs[18].is_contiguous()
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, n):
+            torch.set_num_threads(threads)
+            for xi in (x, xs):
+                assert torch.equal(pg.secant_stats(g, xi, r, backend="cpu", per_tensor=True), first)
+                assert torch.equal(pg.secant_stats(g, xi, r, backend="cpu"), total)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_cpu_kernel_names_the_first_offender_across_blocks():
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    g, x, r = make_lists([50] * 700, seed=17)
+    bad_g = list(g)
+    bad_g[650] = torch.randn(49)
+    bad_g[300] = torch.randn(3, 7)
+    with pytest.raises(ValueError, match=r"index 300: grads\[300\] has shape \[3, 7\]"):
+        pg.secant_stats(bad_g, x, r, backend="cpu")
+    bad_r = list(r)
+    bad_r[699] = r[699].to(torch.int32)
+    with pytest.raises(TypeError, match=r"refs\[699\] has shape \[50\], torch.int32"):
+        pg.secant_stats(g, x, bad_r, backend="cpu")
