@@ -5,7 +5,8 @@
 #
 # 1. device, driver and versions        -> OUT/gpu-device.txt
 # 2. rebuild the extension (CUDA)       -> OUT/gpu-build.log
-# 3. every GPU test (CUDA kernel, compiled Triton, plans, >2^31 elements, opcheck/compile)
+# 3. the extension's error paths, each in a subprocess -> OUT/gpu-error-paths.txt; every GPU
+#    test (CUDA kernel, compiled Triton, plans, >2^31 elements, opcheck/compile)
 #                                       -> OUT/gpu-tests.log
 # 4. the GPU benchmark table            -> OUT/gpu-bench.txt, gpu-bench.json
 # 5. the sync-free check                -> OUT/gpu-sync-check.txt
@@ -52,7 +53,10 @@ step() {  # step NAME LOGFILE COMMAND...
 
 step build "$OUT/gpu-build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
 step version "$OUT/gpu-version.txt" $PY -m pathgeom_fast.cli --version
-step tests "$OUT/gpu-tests.log" $PY -m pytest tests/test_ops_cuda.py tests/test_ops.py tests/test_triton_kernels.py \
+step error-paths "$OUT/gpu-error-paths.txt" $PY bench/error_paths.py
+# pytest-xdist when present: a crashing test then fails alone instead of ending the step
+XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+step tests "$OUT/gpu-tests.log" $PY -m pytest "${XDIST[@]}" tests/test_ops_cuda.py tests/test_ops.py tests/test_triton_kernels.py \
   tests/test_gram.py tests/test_plan.py tests/test_compiled_kernels.py -q -rs
 step bench "$OUT/gpu-bench.txt" $PY -m pathgeom_fast.cli bench --device cuda --repeats 20 --json "$OUT/gpu-bench.json"
 step sync-check "$OUT/gpu-sync-check.txt" $PY bench/gpu_sync_check.py

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <sstream>
@@ -620,11 +621,64 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// triton_inputs(lists, params, refs, K, gram) -> (addrs, numels, codes, copies)
+// The host side of the Triton backends (pathgeom_fast.triton_kernels.prepare), without
+// per-tensor Python work: the checks and messages of the compiled kernels (prepare_inputs)
+// and the tables of the launch plan. addrs: int64 [(K + 2) T], the data addresses of the K
+// lists back to back (list k's tensor i at k T + i), then params, then refs (0 for empty
+// tensors); numels: int64 [T]; codes: int64 [3 T], dtype codes (float16 0, bfloat16 1,
+// float32 2, float64 3) of list 0, params and refs; copies: the contiguous copies made of
+// non-contiguous inputs, to be kept alive until the launches are queued.
+PyObject* triton_inputs(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *g, *x, *r;
+  long long K;
+  int gram;
+  if (!PyArg_ParseTuple(args, "OOOLp", &g, &x, &r, &K, &gram)) return nullptr;
+  const ListNames& names = gram ? kVecNames : kGradNames;
+  const char* op = gram ? "secant_gram" : "secant_stats";
+  TORCH_CHECK_VALUE(!gram || (K >= 1 && K <= kGramMaxVecs), op, ": num_vecs must be between 1 and ",
+                    kGramMaxVecs, ", got ", K);
+  Inputs in;
+  const int64_t T = PyList_Check(x) ? PyList_GET_SIZE(x) : 0;
+  borrow_list(g, names.list, in.grads, T, K, &names);
+  borrow_list(x, "params", in.params, T, K);
+  borrow_list(r, "refs", in.refs, T, K);
+  const Prepared p = prepare_inputs(op, in, K, names);
+  at::Tensor addrs = at::empty({(K + 2) * T}, at::dtype(at::kLong));
+  at::Tensor numels = at::empty({T}, at::dtype(at::kLong));
+  at::Tensor codes = at::empty({3 * T}, at::dtype(at::kLong));
+  int64_t* a = addrs.data_ptr<int64_t>();
+  int64_t* n = numels.data_ptr<int64_t>();
+  int64_t* c = codes.data_ptr<int64_t>();
+  auto address = [](const void* ptr) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr)); };
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t k = 0; k < K; ++k) a[k * T + i] = address(p.g[i * K + k]);
+    a[K * T + i] = address(p.x[i]);
+    a[(K + 1) * T + i] = address(p.r[i]);
+    n[i] = p.numel[i];
+    c[i] = static_cast<int64_t>(p.g_dt[i]);
+    c[T + i] = static_cast<int64_t>(p.x_dt[i]);
+    c[2 * T + i] = static_cast<int64_t>(p.r_dt[i]);
+  }
+  PyObject* copies = PyList_New(static_cast<Py_ssize_t>(p.keepalive.size()));
+  if (copies == nullptr) return nullptr;
+  for (size_t j = 0; j < p.keepalive.size(); ++j) {
+    PyList_SET_ITEM(copies, static_cast<Py_ssize_t>(j), THPVariable_Wrap(p.keepalive[j]));
+  }
+  return Py_BuildValue("(NNNN)", THPVariable_Wrap(std::move(addrs)), THPVariable_Wrap(std::move(numels)),
+                       THPVariable_Wrap(std::move(codes)), copies);
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(pathgeom::cpu_isa()); }
 
 PyMethodDef methods[] = {
     {"secant_stats_direct", direct, METH_VARARGS,
      "secant_stats_direct(grads, params, refs, num_grads, per_tensor, weight_decay, multi)"},
+    {"triton_inputs", triton_inputs, METH_VARARGS,
+     "triton_inputs(lists, params, refs, K, gram) -> (addrs, numels, codes, copies): checked "
+     "inputs of the Triton backends"},
     {"cpu_isa", isa, METH_NOARGS, "instruction set of the CPU kernel"},
     PATHGEOM_PLAN_METHODS,
     {nullptr, nullptr, 0, nullptr}};

@@ -38,12 +38,32 @@ def _load() -> None:
         )
         return
     try:
-        from . import _C as ext  # registers torch.ops.pathgeom.* (CPU, and CUDA if built)
+        ext = _import_library()
     except (ImportError, OSError) as exc:  # e.g. an undefined symbol after a partial rebuild
-        _ERROR = f"pathgeom_fast._C failed to load ({exc}); rebuild it with `pip install --no-build-isolation -e .`"
+        if not _library_present():  # the build started (it wrote _build_info) but made no library
+            _ERROR = (
+                "pathgeom_fast._C is not built: the package has no _C library (an interrupted or failed "
+                "build?); build it with `pip install --no-build-isolation -e .`"
+            )
+        else:
+            _ERROR = f"pathgeom_fast._C failed to load ({exc}); rebuild it with `pip install --no-build-isolation -e .`"
         return
     _C = ext
     WITH_CUDA = bool(_build_info.WITH_CUDA)
+
+
+def _import_library():
+    from . import _C  # registers torch.ops.pathgeom.* (CPU, and CUDA if built)
+
+    return _C
+
+
+def _library_present() -> bool:
+    import importlib.machinery
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return any(os.path.exists(os.path.join(here, "_C" + suffix)) for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
 _load()

@@ -106,13 +106,20 @@ def _fake_gram(vecs, params, refs, num_vecs, per_tensor=False):
     return _fake_out(_shapes.GRAM, params, num_vecs, per_tensor)
 
 
+def _triton_stats(grads, params, refs, num_grads: int, per_tensor: bool, weight_decay: float) -> Tensor:
+    """The Triton secant_stats_multi: the body of the registered op, also called directly in
+    eager mode (the dispatcher's boxing of 3 T tensors costs ~1 us each)."""
+    if not triton_kernels.checks_inputs():  # else checked in C++ with the tables (same messages)
+        _validate("secant_stats", grads, params, refs, num_grads)
+    rows = triton_kernels.triton_rows(grads, params, refs, num_grads, per_tensor, weight_decay)
+    return _shape_rows(rows, num_grads, per_tensor, True)
+
+
 @torch.library.custom_op("pathgeom::secant_stats_triton", mutates_args=())
 def _triton_op(
     grads: list[Tensor], params: list[Tensor], refs: list[Tensor], num_grads: int, per_tensor: bool, weight_decay: float
 ) -> Tensor:
-    _validate("secant_stats", grads, params, refs, num_grads)
-    rows = triton_kernels.triton_rows(grads, params, refs, num_grads, per_tensor, weight_decay)
-    return _shape_rows(rows, num_grads, per_tensor, True)
+    return _triton_stats(grads, params, refs, num_grads, per_tensor, weight_decay)
 
 
 @_triton_op.register_fake
@@ -120,10 +127,16 @@ def _(grads, params, refs, num_grads, per_tensor, weight_decay):
     return _fake_out(_shapes.MULTI, params, num_grads, per_tensor)
 
 
+def _triton_gram(vecs, params, refs, num_vecs: int, per_tensor: bool) -> Tensor:
+    """The Triton secant_gram: the body of the registered op, also called directly in eager mode."""
+    if not triton_kernels.checks_inputs():
+        _validate(_shapes.GRAM, vecs, params, refs, num_vecs)
+    return _gram_out(triton_gram.gram_rows(vecs, params, refs, num_vecs, per_tensor), per_tensor)
+
+
 @torch.library.custom_op("pathgeom::secant_gram_triton", mutates_args=())
 def _triton_gram_op(vecs: list[Tensor], params: list[Tensor], refs: list[Tensor], num_vecs: int, per_tensor: bool) -> Tensor:
-    _validate(_shapes.GRAM, vecs, params, refs, num_vecs)
-    return _gram_out(triton_gram.gram_rows(vecs, params, refs, num_vecs, per_tensor), per_tensor)
+    return _triton_gram(vecs, params, refs, num_vecs, per_tensor)
 
 
 @_triton_gram_op.register_fake
@@ -315,6 +328,17 @@ def _choose_gram(backend: str, device: torch.device) -> str:
     return _choose(backend, device)
 
 
+def _explained(op: str, lists, params, refs, K: int, fn, *args) -> Tensor:
+    """fn(lists, params, refs, K, *args), a registered Triton op, which checks its inputs. The
+    dispatcher parses the arguments first and rejects a None or non-tensor entry with a message
+    that names no index: then :func:`_validate` names it."""
+    try:
+        return fn(lists, params, refs, K, *args)
+    except (TypeError, RuntimeError):
+        _validate(op, lists, params, refs, K)
+        raise
+
+
 def _run(op: str, grads, params, refs, K: int, per_tensor: bool, weight_decay: float, backend: str) -> Tensor:
     """Local (unsharded) result of secant_stats / secant_stats_multi."""
     T = len(params)
@@ -331,10 +355,13 @@ def _run(op: str, grads, params, refs, K: int, per_tensor: bool, weight_decay: f
             return fn(*args, per_tensor=per_tensor, weight_decay=weight_decay)
         # eager: the dispatcher-free entry point (same kernels, same checks)
         return _ext._C.secant_stats_direct(grads, params, refs, K, per_tensor, weight_decay, multi)
-    _validate(op, grads, params, refs, K)
-    if which == "triton":
-        out = torch.ops.pathgeom.secant_stats_triton(grads, params, refs, K, per_tensor, weight_decay)
+    if which == "triton":  # checks its inputs
+        if torch.compiler.is_compiling():  # traced: the registered op, with its fake kernel
+            out = _explained(op, grads, params, refs, K, torch.ops.pathgeom.secant_stats_triton, per_tensor, weight_decay)
+        else:
+            out = _triton_stats(grads, params, refs, K, per_tensor, weight_decay)
         return out if multi else out[0]
+    _validate(op, grads, params, refs, K)
     rows = reference.secant_rows(grads, params, refs, K, per_tensor=per_tensor, weight_decay=weight_decay)
     return _shape_rows(rows, K, per_tensor, multi)
 
@@ -351,9 +378,11 @@ def _run_gram(vecs, params, refs, K: int, per_tensor: bool, backend: str) -> Ten
             return torch.ops.pathgeom.secant_gram(vecs, params, refs, K, per_tensor)
         # eager: the dispatcher-free entry point (mode 2: the Gram kernel; same checks)
         return _ext._C.secant_stats_direct(vecs, params, refs, K, per_tensor, 0.0, 2)
+    if which == "triton":  # checks its inputs
+        if torch.compiler.is_compiling():
+            return _explained(op, vecs, params, refs, K, torch.ops.pathgeom.secant_gram_triton, per_tensor)
+        return _triton_gram(vecs, params, refs, K, per_tensor)
     _validate(op, vecs, params, refs, K)
-    if which == "triton":
-        return torch.ops.pathgeom.secant_gram_triton(vecs, params, refs, K, per_tensor)
     return _gram_out(reference.gram_rows(vecs, params, refs, K, per_tensor=per_tensor), per_tensor)
 
 

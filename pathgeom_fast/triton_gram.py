@@ -223,14 +223,14 @@ def gram_config(key: int, K: int, warps: int | None = None) -> dict:
 
 
 def gram_rows(vecs, params, refs, num_vecs: int, per_tensor: bool) -> torch.Tensor:
-    """[T or 1, K + 1, K + 1] float64 Gram rows. Inputs already validated (see ops._validate)."""
+    """[T or 1, K + 1, K + 1] float64 Gram rows. Inputs checked as in ``triton_kernels.triton_rows``."""
     _tk.check_device(params[0].device)
     K = num_vecs
     if not 1 <= K <= _plan.MAX_GRADS_PER_PASS:
         raise ValueError(f"secant_gram (triton): num_vecs must be between 1 and {_plan.MAX_GRADS_PER_PASS}, got {K}")
     M = K + 1
     device = params[0].device
-    plan, buf, keep = _tk.launch_setup(vecs, params, refs, K, per_tensor)
+    plan, buf, keep = _tk.launch_setup(vecs, params, refs, K, per_tensor, gram=True)
     partials = torch.empty(plan.total_rows, M, M, dtype=torch.float64, device=device)
     with _tk.on_device(device):
         for L in plan.launches:  # one pass (K <= 8): k0 = 0, kc = K

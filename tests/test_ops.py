@@ -299,3 +299,28 @@ def test_cpu_kernel_names_the_first_offender_across_blocks():
     bad_r[699] = r[699].to(torch.int32)
     with pytest.raises(TypeError, match=r"refs\[699\] has shape \[50\], torch.int32"):
         pg.secant_stats(g, x, bad_r, backend="cpu")
+
+
+def test_interrupted_build_is_explained(monkeypatch):
+    """_build_info.py written (the build started) but no _C library: 'not built', not the
+    import system's 'partially initialized module (circular import)' (seen on a GPU machine)."""
+    if not _ext.available():
+        pytest.skip("the extension is not built here")
+    saved = (_ext._C, _ext._ERROR, _ext.WITH_CUDA)
+
+    def no_library():
+        raise ImportError("cannot import name '_C' from partially initialized module 'pathgeom_fast'")
+
+    monkeypatch.setattr(_ext, "_import_library", no_library)
+    monkeypatch.setattr(_ext, "_library_present", lambda: False)
+    try:
+        _ext._C = None
+        _ext._load()
+        assert not _ext.available()
+        assert "is not built: the package has no _C library" in _ext.load_error(), _ext.load_error()
+        monkeypatch.setattr(_ext, "_library_present", lambda: True)  # present but broken
+        _ext._load()
+        assert "failed to load (cannot import name" in _ext.load_error(), _ext.load_error()
+    finally:
+        _ext._C, _ext._ERROR, _ext.WITH_CUDA = saved
+    assert _ext.available() and _ext._library_present()

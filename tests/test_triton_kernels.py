@@ -215,3 +215,46 @@ def test_nan_inf_in_hot_loop_and_tail():
     assert torch.isinf(out[:, 1, 2]).all() and torch.isfinite(out[:, 1, 1]).all()
     finite = torch.isfinite(ref)
     assert torch.allclose(out[finite], ref[finite], rtol=1e-5)
+
+
+def test_host_tables_cpp_equal_python():
+    """The checked tables of the compiled extension (_C.triton_inputs) equal the Python ones:
+    addresses (lists back to back, then params, then refs), numels, dtype codes, plan; a
+    non-contiguous input is copied by both, and both paths give the same bits."""
+    from pathgeom_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    grads, x, r = make_lists([1000, 0, 333, 70001], (torch.bfloat16, torch.float32, torch.float64), device=DEVICE, seed=37, K=3)
+    x[2] = offset_views([x[2]])[0]  # misaligned
+    r[0] = torch.empty(2000, dtype=r[0].dtype, device=DEVICE)[::2].copy_(r[0])  # non-contiguous: a copy
+    flat = [t for gl in grads for t in gl]  # the K lists back to back
+    plan_c, key_c, addrs_c, keep_c = tk.prepare(flat, x, r, 3, True)
+    original = tk.checks_inputs
+    try:
+        tk.checks_inputs = lambda: False
+        plan_p, key_p, addrs_p, keep_p = tk.prepare(flat, x, r, 3, True)
+        python = pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True)
+    finally:
+        tk.checks_inputs = original
+    T = len(x)
+    assert key_c == key_p and plan_c is plan_p  # same numels, dtype codes and alignment: same cached plan
+    assert len(keep_c) == len(keep_p) == 1 and keep_c[0].is_contiguous() and torch.equal(keep_c[0], r[0])
+    same = [i for i in range(len(addrs_c)) if i != 3 * T + T + 0]  # all but the copied ref's (a fresh copy each time)
+    assert (addrs_c.astype("int64")[same] == addrs_p.astype("int64")[same]).all()
+    assert int(addrs_c[3 * T + 1]) in (0, x[1].data_ptr())  # empty tensor
+    assert int(addrs_c[0]) == flat[0].data_ptr() and int(addrs_c[3 * T + 2]) == x[2].data_ptr()
+    assert torch.equal(pg.secant_stats_multi(grads, x, r, backend="triton", per_tensor=True), python)
+    with pytest.raises(ValueError, match=r"index 1: grads\[2\]\[1\] has shape \[5\]"):  # the C++ checks' message
+        tk.prepare(flat[:9] + [torch.randn(5, device=DEVICE)] + flat[10:], x, r, 3, False)
+
+
+def test_python_checks_without_extension(monkeypatch):
+    """Without the compiled extension the Triton op checks its inputs in Python (ops._validate)."""
+    monkeypatch.setattr(tk, "checks_inputs", lambda: False)
+    g, x, r = make_lists([10, 20], device=DEVICE, seed=38)
+    assert_stats_close(pg.secant_stats(g, x, r, backend="triton", per_tensor=True), pg.reference_secant_stats(g, x, r, per_tensor=True))
+    with pytest.raises(ValueError, match=r"index 1: refs\[1\] has shape \[3\]"):
+        pg.secant_stats(g, x, [r[0], torch.randn(3, device=DEVICE)], backend="triton")
+    with pytest.raises(ValueError, match=r"grads\[0\] is None"):
+        pg.secant_stats([None, g[1]], x, r, backend="triton")
