@@ -21,6 +21,19 @@ struct Prepared {
   std::vector<DType> g_dt, x_dt, r_dt; // [T]
   std::vector<at::Tensor> keepalive;   // contiguous copies of non-dense inputs
   at::Device device = at::kCPU;
+
+  // Tables sized for T positions of K lists (contents filled by the caller).
+  void resize(int64_t positions, int64_t lists) {
+    T = positions;
+    K = lists;
+    g.resize(T * K);
+    numel.resize(T);
+    x.resize(T);
+    r.resize(T);
+    g_dt.resize(T);
+    x_dt.resize(T);
+    r_dt.resize(T);
+  }
 };
 
 // The three input lists as pointers to tensors owned elsewhere (by the dispatcher's argument

@@ -143,15 +143,7 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListN
                                        : std::string()),
                     ", ", params.size(), " params and ", refs.size(), " refs");
   Prepared p;
-  p.T = T;
-  p.K = K;
-  p.g.resize(T * K);
-  p.x.resize(T);
-  p.r.resize(T);
-  p.numel.resize(T);
-  p.g_dt.resize(T);
-  p.x_dt.resize(T);
-  p.r_dt.resize(T);
+  p.resize(T, K);
   if (T == 0) return p;
   p.device = params[0]->device();
 
@@ -357,16 +349,8 @@ at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const Li
   if (!in.params[0]->defined()) prepare_inputs(op, in, K, names);  // raises
 
   Prepared p;
-  p.T = T;
-  p.K = K;
+  p.resize(T, K);
   p.device = in.params[0]->device();
-  p.g.resize(T * K);
-  p.x.resize(T);
-  p.r.resize(T);
-  p.numel.resize(T);
-  p.g_dt.resize(T);
-  p.x_dt.resize(T);
-  p.r_dt.resize(T);
   std::vector<uint8_t> flagged(T, 0);
   std::atomic<bool> any_flagged{false}, any_large{false};
   auto in_block_pass = [&](int64_t t) { return !flagged[t] && p.numel[t] <= kSmallNumel; };

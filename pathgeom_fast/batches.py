@@ -96,3 +96,13 @@ def default_loss(model: torch.nn.Module, batch: Any) -> Tensor:
         f"default loss: a batch must be a dict (keyword arguments of the model) or (inputs, targets), "
         f"got {type(batch).__name__}; pass a loss function (loss_fn(model, batch) -> scalar tensor)"
     )
+
+
+def full_batch_list(full_batch) -> list | None:
+    """The batches of a full-batch gradient as a list, or None; an empty one is refused."""
+    if full_batch is None:
+        return None
+    batches = list(full_batch)
+    if not batches:
+        raise ValueError("full_batch is empty; pass the batches covering the training set, or None")
+    return batches

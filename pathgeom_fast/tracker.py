@@ -78,7 +78,7 @@ from typing import Any
 
 import torch
 
-from .batches import batch_size, default_loss
+from .batches import batch_size, default_loss, full_batch_list
 from .checkpoints import Reference, trainable
 from .ops import secant_stats, secant_stats_multi
 
@@ -228,9 +228,7 @@ class PathTracker:
         self.loss_fn = loss_fn or default_loss
         self.probe_batches = list(probe_batches or [])
         self.probe_every = probe_every
-        self.full_batch = list(full_batch) if full_batch is not None else None
-        if self.full_batch is not None and not self.full_batch:
-            raise ValueError("full_batch is empty; pass the batches covering the training set, or None")
+        self.full_batch = full_batch_list(full_batch)
         self.weight_decay = weight_decay
         self.per_tensor = per_tensor
         self.expected_losses = dict(expected_losses or {})

@@ -30,6 +30,15 @@ def data(n=48, seed=1):
     return torch.randn(n, 6, generator=gen) * 2, torch.randint(0, 3, (n,), generator=gen)
 
 
+def test_empty_full_batch_is_refused():
+    from pathgeom_fast.checkpoints import Reference
+    from pathgeom_fast.integrations.common import StepMeasurer
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="full_batch is empty"):
+        StepMeasurer(Reference.from_model(model), full_batch=[], probe_every=5)
+
+
 def test_plain_loop_minibatch_update_probes_full_wd_per_tensor_match_fp64(tmp_path):
     torch.manual_seed(0)
     model = mlp()

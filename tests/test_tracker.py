@@ -184,6 +184,8 @@ def test_reference_errors():
         PathTracker(other, Reference.from_model(model))
     with pytest.raises(RuntimeError, match="without measure"):
         PathTracker(model, Reference.from_model(model), torch.optim.SGD(model.parameters(), lr=0.1)).after_step()
+    with pytest.raises(ValueError, match="full_batch is empty"):
+        PathTracker(model, Reference.from_model(model), full_batch=iter([]))
 
 
 class _NoHostConversion(torch.overrides.TorchFunctionMode):

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from ..batches import to_device
+from ..batches import full_batch_list, to_device
 from ..checkpoints import (
     CheckpointError,
     Reference,
@@ -266,9 +266,7 @@ class StepMeasurer:
         self.loss_fn = loss_fn
         self.probe_batches = list(probe_batches or [])
         self.probe_every = probe_every
-        self.full_batch = list(full_batch) if full_batch is not None else None
-        if self.full_batch is not None and not self.full_batch:
-            raise ValueError("full_batch is empty; pass the batches covering the training set, or None")
+        self.full_batch = full_batch_list(full_batch)
         self.weight_decay = weight_decay
         self.per_tensor = per_tensor
         self.update = update
