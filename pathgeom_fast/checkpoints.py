@@ -993,31 +993,51 @@ def _read_json(path: str):
 
 
 def _hf_step_lr(folder: str) -> tuple[int | None, float | None]:
-    """(step, lr of the next optimizer step) of a Hugging Face Trainer checkpoint folder.
+    """(step, lr of the next optimizer step) of a Hugging Face Trainer or Accelerate checkpoint folder.
 
-    The step is the folder's ``checkpoint-N`` (else ``trainer_state.json``'s global_step). The
-    lr: the scheduler's last lr (``scheduler.pt``, read weights_only), else the optimizer's
-    (``optimizer.pt``); the Trainer saves both after the scheduler step of step N, so this is
+    The step is the folder's ``checkpoint-N`` (else ``trainer_state.json``'s global_step); for an
+    Accelerate ``save_state`` folder, the step its name tells, except Accelerate's automatic
+    ``checkpoint_N``, which counts saves (step unknown). The lr: the scheduler's last lr
+    (``scheduler.pt``, Accelerate's ``scheduler.bin``; read weights_only), else the optimizer's
+    (``optimizer.pt`` / ``.bin``); both are saved after the scheduler step of step N, so this is
     the lr of step N + 1, the step taken from these weights."""
-    step = step_from_name(folder) if re.search(r"checkpoint", os.path.basename(os.path.normpath(folder))) else None
+    base = os.path.basename(os.path.normpath(folder))
+    if _is_accelerate_state(folder):
+        # Accelerate's save_state: its automatic names count saves (checkpoint_0, checkpoint_1,
+        # ...), not steps; a name the user gave (save_state("run/step_100")) is read as usual
+        step = None if re.fullmatch(r"checkpoint_\d+", base) else step_from_name(folder)
+    else:
+        step = step_from_name(folder) if re.search(r"checkpoint", base) else None
     state_path = os.path.join(folder, "trainer_state.json")
     if step is None and os.path.isfile(state_path):
         step = _as_int(_read_json(state_path).get("global_step"))
     lr = None
-    sched = os.path.join(folder, "scheduler.pt")
-    if os.path.isfile(sched):
+    sched = _first_file(folder, ("scheduler.pt", "scheduler.bin"))  # Trainer, Accelerate
+    if sched is not None:
         try:
             last = _torch_load(sched).get("_last_lr")
             lr = _as_float(last[0]) if isinstance(last, (list, tuple)) and last else None
         except (CheckpointError, AttributeError):
             lr = None
-    opt = os.path.join(folder, "optimizer.pt")
-    if lr is None and os.path.isfile(opt):
+    opt = _first_file(folder, ("optimizer.pt", "optimizer.bin"))
+    if lr is None and opt is not None:
         try:
             lr = _optimizer_lr(_torch_load(opt))
         except CheckpointError:
             lr = None
     return step, lr
+
+
+def _first_file(folder: str, names: Sequence[str]) -> str | None:
+    return next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
+
+
+def _is_accelerate_state(folder: str) -> bool:
+    """A folder written by Accelerate's ``save_state`` (its RNG states ``random_states_<rank>.pkl``;
+    a Trainer checkpoint has ``rng_state*.pth`` and ``trainer_state.json`` instead)."""
+    return not os.path.isfile(os.path.join(folder, "trainer_state.json")) and any(
+        re.fullmatch(r"random_states_\d+\.pkl", n) for n in _listdir(folder)
+    )
 
 
 def _lr_from_log_history(run_dirs: Sequence[str], step: int) -> float | None:
@@ -1227,6 +1247,12 @@ def open_run(path: str) -> Run:
         raise CheckpointError(f"{path} holds checkpoints of several kinds ({examples}); pass the folder or file you mean")
     unknown = [c.path for c in cks if c.step is None]
     if unknown and len(cks) > 1:
+        if os.path.isdir(unknown[0]) and _is_accelerate_state(unknown[0]):
+            raise CheckpointError(
+                f"cannot tell the step of {unknown[0]}: Accelerate's automatic checkpoint names count saves "
+                "(checkpoint_0, checkpoint_1, ...), not training steps; save with "
+                "accelerator.save_state(f'{run_dir}/step_{step}') so that the folder names the step"
+            )
         raise CheckpointError(
             f"cannot tell the step of {unknown[0]}: neither its name nor its contents give one "
             "(name it like step_100.pt, or save 'global_step' / 'step' in it)"

@@ -332,3 +332,47 @@ def test_dcp_from_fsdp2_run_read_sharded():
         for n, p in model.named_parameters():
             assert torch.equal(p, dcp_run.saved[c.step][n]), (c.step, n)
     assert R.file_hashes(dcp_run.out) == dcp_run.hashes
+
+
+def test_accelerate_save_state_folders(tmp_path):
+    """Accelerate's save_state folders, written by the real library: its automatic names
+    (checkpoint_0, checkpoint_1, ...) count saves, not steps, and are refused with a way out;
+    folders the user names by step are read, with the lr of the step taken from them."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils import ProjectConfiguration
+
+    def train(acc, save):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        model, opt, sched = acc.prepare(model, opt, sched)
+        seen = {}
+        for step in range(1, 7):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            acc.backward(loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            if step % 2 == 0:
+                save(step)
+                seen[step] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, sched.get_last_lr()[0])
+        return seen
+
+    auto = accelerate.Accelerator(project_config=ProjectConfiguration(project_dir=str(tmp_path / "auto"), automatic_checkpoint_naming=True))
+    train(auto, lambda step: auto.save_state())
+    assert sorted(os.listdir(tmp_path / "auto" / "checkpoints")) == ["checkpoint_0", "checkpoint_1", "checkpoint_2"]
+    with pytest.raises(CheckpointError, match=r"Accelerate's automatic checkpoint names count saves .* accelerator\.save_state\(f'\{run_dir\}/step_\{step\}'\)"):
+        open_run(str(tmp_path / "auto" / "checkpoints"))
+
+    named = accelerate.Accelerator()
+    seen = train(named, lambda step: named.save_state(str(tmp_path / "named" / f"step_{step}")))
+    run = open_run(str(tmp_path / "named"))
+    assert [c.step for c in run] == [2, 4, 6]
+    for ck in run:
+        weights, lr = seen[ck.step]
+        assert ck.lr == pytest.approx(lr, rel=1e-12)  # the scheduler's lr after step N: that of step N + 1
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        ck.load_into(model)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, weights[k]), (ck.step, k)
