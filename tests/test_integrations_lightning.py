@@ -172,3 +172,35 @@ def test_lightning_bad_reference_fails_before_training(tmp_path):
     save_file({"net.0.weight": torch.randn(16, 6), "net.0.bias": torch.randn(16)}, str(bad))
     with pytest.raises(KeyError, match=rf"{bad} lacks 2 of the model's 4 trainable parameters, first 'net\.2\.weight'"):
         fit([PathGeometryCallback(str(bad))])
+
+
+class TwoOptimizers(Module):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+        first.zero_grad()
+        second.zero_grad()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+
+def test_lightning_manual_optimization_refused_before_training(tmp_path):
+    """Manual optimization with two optimizers: refused with a clear message in on_fit_start,
+    before any step (rather than measuring each optimizer's half-step as a step)."""
+    ref_path = str(tmp_path / "xstar.safetensors")
+    perturbed_reference(Module(), ref_path)
+    module = TwoOptimizers()
+    trainer = pl.Trainer(max_steps=2, logger=False, callbacks=[PathGeometryCallback(ref_path)], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    before = flat(module.parameters())
+    with pytest.raises(ValueError, match=r"automatic optimization and one optimizer; this module has automatic_optimization=False and 2 optimizers"):
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=8))
+    assert torch.equal(flat(module.parameters()), before)  # no training step ran

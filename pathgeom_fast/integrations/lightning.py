@@ -96,6 +96,13 @@ class PathGeometryCallback(pl.Callback):
         return self.measurer.final_distance_ratio
 
     def on_fit_start(self, trainer, pl_module):
+        if not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
+            raise ValueError(
+                "PathGeometryCallback measures runs with automatic optimization and one optimizer; this "
+                f"module has automatic_optimization={pl_module.automatic_optimization} and "
+                f"{len(trainer.optimizers)} optimizers. Use pathgeom_fast.integrations.StepMeasurer in the training step "
+                "(before_step(model, optimizer, step, loss) / after_step()) instead"
+            )
         self.measurer.check_model(pl_module)  # before any training step
         self.measurer.grad_clipping = bool(trainer.gradient_clip_val)
 
