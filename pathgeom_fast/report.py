@@ -330,18 +330,19 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
     def body_values(*pairs):
         return _finite_values(*[y[in_body(x)] for x, y in pairs if len(x)])
 
+    def series(ax, pairs, kind, metric, *fmt, **style):
+        """Plot the recorded kind's metric (sample 0) and add its (x, y) to ``pairs``."""
+        if kind in steps:
+            x, y = _series(records, kind, metric)
+            ax.plot(x, y, *fmt, **style)
+            pairs.append((x, y))
+
     # RSI and EB
     for ax, metric, name in ((axes[0, 0], "rsi", "RSI = <g, x - x*> / ||x - x*||^2"), (axes[0, 1], "eb", "EB = ||g|| / ||x - x*||")):
         pairs = []
-        if "minibatch" in steps:
-            x, y = _series(records, "minibatch", metric)
-            ax.plot(x, y, color="C1", lw=0.6, alpha=0.75, label="training minibatch g (before clipping)")
-            pairs.append((x, y))
+        series(ax, pairs, "minibatch", metric, color="C1", lw=0.6, alpha=0.75, label="training minibatch g (before clipping)")
         pairs.append(bands(ax, metric))
-        if "full" in steps:
-            x, y = _series(records, "full", metric)
-            ax.plot(x, y, "k.", ms=4, label="full-batch gradient")
-            pairs.append((x, y))
+        series(ax, pairs, "full", metric, "k.", ms=4, label="full-batch gradient")
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         shade_tail(ax)
@@ -362,14 +363,8 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
     # eta* against the step taken
     ax = axes[1, 0]
     pairs = [bands(ax, "eta_star")]
-    if "minibatch" in steps:
-        x, y = _series(records, "minibatch", "eta_star")
-        ax.plot(x, y, color="C1", lw=0.6, alpha=0.75, label="eta* of the training minibatch g")
-        pairs.append((x, y))
-    if "full" in steps:
-        x, y = _series(records, "full", "eta_star")
-        ax.plot(x, y, "k.", ms=4, label="eta* of the full-batch gradient")
-        pairs.append((x, y))
+    series(ax, pairs, "minibatch", "eta_star", color="C1", lw=0.6, alpha=0.75, label="eta* of the training minibatch g")
+    series(ax, pairs, "full", "eta_star", "k.", ms=4, label="eta* of the full-batch gradient")
     comparable = summary.get("lr_comparable_to_eta_star", True)
     lr_rows = [r for r in records if r["kind"] == "minibatch" and r["lr"] is not None]
     if lr_rows and comparable:
@@ -395,18 +390,9 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
     # cos
     ax = axes[1, 1]
     pairs = [bands(ax, "cos")]
-    if "minibatch" in steps:
-        x, y = _series(records, "minibatch", "cos")
-        ax.plot(x, y, color="C1", lw=0.6, alpha=0.75, label="training minibatch g")
-        pairs.append((x, y))
-    if "update" in steps:
-        x, y = _series(records, "update", "cos")
-        ax.plot(x, y, color="C4", lw=0.9, alpha=0.9, label="update u = x_t - x_{t+1}")
-        pairs.append((x, y))
-    if "full" in steps:
-        x, y = _series(records, "full", "cos")
-        ax.plot(x, y, "k.", ms=4, label="full-batch gradient")
-        pairs.append((x, y))
+    series(ax, pairs, "minibatch", "cos", color="C1", lw=0.6, alpha=0.75, label="training minibatch g")
+    series(ax, pairs, "update", "cos", color="C4", lw=0.9, alpha=0.9, label="update u = x_t - x_{t+1}")
+    series(ax, pairs, "full", "cos", "k.", ms=4, label="full-batch gradient")
     if summary.get("chance_cos"):
         ch = summary["chance_cos"]
         ax.axhspan(-ch, ch, color="red", alpha=0.35, lw=0, label=f"chance +-1/sqrt(D) = +-{ch:.2g}")
