@@ -40,6 +40,10 @@ struct Prepared {
 // vectors, or by the Python objects of the direct entry point): no refcount traffic.
 struct Inputs {
   std::vector<const at::Tensor*> grads, params, refs;  // grads: K lists back to back
+  // Their TensorImpls, taken with the pointers: the CPU pass checks and prefetches the
+  // metadata from these contiguous tables, without going back to the (Python) objects that
+  // hold the tensors, each a dependent cache miss before the prefetch can even start.
+  std::vector<const c10::TensorImpl*> grad_impls, param_impls, ref_impls;
 };
 
 Inputs inputs_of(at::TensorList grads, at::TensorList params, at::TensorList refs);
