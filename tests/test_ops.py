@@ -301,6 +301,57 @@ def test_cpu_kernel_names_the_first_offender_across_blocks():
         pg.secant_stats(g, x, bad_r, backend="cpu")
 
 
+def test_cpu_tables_kept_between_calls_carry_nothing_over():
+    """The CPU pass keeps its tables per calling thread between calls (only the flags are
+    cleared). Calls of different lengths, K, per-tensor or not, after a failing call, with copies
+    of strided inputs, a list past the kept size, and from several Python threads at once: each
+    result equals the fp64 reference and is bitwise what a fresh process would give."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    import threading
+
+    big = make_lists([3] * 70000, seed=21)  # more positions than the tables kept (2^16)
+    cases = [make_lists([1000] * 900, seed=18), make_lists([7, 5000, 30], seed=19), make_lists([64] * 300, seed=20, K=3)]
+    strided = [torch.empty(2 * t.numel())[::2].copy_(t) for t in cases[0][1]]
+    refs = [pg.reference_secant_stats(*cases[0], per_tensor=True), pg.reference_secant_stats(*cases[1]),
+            ref_multi(*cases[2], per_tensor=True), pg.reference_secant_stats(*big)]
+
+    def run_all():
+        out = [pg.secant_stats(*cases[0], backend="cpu", per_tensor=True), pg.secant_stats(*cases[1], backend="cpu")]
+        with pytest.raises(ValueError, match=r"grads\[2\] has shape \[31\]"):
+            pg.secant_stats(cases[1][0][:2] + [torch.randn(31)], cases[1][1], cases[1][2], backend="cpu")
+        out.append(pg.secant_stats_multi(*cases[2], backend="cpu", per_tensor=True))
+        out.append(pg.secant_stats(*big, backend="cpu"))
+        out.append(pg.secant_stats(cases[0][0], strided, cases[0][2], backend="cpu", per_tensor=True))
+        return out
+
+    first = run_all()
+    for o, ref in zip(first, refs):
+        assert_stats_close(o, ref)
+    assert torch.equal(first[4], first[0])  # copies of the strided params: the same values
+    results = [None] * 3
+
+    def worker(j):
+        results[j] = [run_all() for _ in range(2)]
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for res in results:
+        for again in res:
+            assert all(torch.equal(a, b) for a, b in zip(again, first))
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import sys, torch, pathgeom_fast as pg; sys.path.insert(0, 'tests');"
+         "from utils import make_lists; g, x, r = make_lists([7, 5000, 30], seed=19);"
+         "print(repr(pg.secant_stats(g, x, r, backend='cpu').tolist()))"],
+        capture_output=True, text=True, cwd=__file__.rsplit("/tests/", 1)[0],
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    assert eval(fresh.stdout) == first[1].tolist()
+
+
 def test_interrupted_build_is_explained(monkeypatch):
     """_build_info.py written (the build started) but no _C library: 'not built', not the
     import system's 'partially initialized module (circular import)' (seen on a GPU machine)."""
