@@ -27,7 +27,14 @@ import math
 
 import numpy as np
 
-from .report import reference_label
+# What the summaries and plots call each reference point (report.py uses these too).
+REFERENCE_LABELS = {"xstar": "x* (end of run 1)", "x0": "x_0 (start of the path)"}
+
+
+def reference_label(name: str) -> str:
+    if name.startswith("xstar_seed"):
+        return f"x*' (end of a run with seed {name[len('xstar_seed'):]})"
+    return REFERENCE_LABELS.get(name, name)
 
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold here", "not measured"
 COS_SHARE_MIN = 0.9

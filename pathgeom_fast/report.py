@@ -28,6 +28,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .findings import findings_markdown, reference_label
+
 QUANTILES = (0, 5, 25, 50, 75, 95, 100)
 METRICS = ("rsi", "eb", "cos", "eta_star")
 COLUMNS = ["step", "kind", "sample", "reference", "lr", "loss", "rsi", "eb", "cos", "eta_star", "a", "b", "c"]
@@ -239,15 +241,6 @@ def format_table(summary: dict) -> str:
     if summary.get("chance_cos"):
         lines.append(f"chance scale of cos in D = {summary['numel']} dimensions: 1/sqrt(D) = {summary['chance_cos']:.3g}")
     return "\n".join(lines)
-
-
-REFERENCE_LABELS = {"xstar": "x* (end of run 1)", "x0": "x_0 (start of the path)"}
-
-
-def reference_label(name: str) -> str:
-    if name.startswith("xstar_seed"):
-        return f"x*' (end of a run with seed {name[len('xstar_seed'):]})"
-    return REFERENCE_LABELS.get(name, name)
 
 
 def _series(records, kind, key, sample=0):
@@ -490,8 +483,6 @@ def write_report(
         json.dump(summary, f, indent=1)
     plot(records, summary, os.path.join(out_dir, "geometry.png"), title)
     if findings:
-        from .findings import findings_markdown
-
         with open(os.path.join(out_dir, "findings.md"), "w") as f:
             f.write(findings_markdown(summary, title))
     return summary

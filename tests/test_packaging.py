@@ -124,3 +124,59 @@ def test_openmp_flags_are_tried_not_assumed(monkeypatch):
     assert flags == [] and link == [] and "-fopenmp" in notes[0]
     monkeypatch.setenv("PATHGEOM_BUILD_EXT", "0")
     assert cfg.want_ext() == (False, "PATHGEOM_BUILD_EXT=0")
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (at the top or inside functions)."""
+    import ast
+
+    root = os.path.dirname(pathgeom_fast.__file__)
+    graph: dict[str, set[str]] = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            name = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+            if f == "__init__.py":
+                name = package = name[: -len("__init__")].rstrip(".")  # "" for the package itself
+            else:
+                package = name.rpartition(".")[0]
+            deps = graph.setdefault(name, set())
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.Import):
+                    deps |= {a.name[len("pathgeom_fast."):] for a in node.names if a.name.startswith("pathgeom_fast.")}
+                elif isinstance(node, ast.ImportFrom):
+                    if node.level == 0:
+                        if not (node.module or "").startswith("pathgeom_fast."):
+                            continue
+                        base = node.module[len("pathgeom_fast."):]
+                    else:
+                        parts = package.split(".") if package else []
+                        parts = parts[: len(parts) - (node.level - 1)]
+                        base = ".".join(parts + ([node.module] if node.module else []))
+                    targets = [base] if node.module else [f"{base}.{a.name}".strip(".") for a in node.names]
+                    deps |= {t for t in targets if t}
+    # the package's __init__ (re-exports) is left out: importing a submodule runs it first anyway
+    return {m: {d for d in deps if d in graph and d not in (m, "")} for m, deps in graph.items() if m}
+
+
+def test_no_import_cycles_between_modules():
+    """No module of the package imports, directly or through others, one that imports it back
+    (lazy imports inside functions count too): the layering ops -> distributed, tracker ->
+    snapshots, report -> findings goes one way."""
+    graph = _package_imports()
+    assert {"ops", "distributed", "tracker", "snapshots", "report", "findings", "checkpoints"} <= set(graph)
+    assert "findings" in graph["report"]  # the graph sees real edges
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reach(m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
