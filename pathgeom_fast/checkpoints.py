@@ -1040,13 +1040,29 @@ def _is_accelerate_state(folder: str) -> bool:
     )
 
 
+def _logs_next_steps_lr(folder: str) -> bool:
+    """Whether the Trainer that wrote ``folder`` logged, at step s, the learning rate of step s + 1.
+
+    transformers before 4.51 stepped the scheduler before logging (its issues #28124, #35942);
+    4.51 and later log the rate of the step just taken (pull request #36973). The version is the
+    ``transformers_version`` of the checkpoint's config.json; without one, the current behaviour
+    is assumed."""
+    path = os.path.join(folder, "config.json")
+    version = _read_json(path).get("transformers_version") if os.path.isfile(path) else None
+    m = re.match(r"(\d+)\.(\d+)", str(version or ""))
+    return bool(m) and (int(m.group(1)), int(m.group(2))) < (4, 51)
+
+
 def _lr_from_log_history(run_dirs: Sequence[str], step: int) -> float | None:
-    """The learning rate the Trainer logged for step + 1 (the step taken from checkpoint ``step``)."""
+    """The learning rate of the step taken from checkpoint ``step``, from the Trainer's log: the
+    entry of step + 1 (transformers >= 4.51), or of step itself for older versions, which logged
+    the rate after the scheduler's step (see :func:`_logs_next_steps_lr`)."""
     for d in reversed(run_dirs):
         path = os.path.join(d, "trainer_state.json")
         if os.path.isfile(path):
+            logged_at = step if _logs_next_steps_lr(d) else step + 1
             for entry in _read_json(path).get("log_history", []):
-                if entry.get("step") == step + 1 and "learning_rate" in entry:
+                if entry.get("step") == logged_at and "learning_rate" in entry:
                     return _as_float(entry["learning_rate"])
     return None
 

@@ -71,7 +71,10 @@ def test_hf_trainer_output_dir():
 
 def test_hf_trainer_lr_from_the_log_without_scheduler_state(tmp_path):
     """save_only_model=True leaves no scheduler.pt/optimizer.pt: the lr comes from the Trainer's log."""
+    import json
     import shutil
+
+    transformers = pytest.importorskip("transformers")
 
     hf = R.hf_trainer_run()
     out = tmp_path / "hf_out"
@@ -83,6 +86,17 @@ def test_hf_trainer_lr_from_the_log_without_scheduler_state(tmp_path):
     logged = {h["step"]: h["learning_rate"] for h in hf.log_history if "learning_rate" in h}
     assert [c.lr for c in run] == [logged[3], logged[5], None]
     assert run.notes == ["1 of 3 checkpoints do not tell their learning rate (the lr column stays empty)"]
+    # A Trainer before transformers 4.51 logged at step s the rate after the scheduler's step s,
+    # i.e. the rate of step s + 1: then the entry of step s itself is the one (the version is
+    # read from each checkpoint's config.json; here rewritten, as those versions would have).
+    for step in (2, 4, 6):
+        cfg = out / f"checkpoint-{step}" / "config.json"
+        state = json.loads(cfg.read_text())
+        assert state["transformers_version"] == transformers.__version__
+        cfg.write_text(json.dumps({**state, "transformers_version": "4.50.3"}))
+    assert [c.lr for c in open_run(str(out))] == [logged[2], logged[4], logged[6]]
+    cfg.write_text(json.dumps({**state, "transformers_version": "4.51.0"}))
+    assert open_run(str(out)).checkpoints[2].lr is None  # 4.51 logs the step just taken: no step 7
 
 
 def test_hf_save_pretrained_sharded_single_bin_and_base_model_prefix(tmp_path):
