@@ -333,7 +333,7 @@ void* thread_scratch() {
 // checks of their block; larger ones, in chunks of kCpuChunk elements, in the chunk pass.
 constexpr int64_t kSmallNumel = 4096;
 // Positions per step of a worker of the block pass (paired runs: 256 and 1024 alike, a few
-// percent faster than 64, 16 and 8 slower).
+// percent faster than 64, 16 and 8 slower; with the groups below, 32 to 1024 alike).
 constexpr int64_t kBlock = 256;
 // Within a block, positions are checked and computed kGroup at a time: the metadata reads
 // (latency-bound, prefetched) and the data streams (bandwidth-bound) of nearby positions then
@@ -353,14 +353,20 @@ constexpr int64_t kPassAheadImpl = 6, kPassAheadStorage = 3;
 // The tables of cpu_kernel_rows, kept by the calling thread from one call to the next: for
 // 10^4 positions they are ~0.7 MB, whose allocation and zeroing (fresh pages included) cost
 // ~0.08 ms a call. Every entry the call reads it has written first, so only `flagged` is
-// cleared. Tables of more than kKeepPositions positions (kKeepLists lists, rows of
-// kKeepWidth) are freed after the call.
+// cleared. Tables of more than kKeepBytes are freed after the call.
 struct CpuTables {
   Prepared p;
   std::vector<uint8_t> flagged;
   std::vector<double> small_rows;
+
+  int64_t bytes() const {
+    return static_cast<int64_t>(p.g.capacity() * sizeof(void*) + (p.x.capacity() + p.r.capacity()) * sizeof(void*) +
+                                p.numel.capacity() * sizeof(int64_t) +
+                                (p.g_dt.capacity() + p.x_dt.capacity() + p.r_dt.capacity()) * sizeof(DType) +
+                                flagged.capacity() + small_rows.capacity() * sizeof(double));
+  }
 };
-constexpr int64_t kKeepPositions = 1 << 16, kKeepLists = 8, kKeepWidth = 81;
+constexpr int64_t kKeepBytes = int64_t(8) << 20;
 
 CpuTables& thread_tables() {
   static thread_local CpuTables tables;
@@ -385,12 +391,11 @@ at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const Li
   CpuTables& tables = thread_tables();
   struct Release {  // also on an exception: the copies go, large tables too
     CpuTables& t;
-    int64_t positions, lists, width;
     ~Release() {
       t.p.keepalive.clear();
-      if (positions > kKeepPositions || lists > kKeepLists || width > kKeepWidth) t = CpuTables();
+      if (t.bytes() > kKeepBytes) t = CpuTables();
     }
-  } release{tables, T, K, W};
+  } release{tables};
   Prepared& p = tables.p;
   p.resize(T, K);
   p.device = in.params[0]->device();
@@ -401,7 +406,7 @@ at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const Li
   std::vector<double>& small_rows = tables.small_rows;  // partial row of such a position
   small_rows.resize(static_cast<size_t>(T * W));
 
-  // Block pass: check a block of positions, then compute its small ones.
+  // Block pass: check the positions of a block and compute its small ones, kGroup at a time.
   const int64_t nblocks = (T + kBlock - 1) / kBlock;
   parallel_dynamic(nblocks, [&](std::atomic<int64_t>& next) {
     void* scratch = thread_scratch();

@@ -310,7 +310,7 @@ def test_cpu_tables_kept_between_calls_carry_nothing_over():
         pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
     import threading
 
-    big = make_lists([3] * 70000, seed=21)  # more positions than the tables kept (2^16)
+    big = make_lists([3] * 300000, seed=21)  # tables of more than the 8 MiB kept
     cases = [make_lists([1000] * 900, seed=18), make_lists([7, 5000, 30], seed=19), make_lists([64] * 300, seed=20, K=3)]
     strided = [torch.empty(2 * t.numel())[::2].copy_(t) for t in cases[0][1]]
     refs = [pg.reference_secant_stats(*cases[0], per_tensor=True), pg.reference_secant_stats(*cases[1]),
