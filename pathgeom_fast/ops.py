@@ -180,7 +180,8 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
         for j, t in enumerate(lst):
             name = _shapes.entry_name(op, j, T, K) if fmt is None else fmt.format(j)
             if t is None:
-                raise ValueError(f"{op}: {name} is None (a parameter without .grad? see pathgeom_fast.grads_of)")
+                hint = " (a parameter without .grad? see pathgeom_fast.grads_of)" if fmt is None and not gram else ""
+                raise ValueError(f"{op}: {name} is None{hint}")
             if not isinstance(t, Tensor):
                 raise TypeError(f"{op}: {name} is a {type(t).__name__}, not a torch.Tensor")
             if t.layout != torch.strided:
@@ -346,6 +347,8 @@ def _run(op: str, grads, params, refs, K: int, per_tensor: bool, weight_decay: f
     if T == 0:
         _validate(op, grads, params, refs, K)
         return torch.zeros(_shapes.out_shape(op, 0, K, per_tensor), dtype=torch.float64)
+    if not isinstance(params[0], Tensor):
+        _validate(op, grads, params, refs, K)  # names the entry
     device = params[0].device
     which = _choose(backend, device)
     if which in ("cpu", "cuda"):
@@ -372,6 +375,8 @@ def _run_gram(vecs, params, refs, K: int, per_tensor: bool, backend: str) -> Ten
     if len(params) == 0:
         _validate(op, vecs, params, refs, K)
         return torch.zeros(_shapes.out_shape(op, 0, K, per_tensor), dtype=torch.float64)
+    if not isinstance(params[0], Tensor):
+        _validate(op, vecs, params, refs, K)  # names the entry
     which = _choose_gram(backend, params[0].device)
     if which == "cpu":
         if torch.compiler.is_compiling():  # traced: the registered op, with its fake kernel

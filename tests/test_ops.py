@@ -352,6 +352,57 @@ def test_cpu_tables_kept_between_calls_carry_nothing_over():
     assert eval(fresh.stdout) == first[1].tolist()
 
 
+def test_parallel_borrow_of_long_lists_matches_the_serial_one():
+    """Lists of 8192 objects or more in all are borrowed from Python by the intra-op threads,
+    which take plain tensors and Parameters only; anything else (None, another type, a Tensor
+    subclass) sends the call to the serial borrow. Bad entries anywhere in the three lists are
+    named as the serial borrow names them, Parameters and subclasses are read, and the results
+    equal the fp64 reference and, bitwise, those of one thread."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+
+    class Sub(torch.Tensor):
+        pass
+
+    T = 4000  # 12000 objects
+    g, x, r = make_lists([5] * (T - 3) + [0, 1000, 33], seed=31)
+    out = pg.secant_stats(g, x, r, backend="cpu", per_tensor=True)
+    assert_stats_close(out, pg.reference_secant_stats(g, x, r, per_tensor=True))
+    params = [torch.nn.Parameter(t.clone()) for t in x]
+    assert torch.equal(pg.secant_stats(g, params, r, backend="cpu", per_tensor=True), out)
+    for where in (0, T // 2, T - 1):
+        sub = list(x)
+        sub[where] = x[where].as_subclass(Sub)
+        assert torch.equal(pg.secant_stats(g, sub, r, backend="cpu", per_tensor=True), out)
+    for name, lst, pos in [("grads", g, 0), ("params", x, 1), ("refs", r, 2)]:
+        for where in (0, T // 2 + 7, T - 1):
+            bad = list(lst)
+            bad[where] = None
+            args = [g, x, r]
+            args[pos] = bad
+            with pytest.raises(ValueError, match=rf"{name}\[{where}\] is None"):
+                pg.secant_stats(*args, backend="cpu")
+            bad[where] = 2.5
+            with pytest.raises(TypeError, match=rf"{name}\[{where}\] is a float, not a torch.Tensor"):
+                pg.secant_stats(*args, backend="cpu")
+    # the .grad hint is for gradients only; a first entry that is not a tensor is named too
+    # (it was an AttributeError from the Python layer), by the Gram op as well
+    with pytest.raises(ValueError, match=r"refs\[5\] is None$"):
+        pg.secant_stats(g, x, r[:5] + [None] + r[6:], backend="cpu")
+    with pytest.raises(ValueError, match=r"params\[0\] is None$"):
+        pg.secant_gram([g], [None] + x[1:], r, backend="cpu")
+    with pytest.raises(TypeError, match=r"params\[0\] is a str, not a torch.Tensor"):
+        pg.secant_stats(g, ["w"] + x[1:], r)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pg.secant_stats(g, x, r, backend="cpu", per_tensor=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, out)
+    assert torch.equal(pg.secant_stats(g, x, r, backend="cpu", per_tensor=True), out)  # after the errors
+
+
 def test_interrupted_build_is_explained(monkeypatch):
     """_build_info.py written (the build started) but no _C library: 'not built', not the
     import system's 'partially initialized module (circular import)' (seen on a GPU machine)."""
