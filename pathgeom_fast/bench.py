@@ -21,12 +21,17 @@ elements are off by percents). Reported: median time, effective GB/s (bytes of g
 time), speed-up against naive and against the best baseline, fraction of the probe reached
 (probe time / time), and the peak extra memory (CUDA: allocator peak; CPU: peak resident set, reset through
 /proc/self/clear_refs).
+
+Timing: medians over rounds of one call of each method (after a warm-up round). On the CPU
+each timed call is preceded by an untimed read of a buffer larger than the last-level cache
+(``CacheFlush``), so that every method, the probe included, reads its inputs from memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -202,15 +207,51 @@ def time_once(fn, args, device) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: int) -> dict[str, float]:
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's last-level cache (Linux sysfs), or 0 when it cannot be read."""
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        best = max(best, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return best
+
+
+class CacheFlush:
+    """Reads a buffer of twice the last-level cache before each timed CPU call, so that every
+    method reads its inputs from memory: otherwise what a method finds in the cache depends on
+    the calls before it (the fused op ran right after ``foreach``, which had just read the same
+    tensors; the probe's buffer stayed partly in a 300 MB L3 between rounds), which moved the
+    fraction of the probe by +-0.05 from run to run. A no-op on CUDA (there the inputs are
+    larger than L2) and where the cache size is unknown."""
+
+    def __init__(self, device, data_bytes: int):
+        size = last_level_cache_bytes() if device.type == "cpu" else 0
+        # twice the cache, or four times the inputs where they are smaller (test sizes)
+        flush_bytes = min(2 * size, 4 * data_bytes, 1 << 30)
+        self.buf = torch.ones(flush_bytes // 4) if size and flush_bytes >= 4 else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.sum()
+
+
+def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: int,
+                     flush: Callable[[], None] | None = None) -> dict[str, float]:
     """Median seconds of each call, timed round-robin (one call of each per round, after a
-    warm-up round) so that the noise of a shared machine falls on all of them alike."""
+    warm-up round) so that the noise of a shared machine falls on all of them alike;
+    ``flush()``, if given, runs untimed before each call (see :class:`CacheFlush`)."""
     for fn, args in calls.values():
         fn(*args)
     _sync(device)
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
         for k, (fn, args) in calls.items():
+            if flush is not None:
+                flush()
             times[k].append(time_once(fn, args, device))
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -301,7 +342,7 @@ def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int,
             raise AssertionError(f"{name}/{mname}: error {err:.2e} against the fp64 reference exceeds 1e-6")
         rows.append({"case": name, "method": mname, "rel_err": err})
         calls[mname] = (fn, (grads, params, refs))
-    t = time_interleaved(calls, device, repeats)
+    t = time_interleaved(calls, device, repeats, flush=CacheFlush(device, total))
     t_probe = min(t.pop("probe_sum"), t.pop("probe_dot"))
     del calls
     for r in rows:
@@ -385,7 +426,7 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
     all_cases = {
         "large_fp32": (model_like_sizes(size), f32, 1),
         "large_bf16g_fp32": (model_like_sizes(size), mixed, 1),
-        "small_10k_fp32": ([1000] * small_n, f32, 1),
+        f"small_{small_n // 1000}k_fp32" if small_n % 1000 == 0 else f"small_{small_n}_fp32": ([1000] * small_n, f32, 1),
         f"multi_k{multi_k}_fp32": (model_like_sizes(multi_size), f32, multi_k),
         f"gram_k{gram_k}_fp32": (model_like_sizes(multi_size), f32, gram_k),
     }
