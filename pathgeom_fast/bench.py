@@ -22,8 +22,10 @@ time), speed-up against naive and against the best baseline, fraction of the pro
 (probe time / time), and the peak extra memory (CUDA: allocator peak; CPU: peak resident set, reset through
 /proc/self/clear_refs).
 
-Timing: medians over rounds of one call of each method (after a warm-up round). On the CPU
-each timed call is preceded by an untimed read of a buffer larger than the last-level cache
+Timing: medians over rounds of one call of each method (after a warm-up round): ``--repeats``
+rounds for every method, and more for the fast ones (the probe, the fused op) as long as they
+fit in 0.3 s each, up to 41, alternating still (``time_interleaved``). On the CPU each timed
+call is preceded by an untimed read of a buffer larger than the last-level cache
 (``CacheFlush``), so that every method, the probe included, reads its inputs from memory.
 """
 
@@ -240,16 +242,26 @@ class CacheFlush:
 
 
 def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: int,
-                     flush: Callable[[], None] | None = None) -> dict[str, float]:
+                     flush: Callable[[], None] | None = None, budget_s: float = 0.0,
+                     max_samples: int = 41) -> dict[str, float]:
     """Median seconds of each call, timed round-robin (one call of each per round, after a
     warm-up round) so that the noise of a shared machine falls on all of them alike;
-    ``flush()``, if given, runs untimed before each call (see :class:`CacheFlush`)."""
-    for fn, args in calls.values():
-        fn(*args)
+    ``flush()``, if given, runs untimed before each call (see :class:`CacheFlush`).
+
+    Each call is timed ``repeats`` times, or more where that fits in ``budget_s`` seconds (by
+    its warm-up time), up to ``max_samples``: the later rounds hold only the fast calls (the
+    probe and the fused op), which still alternate, so that their ratio is not left to the
+    median of five samples on a noisy machine."""
+    samples = {}
+    for k, (fn, args) in calls.items():
+        t = time_once(fn, args, device)
+        samples[k] = max(repeats, min(max_samples, int(budget_s / max(t, 1e-9))))
     _sync(device)
     times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(repeats):
+    for j in range(max(samples.values(), default=0)):
         for k, (fn, args) in calls.items():
+            if j >= samples[k]:
+                continue
             if flush is not None:
                 flush()
             times[k].append(time_once(fn, args, device))
@@ -342,7 +354,7 @@ def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int,
             raise AssertionError(f"{name}/{mname}: error {err:.2e} against the fp64 reference exceeds 1e-6")
         rows.append({"case": name, "method": mname, "rel_err": err})
         calls[mname] = (fn, (grads, params, refs))
-    t = time_interleaved(calls, device, repeats, flush=CacheFlush(device, total))
+    t = time_interleaved(calls, device, repeats, flush=CacheFlush(device, total), budget_s=0.3)
     t_probe = min(t.pop("probe_sum"), t.pop("probe_dot"))
     del calls
     for r in rows:
@@ -468,7 +480,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small-n", type=int, default=10_000, help="number of 1000-element tensors")
     p.add_argument("--multi-k", type=int, default=8, help="K gradient lists of the multi case")
     p.add_argument("--multi-size", type=int, default=2 * 10**7, help="elements per list of the multi case")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median), after one warm-up")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median) of every method, after one warm-up; fast methods get more, up to 41 "
+                   "within 0.3 s each")
     p.add_argument("--backends", nargs="*", default=None, help="fused backends to time (default: the device's)")
     p.add_argument("--gram-k", type=int, default=2, help="K vector lists of the Gram case (multi-size elements each)")
     p.add_argument("--cases", nargs="*", default=None, help="case name prefixes (large, small, multi, gram)")

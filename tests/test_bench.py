@@ -61,3 +61,26 @@ def test_last_level_cache_bytes_reads_sysfs_sizes(monkeypatch, tmp_path):
     real_glob = bench.glob.glob
     monkeypatch.setattr(bench.glob, "glob", lambda pattern: real_glob(str(tmp_path / "index*" / "size")))
     assert bench.last_level_cache_bytes() == 300 << 20
+
+
+def test_time_interleaved_gives_fast_calls_more_rounds_and_flushes_before_each():
+    """``repeats`` timed calls at least (after one warm-up); a fast call gets as many as fit in
+    the budget, up to ``max_samples``; the flush runs before every timed call."""
+    import time
+
+    counts = {"slow": 0, "fast": 0, "flush": 0}
+
+    def slow():
+        counts["slow"] += 1
+        time.sleep(0.02)
+
+    def fast():
+        counts["fast"] += 1
+
+    def flush():
+        counts["flush"] += 1
+
+    t = bench.time_interleaved({"slow": (slow, ()), "fast": (fast, ())}, torch.device("cpu"), repeats=3,
+                               flush=flush, budget_s=0.01, max_samples=9)
+    assert counts == {"slow": 1 + 3, "fast": 1 + 9, "flush": 3 + 9}
+    assert t["slow"] >= 0.02 > t["fast"]
