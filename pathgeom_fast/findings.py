@@ -36,6 +36,17 @@ def reference_label(name: str) -> str:
         return f"x*' (end of a run with seed {name[len('xstar_seed'):]})"
     return REFERENCE_LABELS.get(name, name)
 
+def reference_block(summary: dict, name: str) -> dict:
+    """overall, steps and path of a summary against reference ``name``. The primary
+    reference's are the summary's top level (its ``by_reference`` entry says
+    ``{"at_top_level": true}`` instead of holding a second copy); the others' are in
+    ``by_reference``. An unknown name gives empty blocks."""
+    block = summary.get("by_reference", {}).get(name) or {}
+    if block.get("at_top_level") or (not block and name == summary.get("primary_reference")):
+        return {k: summary.get(k) or {} for k in ("overall", "steps", "path")}
+    return {k: block.get(k) or {} for k in ("overall", "steps", "path")}
+
+
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold here", "not measured"
 COS_SHARE_MIN = 0.9
 EB_SPREAD_MAX = 10.0
@@ -62,7 +73,7 @@ def _body(summary: dict):
 
 def _per_step(summary: dict, kind: str, metric: str, q: str = "q50", ref: str | None = None) -> tuple[list, list]:
     """(steps, values) of one quantile of one metric over the body's measured steps."""
-    steps = summary["steps"] if ref is None else summary.get("by_reference", {}).get(ref, {}).get("steps", {})
+    steps = summary["steps"] if ref is None else reference_block(summary, ref)["steps"]
     inside = _body(summary)
     pts = [(s["step"], s[metric][q]) for s in steps.get(kind, []) if inside(s["step"]) and s[metric][q] is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -73,7 +84,7 @@ def _others(summary: dict) -> list[str]:
 
 
 def _block(summary: dict, ref: str, kind: str) -> dict | None:
-    return summary.get("by_reference", {}).get(ref, {}).get("overall", {}).get(kind)
+    return reference_block(summary, ref)["overall"].get(kind)
 
 
 def claim_rsi_full(summary: dict) -> dict:
@@ -264,13 +275,12 @@ def control_lines(summary: dict) -> list[str]:
     if chance:
         lines.append(f"- **Chance scale**: two random directions in D = {summary['numel']:,} dimensions have |cos| ~ "
                      f"1/sqrt(D) = {_g(chance)}; positive half of the time.")
-    by_ref = summary.get("by_reference", {})
     primary = summary.get("primary_reference")
-    d0 = (by_ref.get(primary, {}).get("path") or {}).get("distance_first")
+    d0 = reference_block(summary, primary)["path"].get("distance_first")
     ratios = summary.get("final_distance_ratios") or {}
     cross = summary.get("cross_seed")
     for name in _others(summary):
-        p = by_ref[name].get("path") or {}
+        p = reference_block(summary, name)["path"]
         mb, full = _block(summary, name, "minibatch"), _block(summary, name, "full")
         parts = []
         if name.startswith("xstar_seed"):

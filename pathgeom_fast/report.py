@@ -12,7 +12,9 @@
   The summary also holds ``lagged`` (the lagged orthogonal cosine by lag, anchors whose both
   ends lie in the body), ``path`` (the path's own mean contraction of ||x - x*||^2 per step),
   ``step_size`` (the step taken per unit gradient ||u|| / ||g||, and eta* against it and
-  against lr) and ``by_reference`` (overall, steps and path for every reference).
+  against lr) and ``by_reference`` (overall, steps and path for every other reference; the
+  primary reference's entry is ``{"at_top_level": true}``: its overall, steps and path are the
+  top-level ones, stored once; :func:`pathgeom_fast.findings.reference_block` reads either).
 * ``geometry.png``: six panels (see :func:`plot`).
 * ``findings.md`` (``write_report(..., findings=True)``): the paper's claims checked against
   the summary (:mod:`pathgeom_fast.findings`).
@@ -28,7 +30,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .findings import findings_markdown, reference_label
+from .findings import findings_markdown, reference_block, reference_label
 
 QUANTILES = (0, 5, 25, 50, 75, 95, 100)
 METRICS = ("rsi", "eb", "cos", "eta_star")
@@ -184,7 +186,8 @@ def summarize(records: list[dict], numel: int | None = None, tail_fraction: floa
 
     ``overall``, ``steps``, ``path``, ``lagged`` and ``step_size`` are those of the primary
     reference (the first one in the records); ``by_reference`` holds overall, steps and path
-    for every reference."""
+    for every other reference, and ``{"at_top_level": True}`` for the primary one (see
+    :func:`pathgeom_fast.findings.reference_block`)."""
     if not 0 <= tail_fraction < 1:
         raise ValueError(f"tail_fraction must be in [0, 1), got {tail_fraction}")
     cut = tail_start(records, tail_fraction)
@@ -195,6 +198,8 @@ def summarize(records: list[dict], numel: int | None = None, tail_fraction: floa
         overall, steps = _summarize_one(mine, cut)
         by_ref[name] = {"overall": overall, "steps": steps, "path": _path_summary(mine, cut)}
     primary = by_ref[refs[0]] if refs else {"overall": {}, "steps": {}, "path": {}}
+    if refs:
+        by_ref[refs[0]] = {"at_top_level": True}  # stored once, at the top level
     mine = [r for r in records if (r.get("reference") or "xstar") == refs[0]] if refs else []
     return {
         "numel": numel,
@@ -223,7 +228,10 @@ def format_table(summary: dict) -> str:
     def rate(v, w):  # 1 - mu^2/L^2 is often 0.99999...: show how far below 1
         return f(v, w) if v is None or v < 0.999 or v >= 1 else f"{'1-' + format(1 - v, '.1e'):>{w}}"
 
-    blocks = summary.get("by_reference") or {summary.get("primary_reference") or "xstar": {"overall": summary["overall"]}}
+    if summary.get("by_reference"):
+        blocks = {name: reference_block(summary, name) for name in summary["by_reference"]}
+    else:
+        blocks = {summary.get("primary_reference") or "xstar": {"overall": summary["overall"]}}
     for name, block in blocks.items():
         if len(blocks) > 1:
             lines.append(f"against reference {name!r}:")
@@ -434,7 +442,7 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
             break
         mine = [r for r in every if (r.get("reference") or "xstar") == name]
         if kind == "probe":
-            st = summary.get("by_reference", {}).get(name, {}).get("steps", {}).get("probe", [])
+            st = reference_block(summary, name)["steps"].get("probe", [])
             x = np.array([s["step"] for s in st], dtype=float)
             y = np.array([np.nan if s["cos"]["q50"] is None else s["cos"]["q50"] for s in st])
         else:
