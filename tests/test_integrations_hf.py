@@ -141,6 +141,66 @@ def test_trainer_logs_intact_and_pathgeom_logged_every_measured_step(tmp_path, m
     assert [s for s, _ in tb["train/pathgeom/final_distance_ratio"]] == [10]
 
 
+class ScaledLossTrainer(transformers.Trainer):
+    """A custom compute_loss, as users write them: 3 x the shifted cross-entropy + a logit penalty."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"]).logits
+        return custom_loss(logits, inputs["labels"])
+
+
+def custom_loss(logits, labels):
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    return 3.0 * ce + 0.01 * logits.pow(2).mean()
+
+
+def smoothed_loss(logits, labels, eps=0.2):
+    # what the Trainer's LabelSmoother computes for a causal LM (labels shifted, mean over tokens)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=eps)
+
+
+@pytest.mark.parametrize("case", ["subclass", "label_smoothing"])
+def test_probes_use_the_trainers_own_loss(tmp_path, monkeypatch, case):
+    """The probes' default loss is the Trainer's compute_loss: a subclass's override, and label
+    smoothing (whose compute_loss pops the labels from the batch it gets: the stored probe
+    batches keep theirs, measured at four steps). Each probe gradient is recomputed at torch's
+    clip_grad_norm_ with the loss written out by hand; the model's own .loss gives another."""
+    ref = tmp_path / "xstar.safetensors"
+    xstar = perturbed_reference(transformers.GPT2LMHeadModel(transformers.GPT2Config(**CFG)), ref)
+    probe_examples = [DATA[40:42], DATA[50:53]]
+    loss_of = custom_loss if case == "subclass" else smoothed_loss
+    captured, current = [], {}
+    orig_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *a, **k):
+        parameters = list(parameters)
+        m = current["model"]
+        coll = transformers.default_data_collator
+        probes, plain = [], []
+        for b in probe_examples:
+            batch = coll(b)
+            probes.append(grad_of(m, loss_of(m(input_ids=batch["input_ids"]).logits, batch["labels"])))
+            plain.append(grad_of(m, m(**batch).loss))
+        captured.append((flat(parameters), probes, plain))
+        return orig_clip(parameters, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    if case == "subclass":
+        trainer = make_trainer(tmp_path / "run", steps=4)
+        trainer = ScaledLossTrainer(model=trainer.model, args=trainer.args, train_dataset=DATA)
+    else:
+        trainer = make_trainer(tmp_path / "run", steps=4, label_smoothing_factor=0.2)
+    PathGeometryCallback.attach(trainer, reference=str(ref), probe_batches=probe_examples, probe_every=1, final_rtol=None)
+    current["model"] = trainer.model
+    trainer.train()
+    entries = pathgeom_entries(trainer)
+    assert len(entries) == len(captured) == 4
+    for t, (h, (x, probes, plain)) in enumerate(zip(entries, captured)):
+        assert_metrics(h, "pathgeom/probe_", probe_summary(probes, x, xstar), f"step {t}")
+        other = probe_summary(plain, x, xstar)
+        assert abs(other["eb"] - h["pathgeom/probe_eb"]) > 1e-3 * abs(other["eb"]), "the model's .loss would pass too"
+
+
 def test_two_run_protocol_with_the_trainer(tmp_path):
     ref = str(tmp_path / "run1" / "xstar.safetensors")
     run1 = make_trainer(tmp_path / "out1")

@@ -195,6 +195,7 @@ class StepMeasurer:
         loss_fn: ``loss_fn(model, batch) -> loss`` for the probe and full-batch gradients;
             default :func:`pathgeom_fast.batches.default_loss` (dict batches: ``model(**batch).loss``,
             Hugging Face style; ``(inputs, targets)``: the output's ``.loss`` or cross-entropy).
+            The Hugging Face callback's default is the Trainer's own ``compute_loss``.
         probe_batches, probe_every: K fixed batches measured every ``probe_every`` measured
             steps' multiples (rows ``probe``, scalars: median over the K, ``probe_rsi_min``,
             ``probe_cos_min``, ``probe_eb_max``); moved to the model's device.

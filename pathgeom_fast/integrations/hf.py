@@ -48,9 +48,11 @@ otherwise (early stopping), the same happens in ``on_train_end``, without the lo
 **Probes, full batch, per tensor.** ``probe_batches`` (K fixed batches), ``full_batch``
 (batches covering the training set) and ``probe_every``: each element is a collated batch
 (a dict of tensors, moved to the model's device) or a list of examples, collated with
-``trainer.data_collator``. The default loss is the model's own ``.loss`` (``model(**batch)``;
-batches need ``labels``); pass ``loss_fn(model, batch)`` otherwise, e.g. for a custom
-``compute_loss``. Probes run in the model's current (training) mode, with a forked RNG and
+``trainer.data_collator``. The default loss is the Trainer's own: ``trainer.compute_loss(model,
+batch)`` under ``trainer.compute_loss_context_manager()``, so a Trainer subclass's
+``compute_loss``, ``compute_loss_func=`` and ``label_smoothing_factor`` apply to the probes as to
+training (called on a shallow copy of the batch: ``compute_loss`` pops ``labels`` from the dict it
+is given); ``loss_fn(model, batch)`` replaces it. Probes run in the model's current (training) mode, with a forked RNG and
 restored buffers, so the run is not perturbed. ``per_tensor=True`` logs
 ``pathgeom/tensor/<parameter name>/<metric>``. All arguments: :class:`~pathgeom_fast.integrations.common.StepMeasurer`.
 """
@@ -74,6 +76,18 @@ def _collate(trainer, batch):
     if isinstance(batch, (list, tuple)) and batch and all(isinstance(e, Mapping) for e in batch):
         return trainer.data_collator(list(batch))
     return batch
+
+
+def _trainer_loss(trainer):
+    """loss_fn(model, batch) of the probes: the Trainer's own compute_loss, as training_step
+    calls it (without num_items_in_batch: a probe batch is its own normaliser)."""
+
+    def loss_fn(model, batch):
+        inputs = dict(batch) if isinstance(batch, Mapping) else batch
+        with trainer.compute_loss_context_manager():
+            return trainer.compute_loss(model, inputs)
+
+    return loss_fn
 
 
 class PathGeometryCallback(TrainerCallback):
@@ -119,6 +133,8 @@ class PathGeometryCallback(TrainerCallback):
         if m.full_batch is not None:
             m.full_batch = [_collate(trainer, b) for b in m.full_batch]
         m.grad_clipping = bool(trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0)
+        if m.loss_fn is None:
+            m.loss_fn = _trainer_loss(trainer)
         self.trainer = trainer
         acc = trainer.accelerator
         clip = acc.clip_grad_norm_
