@@ -1182,6 +1182,12 @@ def _folder_checkpoint_name_only(folder: str) -> bool:
     )
 
 
+def trajectory_path(reference_path: str) -> str:
+    """Where run 1's loss trajectory sits beside x*: ``xstar.safetensors`` -> ``xstar.trajectory.json``."""
+    root, ext = os.path.splitext(reference_path)
+    return (root if ext == ".safetensors" else reference_path) + ".trajectory.json"
+
+
 def open_checkpoint(path: str) -> Checkpoint:
     """One checkpoint, any supported format: a file (safetensors, torch.save, Lightning ``.ckpt``)
     or a folder (DCP, Hugging Face ``save_pretrained`` / Trainer ``checkpoint-N``)."""
@@ -1258,6 +1264,16 @@ def open_run(path: str) -> Run:
         else:
             cks.append(own)
     kinds = sorted({c.format for c in cks})
+    if len(kinds) > 1:
+        # x* recorded by an integration (record_reference: its loss trajectory beside it), in the
+        # output folder of the run whose checkpoints these are: a reference, not a path point
+        recorded = [c for c in cks if os.path.isfile(c.path) and os.path.isfile(trajectory_path(c.path))]
+        if recorded and len({c.format for c in cks if c not in recorded}) == 1:
+            cks = [c for c in cks if c not in recorded]
+            for c in recorded:
+                notes.append(f"left out {c.path}: the x* recorded beside these checkpoints (its loss trajectory "
+                             f"{os.path.basename(trajectory_path(c.path))} is beside it); pass it as --reference")
+            kinds = sorted({c.format for c in cks})
     if len(kinds) > 1 and not set(kinds) <= {"snapshot", "safetensors"}:
         examples = ", ".join(f"{k}: {next(c.path for c in cks if c.format == k)}" for k in kinds)
         raise CheckpointError(f"{path} holds checkpoints of several kinds ({examples}); pass the folder or file you mean")

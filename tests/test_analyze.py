@@ -115,6 +115,40 @@ def test_hf_trainer_output_dir_without_model(user_dir):
     assert R.file_hashes(hf.out) == hf.hashes  # their checkpoints untouched
 
 
+def test_hf_output_dir_holding_the_recorded_xstar(user_dir):
+    """The README's protocol: run 1 records x* into the Trainer's output_dir (record_reference),
+    beside its checkpoint-N folders. analyze takes the checkpoints, leaves x* out with a note
+    saying how to use it, and measures against it when it is passed as --reference."""
+    transformers = pytest.importorskip("transformers")
+    from pathgeom_fast.checkpoints import open_run
+    from pathgeom_fast.integrations.hf import PathGeometryCallback
+
+    out = user_dir / "run1"
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=16))
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, save_steps=2,
+        report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=R.hf_train_set())
+    PathGeometryCallback.record_reference(trainer, str(out / "xstar.safetensors"))
+    trainer.train()
+    assert (out / "xstar.trajectory.json").is_file() and (out / "checkpoint-4").is_dir()
+    run = open_run(str(out))
+    assert [(c.step, c.format) for c in run.checkpoints] == [(2, "hf"), (4, "hf")]
+    assert any("xstar.safetensors" in n and "--reference" in n for n in run.notes), run.notes
+    (user_dir / "mydata.py").write_text(R.HF_DATA_SOURCE)
+    rc = cli.main(["analyze", str(out), "--data", "mydata:train_set", "--reference", str(out / "xstar.safetensors"),
+                   "--out", "an", "--probe-batches", "1", "--batch-size", "8", "--quiet"])
+    assert rc == 0
+    rows = report.read_csv(str(user_dir / "an" / "records.csv"))
+    assert {r["step"] for r in rows} == {2} and all(r["c"] > 0 for r in rows)  # step 4 is x* itself
+    xstar = dict(transformers.GPT2LMHeadModel.from_pretrained(str(out / "checkpoint-4")).named_parameters())
+    at2 = dict(transformers.GPT2LMHeadModel.from_pretrained(str(out / "checkpoint-2")).named_parameters())
+    c = sum(float(((at2[k].detach().double() - xstar[k].detach().double()) ** 2).sum()) for k in xstar)
+    assert rows[0]["c"] == pytest.approx(c, rel=1e-6)  # fp32 products, fp64 sums (DESIGN's error model)
+
+
 # ------------------------------------------------------------------------------------------
 # Lightning .ckpt, several references
 # ------------------------------------------------------------------------------------------

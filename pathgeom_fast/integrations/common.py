@@ -54,6 +54,7 @@ import torch
 
 from ..batches import full_batch_list, to_device
 from ..checkpoints import (
+    trajectory_path,
     CheckpointError,
     Reference,
     check_reference_file,
@@ -106,12 +107,6 @@ def _dist():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def trajectory_path(reference_path: str) -> str:
-    """Where run 1's loss trajectory sits beside x*: ``xstar.safetensors`` -> ``xstar.trajectory.json``."""
-    root, ext = os.path.splitext(reference_path)
-    return (root if ext == ".safetensors" else reference_path) + ".trajectory.json"
 
 
 def read_trajectory(path: str) -> dict[str, Any]:
