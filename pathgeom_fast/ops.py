@@ -222,7 +222,10 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
 
 
 def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
-    """A list from a list, tuple, generator, nn.Module (its parameters) or a single tensor.
+    """A list from a list, tuple, generator, nn.Module or a single tensor. A module given as
+    ``params`` stands for its trainable parameters (``requires_grad``, ``parameters()`` order),
+    as :func:`grads_of` and the snapshots take them; as ``refs``, for all its parameters; as
+    gradients, it is refused.
 
     Elements are not inspected here (that costs a Python loop per call); the kernels check
     them, and a failing call is explained by :func:`_validate`. Mappings and their views are
@@ -231,6 +234,13 @@ def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
     if type(obj) is list:
         return obj
     if isinstance(obj, torch.nn.Module):
+        if name.startswith(("grads", "vecs")):
+            raise TypeError(
+                f"{name} is a module ({type(obj).__name__}): its parameters are not gradients; pass "
+                "pathgeom_fast.grads_of(model)"
+            )
+        if name == "params":  # the parameters that train, as grads_of and our snapshots take them
+            return [p for p in obj.parameters() if p.requires_grad]
         return list(obj.parameters())
     if isinstance(obj, Tensor):
         return [obj]
@@ -253,33 +263,32 @@ def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
 
 
 def _refs_by_name(refs: Any, params: Any, op: str) -> Any:
-    """refs given as a mapping {parameter name: tensor} with params a module: the tensors in the
-    order of ``params.parameters()``, after the checks of
-    :func:`pathgeom_fast.checkpoints.check_state_against_model` (missing keys, keys the module
-    does not have, shapes, non-float dtypes; a warning for lower precision). Other refs: as given."""
+    """refs given as a mapping {parameter name: tensor} (or a module, for its named parameters)
+    with params a module: the tensors of its trainable parameters in ``parameters()`` order,
+    after the checks of :func:`pathgeom_fast.checkpoints.check_state_against_model` (missing
+    keys, keys the module does not have, shapes, non-float dtypes; a warning for lower
+    precision). Keys of frozen parameters and buffers are allowed and not used. Other refs: as
+    given."""
+    if isinstance(refs, torch.nn.Module) and isinstance(params, torch.nn.Module):
+        refs = dict(refs.named_parameters())
     if not (isinstance(refs, Mapping) and isinstance(params, torch.nn.Module)):
         return refs
-    from .checkpoints import CheckpointError, CheckpointKeyError, check_state_against_model
+    from .checkpoints import CheckpointError, check_state_against_model, trainable
 
     source = f"(the mapping passed as refs to pg.{op})"
     for k, t in refs.items():
         if not isinstance(t, Tensor):
             raise CheckpointError(f"reference {source}: {k!r} is a {type(t).__name__}, not a tensor")
     check_state_against_model(params, {k: (t.dtype, t.shape) for k, t in refs.items()}, source)
-    named = list(params.named_parameters())
-    frozen = [n for n, _ in named if n not in refs]  # the trainable ones were checked above
-    if frozen:
-        raise CheckpointKeyError(
-            f"reference {source} lacks {frozen[0]!r}, a parameter of the module that does not train; "
-            "params=module means every parameter: pass lists of the trainable parameters instead"
-        )
-    return [refs[n] for n, _ in named]
+    return [refs[n] for n, _ in trainable(params)]
 
 
 def grads_of(module_or_params: Any) -> list[Tensor]:
-    """The ``.grad`` of every parameter, in ``parameters()`` order; raises if one is missing."""
+    """The ``.grad`` of every trainable parameter of a module (``requires_grad``, in
+    ``parameters()`` order: the order of ``params=module``), or of every tensor of a list;
+    raises naming the first one without a gradient."""
     if isinstance(module_or_params, torch.nn.Module):
-        named = list(module_or_params.named_parameters())
+        named = [(n, p) for n, p in module_or_params.named_parameters() if p.requires_grad]
     else:
         named = [(str(j), p) for j, p in enumerate(module_or_params)]
     out = []
@@ -395,6 +404,14 @@ def _vector_lists(op: str, arg: str, noun: str, value, params: list) -> list[lis
     """K lists of tensors, each as long as ``params``, from a sequence of sequences."""
     if isinstance(value, Tensor) or not isinstance(value, Iterable):
         raise TypeError(f"{arg} must be a sequence of K {noun} lists, got {type(value).__name__}")
+    value = list(value)
+    # a bare tensor stands for a one-tensor list; with several parameters, tensors side by side
+    # are one gradient list passed unwrapped
+    if len(params) != 1 and value and all(isinstance(v, Tensor) for v in value):
+        raise TypeError(
+            f"{op}: {arg} is a list of {len(value)} tensors; it must be a sequence of K {noun} lists, one tensor "
+            "per parameter each (one list: wrap it, e.g. [pg.grads_of(model)])"
+        )
     lists = [as_tensor_list(v, f"{arg}[{k}]") for k, v in enumerate(value)]
     if not lists:
         raise ValueError(f"{op}: {arg} is empty; pass at least one {noun} list")
@@ -423,11 +440,13 @@ def secant_stats(
 
     Args:
         grads, params, refs: equal-length sequences (list, tuple, generator, or an
-            ``nn.Module`` for its parameters) of float16/bfloat16/float32/float64 tensors on one
-            device; triple i must have equal numel. DTensors are reduced over their mesh.
-            When ``params`` is a module, ``refs`` may be a mapping {parameter name: tensor}
-            (a state dict, ``safetensors.torch.load_file(...)``), matched by name and checked
-            (missing or unknown keys, shapes, dtypes raise naming the key). Mapping views
+            ``nn.Module`` as ``params``, for its trainable parameters) of
+            float16/bfloat16/float32/float64 tensors on one device; triple i must have equal
+            numel. DTensors are reduced over their mesh. When ``params`` is a module, ``refs``
+            may be a mapping {parameter name: tensor} (a state dict,
+            ``safetensors.torch.load_file(...)``) or a module, matched by name and checked
+            (missing or unknown keys, shapes, dtypes raise naming the key; frozen parameters
+            are not measured, and their keys are allowed). Mapping views
             (``d.values()``) are refused: their order is not the parameters' order.
         per_tensor: return one row per tensor, shape [T, 3], instead of the total [3].
         weight_decay: measure g + weight_decay * x (coupled L2 weight decay) without a copy.

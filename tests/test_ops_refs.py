@@ -84,10 +84,42 @@ def test_refs_mapping_checks_name_the_key(setup, edit, exc, match):
     assert "refs to pg.secant_stats" in str(info.value)
 
 
-def test_refs_mapping_with_a_frozen_parameter(setup):
-    model, path = setup
-    state = load_file(path)
+def test_frozen_parameters_are_left_out_alike_by_params_grads_of_and_snapshots(tmp_path):
+    """params=module means the trainable parameters, as grads_of(model) and save_snapshot take
+    them: a snapshot of a model with a frozen layer, read back by name, measures that model;
+    a full state dict (frozen keys included) or a module holding x* gives the same result; a
+    module passed as gradients is refused."""
+    from pathgeom_fast.snapshots import save_snapshot
+
+    model = deep_mlp()
     model[0].weight.requires_grad_(False)
-    del state["0.weight"]
-    with pytest.raises(KeyError, match=r"lacks '0\.weight', a parameter of the module that does not train"):
-        pg.secant_stats([torch.ones(16, 16)] * 12, model, state)
+    model[5].weight.requires_grad_(False)
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
+    gen = torch.Generator().manual_seed(2)
+    xstar_model = deep_mlp()
+    with torch.no_grad():
+        for p in xstar_model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    path = str(tmp_path / "xstar.safetensors")
+    save_snapshot(xstar_model, path, step=100)  # all trainable there: every key
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trained) == 10 and len(pg.grads_of(model)) == 10
+    xs = dict(xstar_model.named_parameters())
+    want = fp64_stats(flat(p.grad for _, p in trained), flat(p for _, p in trained), flat(xs[n] for n, _ in trained))
+    for refs in (load_file(path), xstar_model, {n: t for n, t in load_file(path).items() if n not in ("0.weight", "5.weight")}):
+        got = pg.secant_stats(pg.grads_of(model), model, refs)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert pg.numel_of(model) == 10 * 256
+    # our own snapshot of the model with frozen layers holds its trainable parameters only
+    save_snapshot(model, str(tmp_path / "own.safetensors"), step=3)
+    assert sorted(load_file(str(tmp_path / "own.safetensors"))) == sorted(n for n, _ in trained)
+    pg.secant_stats(pg.grads_of(model), model, load_file(str(tmp_path / "own.safetensors")))
+    with pytest.raises(TypeError, match=r"grads is a module \(Sequential\).*grads_of\(model\)"):
+        pg.secant_stats(model, model, xstar_model)
+    with pytest.raises(TypeError, match=r"grads_lists is a list of 10 tensors; it must be a sequence of K gradient lists"):
+        pg.secant_stats_multi(pg.grads_of(model), model, xstar_model)
+    multi = pg.secant_stats_multi([pg.grads_of(model)], model, xstar_model)
+    torch.testing.assert_close(multi[0], want, rtol=1e-6, atol=0)
+
+
