@@ -198,6 +198,12 @@ def batches_from_data(
     n = len(data)
     if n == 0:
         raise AnalysisError("the dataset is empty")
+    if probe_batches > 1 and batch_size >= n:
+        raise AnalysisError(
+            f"the probe batch size ({batch_size}) is not below the dataset's {n} samples: all {probe_batches} "
+            f"probe batches would be the whole dataset, i.e. {probe_batches} copies of the full-batch gradient; "
+            "pass a smaller batch size (--batch-size), or --probe-batches 1 (or 0) for the full batch alone"
+        )
     gen = torch.Generator().manual_seed(seed)
     probes = []
     for _ in range(probe_batches):

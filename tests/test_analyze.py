@@ -301,6 +301,11 @@ def test_batches_from_data_forms():
         batches_from_data([(torch.randn(3), 0), (torch.randn(4), 1)], batch_size=2, probe_batches=1)
     with pytest.raises(AnalysisError, match=r"the data is a dict"):
         batches_from_data({"x": X})
+    # probe batches as large as the dataset would all be the full batch: refused, unless one
+    with pytest.raises(AnalysisError, match=r"probe batch size \(10\) is not below the dataset's 10 samples: all 3"):
+        batches_from_data((X, Y), batch_size=10, probe_batches=3)
+    probes, full = batches_from_data((X, Y), batch_size=32, probe_batches=1)
+    assert len(probes) == 1 and torch.equal(probes[0][0].sort(0).values, X.sort(0).values)
 
 
 # ------------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, user_dir)
     (user_dir / "mm.py").write_text("import torch\ndef wrong():\n    return torch.nn.Linear(4, 2)\n"
                                    "def data():\n    return torch.randn(8, 3), torch.randint(0, 2, (8,))\n"
                                    "def broken():\n    raise RuntimeError('no data today')\n")
-    run = ["analyze", str(tmp_path), "--data", "mm:data", "--quiet", "--out", str(tmp_path / "o")]
+    run = ["analyze", str(tmp_path), "--data", "mm:data", "--batch-size", "4", "--quiet", "--out", str(tmp_path / "o")]
     cases = [
         (["analyze", str(tmp_path / "nope"), "--data", "mm:data"], r"nope does not exist"),
         (["analyze", str(tmp_path / "bad"), "--model", "mm:wrong", "--data", "mm:data"], r"x.ckpt is not a readable torch checkpoint"),
@@ -363,8 +368,10 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, user_dir)
         (run + ["--model", "mm:nothing"], r"module mm has no attribute 'nothing'"),
         (run + ["--model", "mm:wrong"], r"reference file .*step_2.pt: 'weight' has shape \[2, 3\] but the model's parameter has \[2, 4\]"),
         (run, r"--model module:function is needed: the torch checkpoints in .* do not describe their model"),
-        (["analyze", str(tmp_path), "--model", "torch.nn:Identity", "--data", "mm:data"], r"the model has no trainable parameters"),
+        (["analyze", str(tmp_path), "--model", "torch.nn:Identity", "--data", "mm:data", "--batch-size", "4"],
+         r"the model has no trainable parameters"),
         (["analyze", str(tmp_path), "--model", "mm:wrong", "--data", "mm:broken"], r"--data 'mm:broken' raised RuntimeError: no data today"),
+        (run[:4] + ["--model", "mm:wrong"], r"the probe batch size \(32\) is not below the dataset's 8 samples"),
     ]
     for argv, msg in cases:
         assert cli.main(argv) == 2, argv
