@@ -475,7 +475,8 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--size", type=int, default=10**8, help="elements of the large model-like list")
     p.add_argument("--small-n", type=int, default=10_000, help="number of 1000-element tensors")
     p.add_argument("--multi-k", type=int, default=8, help="K gradient lists of the multi case")

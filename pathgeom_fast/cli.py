@@ -58,19 +58,46 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
 def _is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where the help already says it (task-dependent defaults are None)."""
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help already says it (``default:``, ``(default)``), where
+    there is none (None: task- or device-dependent defaults the help describes) and for flags
+    (a store_true/false switch's default is its help's business: ``--eval (default)`` must not
+    read "default: False")."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default:" in (action.help or ""):
+        text = action.help or ""
+        if action.default is None or "default:" in text or "(default)" in text or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
+
+
+_DemoHelpFormatter = _DefaultsHelpFormatter
 
 
 def _parse_lags(text: str) -> tuple[int, ...]:
@@ -294,11 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                       help="momentum/nesterov = SGD with momentum 0.9; adam = adamw = AdamW (decoupled decay); "
                       "adam-l2 = torch.optim.Adam with coupled L2, as the paper (default: the task's)")
-    demo.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the task's)")
+    demo.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the task's)")
     demo.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: the task's)")
-    demo.add_argument("--weight-decay", type=float, default=None,
+    demo.add_argument("--weight-decay", type=_nonnegative_float, default=None,
                       help="weight decay of the optimizer; when > 0 also measured as g + wd*x (*_wd rows) (default: the task's)")
-    demo.add_argument("--clip-grad-norm", type=float, default=None,
+    demo.add_argument("--clip-grad-norm", type=_nonnegative_float, default=None,
                       help="clip the gradient norm (0: off); gradients are measured before clipping (default: the task's)")
     demo.add_argument("--probe-batches", type=int, default=None, help="K fixed probe minibatches (default: the task's)")
     demo.add_argument("--probe-every", type=int, default=None, help="measure probes every N steps, 0: never (default: the task's)")
@@ -341,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or one file. Writes records.csv, summary.json, geometry.png (and per_tensor.csv with a heatmap) to --out. "
         "Under `torchrun --nproc-per-node N -m pathgeom_fast.cli analyze ...` the model is sharded with FSDP2 and "
         "each rank reads only its slices of every checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     an.add_argument("run", help="run directory or checkpoint (see above)")
     an.add_argument(
@@ -399,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser(
         "bench",
         help="time the fused op against naive PyTorch and the bandwidth limit on this device",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     add_arguments(be)
     be.set_defaults(func=_cmd_bench)

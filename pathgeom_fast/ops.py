@@ -400,6 +400,13 @@ def _run_gram(vecs, params, refs, K: int, per_tensor: bool, backend: str) -> Ten
     return _gram_out(reference.gram_rows(vecs, params, refs, K, per_tensor=per_tensor), per_tensor)
 
 
+def _weight_decay(value, op: str) -> float:
+    wd = float(value)
+    if not math.isfinite(wd):
+        raise ValueError(f"{op}: weight_decay must be a finite number, got {value!r}")
+    return wd
+
+
 def _vector_lists(op: str, arg: str, noun: str, value, params: list) -> list[list[Tensor]]:
     """K lists of tensors, each as long as ``params``, from a sequence of sequences."""
     if isinstance(value, Tensor) or not isinstance(value, Iterable):
@@ -459,7 +466,7 @@ def secant_stats(
     refs = as_tensor_list(_refs_by_name(refs, params, _shapes.SINGLE), "refs")
     grads = as_tensor_list(grads, "grads")
     params = as_tensor_list(params, "params")
-    wd = float(weight_decay)
+    wd = _weight_decay(weight_decay, _shapes.SINGLE)
     return distributed.dispatch(
         _shapes.SINGLE, [grads], params, refs, per_tensor, group,
         lambda flat, p, r: _run(_shapes.SINGLE, flat, p, r, 1, per_tensor, wd, backend),
@@ -484,7 +491,7 @@ def secant_stats_multi(
     refs = as_tensor_list(_refs_by_name(refs, params, _shapes.MULTI), "refs")
     params = as_tensor_list(params, "params")
     lists = _vector_lists(_shapes.MULTI, "grads_lists", "gradient", grads_lists, params)
-    wd, K = float(weight_decay), len(lists)
+    wd, K = _weight_decay(weight_decay, _shapes.MULTI), len(lists)
     return distributed.dispatch(
         _shapes.MULTI, lists, params, refs, per_tensor, group,
         lambda flat, p, r: _run(_shapes.MULTI, flat, p, r, K, per_tensor, wd, backend),

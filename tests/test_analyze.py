@@ -388,6 +388,32 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, user_dir)
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
+@pytest.mark.parametrize("argv, msg", [
+    (["--lr", "-1"], "--lr: must be a finite number above 0, got -1"),
+    (["--lr", "nan"], "--lr: must be a finite number above 0, got nan"),
+    (["--weight-decay", "-0.1"], "--weight-decay: must be a finite number >= 0, got -0.1"),
+    (["--clip-grad-norm", "x"], "--clip-grad-norm: expected a number >= 0, got 'x'"),
+])
+def test_demo_numbers_are_checked_by_the_parser(capsys, argv, msg):
+    """A one-line usage error, not the optimizer's traceback after the set-up."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *argv])
+    assert exc.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_help_shows_defaults_without_contradicting_flags(capsys):
+    """--eval is the default mode: its help says so and no '(default: False)' follows; bench's
+    --device and --backends say what their defaults are once."""
+    for cmd in ("analyze", "bench"):
+        with pytest.raises(SystemExit):
+            cli.main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: False)" not in text and "(default: None)" not in text, cmd
+        assert "(default: 32)" in text if cmd == "analyze" else "(default: 100000000)" in text
+    assert "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)" in text
+
+
 def test_demo_steps_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--steps", "0"])

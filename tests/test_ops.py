@@ -403,6 +403,18 @@ def test_parallel_borrow_of_long_lists_matches_the_serial_one():
     assert torch.equal(pg.secant_stats(g, x, r, backend="cpu", per_tensor=True), out)  # after the errors
 
 
+def test_weight_decay_must_be_finite():
+    """NaN or infinite weight decay is refused (it made every sum NaN); negative is allowed."""
+    g, x, r = make_lists([5, 7], seed=3)
+    for wd in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"weight_decay must be a finite number"):
+            pg.secant_stats(g, x, r, weight_decay=wd)
+        with pytest.raises(ValueError, match=r"secant_stats_multi: weight_decay must be a finite number"):
+            pg.secant_stats_multi([g], x, r, weight_decay=wd)
+    h = [gi - 0.5 * xi for gi, xi in zip(g, x)]
+    assert_stats_close(pg.secant_stats(g, x, r, weight_decay=-0.5), pg.reference_secant_stats(h, x, r))
+
+
 def test_interrupted_build_is_explained(monkeypatch):
     """_build_info.py written (the build started) but no _C library: 'not built', not the
     import system's 'partially initialized module (circular import)' (seen on a GPU machine)."""
