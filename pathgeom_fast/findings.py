@@ -317,7 +317,10 @@ def findings_markdown(summary: dict, title: str = "") -> str:
     claims = [c(summary) for c in CLAIMS]
     cut = summary.get("overall_steps_below")
     out = [f"# Findings{': ' + title if title else ''}", ""]
-    intro = f"Measured against x*, the end of run 1 (replayed exactly in run 2), in D = {_g(summary.get('numel'))} parameters."
+    ratio = summary.get("replay_final_distance_ratio")
+    how = ("the end of run 1, replayed exactly in run 2" if ratio == 0 else
+           "the end of run 1, replayed in run 2" if ratio is not None else "the reference point")
+    intro = f"Measured against x* ({how}), in D = {_g(summary.get('numel'))} parameters."
     if cut is not None:
         intro += (f" \"The body\" is the path before step {_g(cut)}: the last {summary['tail_fraction']:.0%} of the steps, where "
                   "x is so close to x* that the ratios are ill-conditioned, is left out.")

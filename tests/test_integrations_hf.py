@@ -17,6 +17,7 @@ from integ_helpers import Warnings, assert_metrics, flat, geo, grad_of, perturbe
 
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install 'pathgeom_fast[hf]'")
 
+from pathgeom_fast import report  # noqa: E402
 from pathgeom_fast.checkpoints import CheckpointError, load_snapshot  # noqa: E402
 from pathgeom_fast.integrations.common import trajectory_path  # noqa: E402
 from pathgeom_fast.integrations.hf import PathGeometryCallback  # noqa: E402
@@ -226,6 +227,17 @@ def test_two_run_protocol_with_the_trainer(tmp_path):
     assert not w.matching("PathGeometryCallback"), w.matching("")
     assert cb2.final_distance_ratio == 0.0
     assert [(h["step"], h["pathgeom/final_distance_ratio"]) for h in run2.state.log_history if "pathgeom/final_distance_ratio" in h] == [(10, 0.0)]
+    # the report of run 2: its rows, D, the replay's ratio; findings.md says the replay was exact
+    rep = tmp_path / "report2"
+    summary = cb2.write_report(str(rep), title="run 2")
+    rows = report.read_csv(str(rep / "records.csv"))
+    assert sorted({r["step"] for r in rows}) == [0, 3, 6, 9] and {r["kind"] for r in rows} >= {"minibatch", "update"}
+    mine = {(r["step"], r["kind"]): r for r in rows}
+    for h in (h for h in run2.state.log_history if "pathgeom/rsi" in h):
+        assert mine[(h["step"] - 1, "minibatch")]["rsi"] == pytest.approx(h["pathgeom/rsi"], rel=1e-12)
+    assert summary["numel"] == sum(p.numel() for p in run2.model.parameters()) and summary["replay_final_distance_ratio"] == 0.0
+    assert json.loads((rep / "summary.json").read_text())["numel"] == summary["numel"]
+    assert "replayed exactly in run 2" in (rep / "findings.md").read_text() and (rep / "geometry.png").is_file()
 
     other = make_trainer(tmp_path / "out3", lr=2e-3)  # another learning rate: not a replay
     cb3 = PathGeometryCallback.attach(other, reference=ref, every=3)

@@ -136,6 +136,14 @@ def test_lightning_two_run_protocol(tmp_path):
     # the tracker's rows carry the same loss (the last micro-batch is added after the measurement)
     rows = [r for r in cb.measurer.records if r["kind"] == "minibatch"]
     assert [(r["step"], r["loss"]) for r in rows] == [(t, traj["losses"][str(t)]) for t in (0, 2, 4)]
+    summary = cb.write_report(str(tmp_path / "report"))  # the report of the measured steps
+    written = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert written["replay_final_distance_ratio"] == 0.0 and written["numel"] == summary["numel"] > 0
+    from pathgeom_fast import report
+
+    csv_rows = [r for r in report.read_csv(str(tmp_path / "report" / "records.csv")) if r["kind"] == "minibatch"]
+    assert [(r["step"], r["rsi"]) for r in csv_rows] == [(r["step"], pytest.approx(r["rsi"], rel=1e-12)) for r in rows]
+    assert (tmp_path / "report" / "findings.md").is_file() and (tmp_path / "report" / "records.csv").is_file()
 
     cb = PathGeometryCallback(ref, every=2)
     with Warnings() as w:

@@ -586,6 +586,19 @@ class StepMeasurer:
     def per_tensor_records(self) -> list[dict]:
         return self.tracker.per_tensor_records if self.tracker is not None else []
 
+    def write_report(self, out_dir: str, title: str = "") -> dict:
+        """records.csv, per_tensor.csv (with ``per_tensor=True``), summary.json, geometry.png and
+        findings.md of the steps measured so far (:func:`pathgeom_fast.report.write_report`),
+        with D (the trainable parameters) and, after :meth:`finish`, the replay's
+        ``final_distance_ratio``. Call it on the rank that should write; returns the summary."""
+        from ..report import write_report
+
+        if self.tracker is None:
+            raise RuntimeError(f"{self.framework}: nothing measured yet (no reference, or no measured step)")
+        numel = sum(p.numel() for _, p in trainable(self.tracker.model))
+        extra = {"replay_final_distance_ratio": self.final_distance_ratio} if self.final_distance_ratio is not None else None
+        return write_report(out_dir, self.records, self.per_tensor_records, numel, title, extra, findings=True)
+
     # -- the end ------------------------------------------------------------------------
 
     def finish(self, model: torch.nn.Module | None = None) -> float | None:

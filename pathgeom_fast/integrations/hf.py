@@ -124,6 +124,11 @@ class PathGeometryCallback(TrainerCallback):
     def final_distance_ratio(self) -> float | None:
         return self.measurer.final_distance_ratio
 
+    def write_report(self, out_dir: str, title: str = "") -> dict:
+        """The report of the measured steps (records.csv, summary.json, geometry.png,
+        findings.md): :meth:`~pathgeom_fast.integrations.common.StepMeasurer.write_report`."""
+        return self.measurer.write_report(out_dir, title)
+
     def bind(self, trainer) -> None:
         if self.trainer is not None:
             raise RuntimeError("this PathGeometryCallback is already bound to a trainer")

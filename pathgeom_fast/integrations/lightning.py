@@ -95,6 +95,11 @@ class PathGeometryCallback(pl.Callback):
     def final_distance_ratio(self) -> float | None:
         return self.measurer.final_distance_ratio
 
+    def write_report(self, out_dir: str, title: str = "") -> dict:
+        """The report of the measured steps (records.csv, summary.json, geometry.png,
+        findings.md): :meth:`~pathgeom_fast.integrations.common.StepMeasurer.write_report`."""
+        return self.measurer.write_report(out_dir, title)
+
     def on_fit_start(self, trainer, pl_module):
         if not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
             raise ValueError(
