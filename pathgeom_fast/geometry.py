@@ -7,7 +7,9 @@ From a = <g, x - x*>, b = ||g||^2, c = ||x - x*||^2:
     grad_norm = sqrt(b)   dist = sqrt(c)
 
 A random direction in D dimensions has |cos| of order 1/sqrt(D) (``chance_cos``), the scale
-against which a measured cosine is judged. Degenerate denominators give inf/nan, as in torch.
+against which a measured cosine is judged. Degenerate denominators give inf/nan, as in torch,
+except the cosine: where g = 0 or x = x* (b c = 0) there is no angle, and cos (with the
+contraction) is NaN, where a rounding-level a (it is 0 in exact arithmetic) would give +-inf.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def geometry(stats: Tensor, numel: int | None = None) -> Geometry:
         raise ValueError(f"geometry: stats must have shape [..., 3] (a, b, c), got {list(stats.shape)}")
     s = stats.to(torch.float64)
     a, b, c = s[..., 0], s[..., 1], s[..., 2]
-    cos = a / torch.sqrt(b * c)
+    cos = torch.where(b * c == 0, torch.nan, a / torch.sqrt(b * c))
     if numel is not None and numel <= 0:
         raise ValueError(f"geometry: numel must be positive, got {numel}")
     return Geometry(

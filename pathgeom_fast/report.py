@@ -4,7 +4,9 @@
   the learning rate and loss where known. ``per_tensor.csv`` likewise, per parameter tensor.
 * ``summary.json``: for every kind of gradient and every measured step, the quantiles
   0/5/25/50/75/95/100 % of RSI, EB, cos and eta* over the samples of that step, the share of
-  cos > 0, mu = min RSI, L = max EB and the implied rate 1 - mu^2/L^2 (a contraction factor of
+  cos > 0, mu = min RSI, L = max EB (both, like the quantiles, over the rows where the ratios
+  are finite; rows at x = x*, c = 0, are counted in ``n_undefined``) and the implied rate
+  1 - mu^2/L^2 (a contraction factor of
   ||x - x*||^2 per step of size mu/L^2, guaranteed only when mu > 0); the same over the whole
   path ("overall"), leaving out the last ``tail_fraction`` (default 10 %) of the steps, where
   x_t is so close to x* that c -> 0 makes the ratios ill-conditioned (the per-step entries
@@ -76,8 +78,13 @@ def _block(rows: list[dict]) -> dict:
             out[m] = {f"q{q}": None for q in QUANTILES}
     cos = vals["cos"][np.isfinite(vals["cos"])]
     out["share_cos_positive"] = float((cos > 0).mean()) if cos.size else None
-    mu = _finite(np.nanmin(vals["rsi"])) if np.isfinite(vals["rsi"]).any() else None
-    L = _finite(np.nanmax(vals["eb"])) if np.isfinite(vals["eb"]).any() else None
+    # mu and L over the rows where the ratios are defined, as the quantiles: a row at x = x*
+    # (c = 0, e.g. x_0 against the x_0 reference) has EB = inf and RSI = +-inf or nan; those
+    # rows are counted in n_undefined instead of making L infinite and the rate unknown
+    rsi, eb = vals["rsi"][np.isfinite(vals["rsi"])], vals["eb"][np.isfinite(vals["eb"])]
+    out["n_undefined"] = int((~(np.isfinite(vals["rsi"]) & np.isfinite(vals["eb"]))).sum())
+    mu = _finite(rsi.min()) if rsi.size else None
+    L = _finite(eb.max()) if eb.size else None
     out["mu"] = mu
     out["L"] = L
     out["rate"] = 1.0 - mu * mu / (L * L) if mu is not None and L else None

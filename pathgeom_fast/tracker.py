@@ -108,7 +108,7 @@ def metrics(a: float, b: float, c: float) -> dict[str, float]:
     return {
         "rsi": _div(a, c),
         "eb": math.sqrt(_div(b, c)) if not (b < 0 or c < 0) else math.nan,
-        "cos": _div(a, math.sqrt(b * c)) if b * c >= 0 else math.nan,
+        "cos": _div(a, math.sqrt(b * c)) if b * c > 0 else math.nan,  # no angle at g = 0 or x = x*
         "eta_star": _div(a, b),
     }
 

@@ -32,3 +32,17 @@ def test_shapes_and_errors():
         pg.geometry(torch.rand(4, 2))
     with pytest.raises(ValueError, match="numel must be positive"):
         pg.geometry(torch.rand(3), numel=0)
+
+
+def test_no_angle_where_g_or_the_distance_is_zero():
+    """b c = 0: cos and the contraction are NaN (not +-inf from a rounding-level a); the other
+    ratios keep torch's inf/nan. The tracker's rows use the same rule."""
+    from pathgeom_fast.tracker import metrics
+
+    g = pg.geometry(torch.tensor([[-1.8e-11, 1.0, 0.0], [0.0, 0.0, 4.0], [1.0, 1.0, 0.0]], dtype=torch.float64))
+    assert torch.isnan(g.cos).all() and torch.isnan(g.contraction).all()
+    assert g.rsi[0].item() == -math.inf and g.eb[0].item() == math.inf and g.eta_star[1].isnan()
+    for a, b, c in [(-1.8e-11, 1.0, 0.0), (0.0, 0.0, 4.0)]:
+        m = metrics(a, b, c)
+        assert math.isnan(m["cos"]), (a, b, c)
+    assert metrics(-1.8e-11, 1.0, 0.0)["rsi"] == -math.inf and metrics(3.0, 1.0, 16.0)["cos"] == 0.75

@@ -62,3 +62,17 @@ def test_summary_of_one_reference_and_of_a_summary_without_by_reference():
     assert reference_block(summary, "xstar")["overall"] == summary["overall"]
     legacy = {k: v for k, v in summary.items() if k != "by_reference"}
     assert report.format_table(legacy) == report.format_table(summary)
+
+
+def test_rows_at_the_reference_do_not_make_mu_and_l_undefined():
+    """A row with c = 0 (x_0 measured against the x_0 reference at step 0) has EB = inf and an
+    RSI of +-inf: mu and L are taken over the other rows, as the quantiles are, and the row is
+    counted in n_undefined."""
+    rows = [r for r in _records(refs=("x0",), steps=6) if r["kind"] == "minibatch"]
+    at_ref = dict(rows[0], a=-1.8e-11, c=0.0, rsi=-math.inf, eb=math.inf, cos=-math.inf, eta_star=rows[0]["a"] / rows[0]["b"])
+    block = report.summarize([at_ref] + rows[1:], 1000, tail_fraction=0)["overall"]["minibatch"]
+    finite = rows[1:]
+    assert block["n"] == 6 and block["n_undefined"] == 1
+    assert block["mu"] == min(r["rsi"] for r in finite) and block["L"] == max(r["eb"] for r in finite)
+    assert block["rate"] == 1 - block["mu"] ** 2 / block["L"] ** 2
+    assert report.summarize(rows, 1000, tail_fraction=0)["overall"]["minibatch"]["n_undefined"] == 0
