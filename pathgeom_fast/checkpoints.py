@@ -148,6 +148,25 @@ def list_snapshots(directory: str) -> list[tuple[int, str]]:
 _PRECISION = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}
 
 
+def _prefix_hint(missing: list[str], keys) -> str:
+    """When the state's keys are the parameter names behind (or without) a common prefix
+    (``module.`` of DDP, ``_orig_mod.`` of torch.compile, ``model.`` of a wrapper), say so."""
+    keys = set(keys)
+    name = missing[0]
+    for k in keys:
+        if k.endswith("." + name):
+            prefix = k[: -len(name)]
+            if all(prefix + n in keys for n in missing):
+                return (f"; its keys carry the prefix {prefix!r}: strip it, e.g. "
+                        f"{{k.removeprefix({prefix!r}): v for k, v in state.items()}}")
+        if name.endswith("." + k) or (name.split(".", 1)[-1] == k):
+            prefix = name[: -len(k)]
+            if all(n.startswith(prefix) and n[len(prefix):] in keys for n in missing):
+                return (f"; the model's names carry the prefix {prefix!r} that its keys lack: add it, e.g. "
+                        f"{{{prefix!r} + k: v for k, v in state.items()}}")
+    return ""
+
+
 def check_state_against_model(
     model: torch.nn.Module,
     info: Mapping[str, tuple[torch.dtype | str, Sequence[int]]],
@@ -169,7 +188,7 @@ def check_state_against_model(
         raise CheckpointKeyError(
             f"{role} {source} lacks {len(missing)} of the model's {len(named)} trainable parameters, "
             f"first {missing[0]!r}" + (f" (also {missing[1:4]}{' ...' if len(missing) > 4 else ''})" if len(missing) > 1 else "")
-            + f"; it has {len(info)} keys, e.g. {list(info)[:3]}"
+            + f"; it has {len(info)} keys, e.g. {list(info)[:3]}" + _prefix_hint(missing, info)
         )
     known = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
     extra = [k for k in info if k not in known]

@@ -123,3 +123,19 @@ def test_frozen_parameters_are_left_out_alike_by_params_grads_of_and_snapshots(t
     torch.testing.assert_close(multi[0], want, rtol=1e-6, atol=0)
 
 
+
+
+def test_prefixed_keys_are_explained(setup):
+    """A state saved from a DDP / compiled / wrapped model has prefixed keys: the error says
+    which prefix to strip (or add), with the line that does it, and that line works."""
+    model, path = setup
+    state = load_file(path)
+    prefixed = {"module." + k: v for k, v in state.items()}
+    with pytest.raises(KeyError, match=r"its keys carry the prefix 'module\.': strip it") as info:
+        pg.secant_stats(pg.grads_of(model), model, prefixed)
+    assert "k.removeprefix('module.')" in str(info.value)
+    fixed = {k.removeprefix("module."): v for k, v in prefixed.items()}
+    assert torch.equal(pg.secant_stats(pg.grads_of(model), model, fixed), pg.secant_stats(pg.grads_of(model), model, state))
+    wrapped = torch.nn.Sequential(model)
+    with pytest.raises(KeyError, match=r"the model's names carry the prefix '0\.' that its keys lack: add it"):
+        pg.secant_stats(pg.grads_of(wrapped), wrapped, state)
