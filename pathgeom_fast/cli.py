@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -58,24 +59,20 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return v
+def _finite_float(minimum: float, strict: bool):
+    """argparse type: a finite float above ``minimum`` (``strict``) or at least ``minimum``."""
+    bound = f"above {minimum:g}" if strict else f">= {minimum:g}"
 
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+        if not (math.isfinite(v) and (v > minimum if strict else v >= minimum)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return v
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
+    return parse
 
 
 def _is_rank0() -> bool:
@@ -321,11 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                       help="momentum/nesterov = SGD with momentum 0.9; adam = adamw = AdamW (decoupled decay); "
                       "adam-l2 = torch.optim.Adam with coupled L2, as the paper (default: the task's)")
-    demo.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the task's)")
+    demo.add_argument("--lr", type=_finite_float(0, strict=True), default=None, help="peak learning rate (default: the task's)")
     demo.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: the task's)")
-    demo.add_argument("--weight-decay", type=_nonnegative_float, default=None,
+    demo.add_argument("--weight-decay", type=_finite_float(0, strict=False), default=None,
                       help="weight decay of the optimizer; when > 0 also measured as g + wd*x (*_wd rows) (default: the task's)")
-    demo.add_argument("--clip-grad-norm", type=_nonnegative_float, default=None,
+    demo.add_argument("--clip-grad-norm", type=_finite_float(0, strict=False), default=None,
                       help="clip the gradient norm (0: off); gradients are measured before clipping (default: the task's)")
     demo.add_argument("--probe-batches", type=int, default=None, help="K fixed probe minibatches (default: the task's)")
     demo.add_argument("--probe-every", type=int, default=None, help="measure probes every N steps, 0: never (default: the task's)")
