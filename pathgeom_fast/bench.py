@@ -214,7 +214,8 @@ def last_level_cache_bytes() -> int:
     best = 0
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
-            text = open(path).read().strip()
+            with open(path) as f:
+                text = f.read().strip()
         except OSError:
             continue
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

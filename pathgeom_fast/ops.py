@@ -240,7 +240,9 @@ def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
                 "pathgeom_fast.grads_of(model)"
             )
         if name == "params":  # the parameters that train, as grads_of and our snapshots take them
-            return [p for p in obj.parameters() if p.requires_grad]
+            from .checkpoints import trainable
+
+            return [p for _, p in trainable(obj)]
         return list(obj.parameters())
     if isinstance(obj, Tensor):
         return [obj]
@@ -288,7 +290,9 @@ def grads_of(module_or_params: Any) -> list[Tensor]:
     ``parameters()`` order: the order of ``params=module``), or of every tensor of a list;
     raises naming the first one without a gradient."""
     if isinstance(module_or_params, torch.nn.Module):
-        named = [(n, p) for n, p in module_or_params.named_parameters() if p.requires_grad]
+        from .checkpoints import trainable
+
+        named = trainable(module_or_params)
     else:
         named = [(str(j), p) for j, p in enumerate(module_or_params)]
     out = []

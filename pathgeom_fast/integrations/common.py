@@ -591,11 +591,12 @@ class StepMeasurer:
         findings.md of the steps measured so far (:func:`pathgeom_fast.report.write_report`),
         with D (the trainable parameters) and, after :meth:`finish`, the replay's
         ``final_distance_ratio``. Call it on the rank that should write; returns the summary."""
+        from ..ops import numel_of
         from ..report import write_report
 
         if self.tracker is None:
             raise RuntimeError(f"{self.framework}: nothing measured yet (no reference, or no measured step)")
-        numel = sum(p.numel() for _, p in trainable(self.tracker.model))
+        numel = numel_of(self.tracker.model)  # its trainable parameters
         extra = {"replay_final_distance_ratio": self.final_distance_ratio} if self.final_distance_ratio is not None else None
         return write_report(out_dir, self.records, self.per_tensor_records, numel, title, extra, findings=True)
 
