@@ -7,6 +7,7 @@ import statistics
 import warnings
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 
 def flat(ts) -> torch.Tensor:
@@ -82,3 +83,48 @@ class Warnings:
 
     def matching(self, text: str) -> list[str]:
         return [str(w.message) for w in self.list if text in str(w.message)]
+
+
+class PreClipCapture:
+    """Capture, with public torch hooks only, what an optimizer step starts from: the parameters
+    x_t and the accumulated gradient g_t as autograd left it, before any clipping.
+
+    ``register_post_accumulate_grad_hook`` keeps a copy of each parameter's .grad after every
+    backward (the last one of an accumulation cycle is the full, unclipped g_t); a global optimizer
+    step pre-hook fires on each real optimizer step over these parameters and records
+    ``on_step(params)`` (x_t, g_t, whatever it returns). Frameworks may clip however they like
+    in between (torch.nn.utils.clip_grad_norm_, get_total_norm + clip_grads_with_norm_, their
+    own code): nothing here depends on how.
+    """
+
+    def __init__(self, model, on_step=None):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.on_step = on_step
+        self.captured = []
+        self._grads = {}
+        self._handles = []
+
+    def __enter__(self):
+        for p in self.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._keep))
+        self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _keep(self, p):
+        self._grads[p] = p.grad.detach().clone()
+
+    def _pre_step(self, optimizer, args, kwargs):
+        mine = {id(p) for p in self.params}
+        if not any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+            return None
+        x = flat(self.params)
+        g = flat(self._grads[p] for p in self.params)
+        with torch.enable_grad():
+            extra = self.on_step(self.params) if self.on_step is not None else None
+        self.captured.append((x, g) if extra is None else (x, g, *extra))
+        return None

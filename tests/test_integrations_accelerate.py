@@ -4,17 +4,18 @@ single-process numbers."""
 
 import json
 import math
+from contextlib import ExitStack
 
 import pytest
 import torch
 import torch.nn.functional as F
-from integ_helpers import Warnings, assert_metrics, flat, geo, perturbed_reference
+from integ_helpers import PreClipCapture, Warnings, assert_metrics, flat, geo, perturbed_reference
 
 from pathgeom_fast.integrations import StepMeasurer
 from pathgeom_fast.integrations.common import trajectory_path
 
 
-def accelerate_run(geo_m, tmp_path, lr=3e-3, steps=5):
+def accelerate_run(geo_m, tmp_path, lr=3e-3, steps=5, setup=None, norms=None):
     accelerate = pytest.importorskip("accelerate", reason="install the hf extra (accelerate)")
     torch.manual_seed(0)
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
@@ -23,6 +24,8 @@ def accelerate_run(geo_m, tmp_path, lr=3e-3, steps=5):
     gen = torch.Generator().manual_seed(4)
     ds = torch.utils.data.TensorDataset(torch.randn(40, 6, generator=gen) * 3, torch.randint(0, 3, (40,), generator=gen))
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    if setup is not None:
+        setup(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     step, step_loss, out, micro = 0, 0.0, [], []
     for x, y in loader:
@@ -33,7 +36,9 @@ def accelerate_run(geo_m, tmp_path, lr=3e-3, steps=5):
             step_loss = step_loss + loss.detach() / 2
             if accelerator.sync_gradients:
                 geo_m.before_step(model, optimizer, step, step_loss)
-                accelerator.clip_grad_norm_(model.parameters(), 0.2)
+                norm = accelerator.clip_grad_norm_(model.parameters(), 0.2)  # the pre-clip total norm
+                if norms is not None:
+                    norms.append(float(norm))
             optimizer.step()
             if accelerator.sync_gradients:
                 geo_m.after_step()
@@ -46,25 +51,25 @@ def accelerate_run(geo_m, tmp_path, lr=3e-3, steps=5):
     return model, out, micro, geo_m.finish()
 
 
-def test_accelerate_loop_measured_before_clipping(tmp_path, monkeypatch):
+def test_accelerate_loop_measured_before_clipping(tmp_path):
+    """The measured g_t is the accumulated gradient before accelerator.clip_grad_norm_ clips it:
+    its norm is the one Accelerate returns, clipping bites (norm > 0.2), and every scalar equals
+    an fp64 recomputation from x_t and g_t captured with torch's public hooks."""
     pytest.importorskip("accelerate", reason="install the hf extra (accelerate)")
     torch.manual_seed(0)
     ref = tmp_path / "xstar.safetensors"
     xstar = perturbed_reference(torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)), ref)
-    captured = []
-    orig = torch.nn.utils.clip_grad_norm_
-
-    def spy(parameters, max_norm, *a, **k):  # what Accelerate clips: x_t and the accumulated, unclipped g_t
-        parameters = list(parameters)
-        captured.append((flat(parameters), flat(p.grad for p in parameters)))
-        return orig(parameters, max_norm, *a, **k)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    model, out, _, _ = accelerate_run(StepMeasurer(str(ref), every=1, final_rtol=None), tmp_path)
-    assert len(out) == len(captured) == 5
+    captures, norms = [], []
+    with ExitStack() as stack:
+        setup = lambda m: captures.append(stack.enter_context(PreClipCapture(m)))  # noqa: E731
+        model, out, _, _ = accelerate_run(StepMeasurer(str(ref), every=1, final_rtol=None), tmp_path, setup=setup, norms=norms)
+    captured = captures[0].captured
+    assert len(out) == len(captured) == len(norms) == 5
     final = flat(model.parameters())
     for t, (s, (x, g)) in enumerate(zip(out, captured)):
-        assert math.sqrt(float(g @ g)) > 0.2  # clipping was active
+        assert norms[t] > 0.2  # clipping was active: a post-clip measurement would differ
+        assert math.sqrt(float(g @ g)) == pytest.approx(norms[t], rel=1e-5)  # the g Accelerate clipped
+        assert s["pathgeom/eb"] * math.sqrt(float((x - xstar) @ (x - xstar))) == pytest.approx(norms[t], rel=1e-5)
         assert_metrics(s, "pathgeom/", geo(g, x, xstar), f"step {t}")
         x_next = captured[t + 1][0] if t + 1 < len(captured) else final
         assert_metrics(s, "pathgeom/update_", geo(x - x_next, x, xstar), f"step {t}", rel=1e-4)

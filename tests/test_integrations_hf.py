@@ -1,8 +1,9 @@
 """The Hugging Face integration with the real transformers.Trainer (and its TensorBoard logging).
 
 Every logged value is compared with an fp64 recomputation from parameters and gradients captured
-independently of the callback, at torch's clip_grad_norm_ (i.e. before clipping), and the
-Trainer's own log entries are compared with those of the same run without the callback.
+independently of the callback with torch's public hooks (the accumulated gradient as autograd
+left it, at the start of each optimizer step: before any clipping, however the Trainer clips), and
+the Trainer's own log entries are compared with those of the same run without the callback.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import os
 
 import pytest
 import torch
-from integ_helpers import Warnings, assert_metrics, flat, geo, grad_of, perturbed_reference, probe_summary
+from integ_helpers import PreClipCapture, Warnings, assert_metrics, flat, geo, grad_of, perturbed_reference, probe_summary
 
 transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install 'pathgeom_fast[hf]'")
 
@@ -63,28 +64,19 @@ def tensorboard_scalars(out):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_trainer_logs_intact_and_pathgeom_logged_every_measured_step(tmp_path, monkeypatch):
+def test_trainer_logs_intact_and_pathgeom_logged_every_measured_step(tmp_path):
     pytest.importorskip("tensorboard")
     ref = tmp_path / "xstar.safetensors"
     xstar = perturbed_reference(transformers.GPT2LMHeadModel(transformers.GPT2Config(**CFG)), ref)
     probe_examples = [DATA[40:42], DATA[50:53]]  # lists of examples: collated by the trainer's collator
     full_examples = [DATA[i : i + 16] for i in range(0, 64, 16)]  # equal sizes: the mean of their gradients
 
-    captured = []  # (x_t, g_t, probe gradients, full gradient) at torch's clip_grad_norm_, before clipping
-    current = {}
-    orig_clip = torch.nn.utils.clip_grad_norm_
-
-    def spy(parameters, max_norm, *a, **k):
-        parameters = list(parameters)
-        if "model" in current:
-            m = current["model"]
-            coll = transformers.default_data_collator
-            probes = [grad_of(m, m(**coll(b)).loss) for b in probe_examples]
-            full = sum(grad_of(m, m(**coll(b)).loss) for b in full_examples) / len(full_examples)
-            captured.append((flat(parameters), flat(p.grad for p in parameters), probes, full))
-        return orig_clip(parameters, max_norm, *a, **k)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    def probes_and_full(params):  # at x_t, with the loss the Trainer uses; .grad left alone
+        m = every1.model
+        coll = transformers.default_data_collator
+        probes = [grad_of(m, m(**coll(b)).loss) for b in probe_examples]
+        full = sum(grad_of(m, m(**coll(b)).loss) for b in full_examples) / len(full_examples)
+        return probes, full
 
     base = make_trainer(tmp_path / "base", report_to=["tensorboard"])
     base.train()
@@ -93,9 +85,9 @@ def test_trainer_logs_intact_and_pathgeom_logged_every_measured_step(tmp_path, m
         every1, reference=str(ref), every=1, probe_batches=probe_examples, full_batch=full_examples, probe_every=3,
         per_tensor=True, final_rtol=None,
     )
-    current["model"] = every1.model
-    every1.train()
-    current.clear()
+    with PreClipCapture(every1.model, probes_and_full) as capture:  # (x_t, g_t, probe gradients, full gradient)
+        every1.train()
+    captured = capture.captured
     every2 = make_trainer(tmp_path / "every2")
     PathGeometryCallback.attach(every2, reference=str(ref), every=2, final_rtol=None)
     every2.train()
@@ -113,8 +105,14 @@ def test_trainer_logs_intact_and_pathgeom_logged_every_measured_step(tmp_path, m
     names = [n for n, _ in every1.model.named_parameters()]
     sizes = [p.numel() for p in every1.model.parameters()]
     final = flat(every1.model.parameters())
+    n_logged = 0
     for t, (h, (x, g, probes, full)) in enumerate(zip(pathgeom_entries(every1), captured)):
         assert math.sqrt(float(g @ g)) > 0.5  # clipping was active: a post-clip measurement would differ
+        logged = [e["grad_norm"] for e in own_entries(every1) if e.get("step") == t + 1 and "grad_norm" in e]
+        n_logged += len(logged)
+        for norm in logged:  # the Trainer's own pre-clip norm (logged at steps 5 and 10) is the g measured
+            assert math.sqrt(float(g @ g)) == pytest.approx(norm, rel=1e-5), f"step {t}"
+            assert h["pathgeom/eb"] * math.sqrt(float((x - xstar) @ (x - xstar))) == pytest.approx(norm, rel=1e-5)
         assert_metrics(h, "pathgeom/", geo(g, x, xstar), f"step {t}")
         x_next = captured[t + 1][0] if t + 1 < len(captured) else final
         assert_metrics(h, "pathgeom/update_", geo(x - x_next, x, xstar), f"step {t}", rel=1e-4)  # the update AdamW took
@@ -126,6 +124,7 @@ def test_trainer_logs_intact_and_pathgeom_logged_every_measured_step(tmp_path, m
         i = names.index("transformer.h.0.attn.c_attn.weight")
         sl = slice(sum(sizes[:i]), sum(sizes[: i + 1]))
         assert_metrics(h, "pathgeom/tensor/transformer.h.0.attn.c_attn.weight/", geo(g[sl], x[sl], xstar[sl]), f"step {t}")
+    assert n_logged == 2  # grad_norm logged at steps 5 and 10, both compared
     assert sum(k.startswith("pathgeom/tensor/") for k in pathgeom_entries(every1)[0]) == 4 * len(names)
     for h in pathgeom_entries(every2):
         same = next(e for e in pathgeom_entries(every1) if e["step"] == h["step"])  # the same path, measured alike
@@ -161,39 +160,34 @@ def smoothed_loss(logits, labels, eps=0.2):
 
 
 @pytest.mark.parametrize("case", ["subclass", "label_smoothing"])
-def test_probes_use_the_trainers_own_loss(tmp_path, monkeypatch, case):
+def test_probes_use_the_trainers_own_loss(tmp_path, case):
     """The probes' default loss is the Trainer's compute_loss: a subclass's override, and label
     smoothing (whose compute_loss pops the labels from the batch it gets: the stored probe
-    batches keep theirs, measured at four steps). Each probe gradient is recomputed at torch's
-    clip_grad_norm_ with the loss written out by hand; the model's own .loss gives another."""
+    batches keep theirs, measured at four steps). Each probe gradient is recomputed at the start of
+    each optimizer step with the loss written out by hand; the model's own .loss gives another."""
     ref = tmp_path / "xstar.safetensors"
     xstar = perturbed_reference(transformers.GPT2LMHeadModel(transformers.GPT2Config(**CFG)), ref)
     probe_examples = [DATA[40:42], DATA[50:53]]
     loss_of = custom_loss if case == "subclass" else smoothed_loss
-    captured, current = [], {}
-    orig_clip = torch.nn.utils.clip_grad_norm_
 
-    def spy(parameters, max_norm, *a, **k):
-        parameters = list(parameters)
-        m = current["model"]
+    def probes_both_ways(params):  # at x_t: the loss written out by hand, and the model's own .loss
         coll = transformers.default_data_collator
         probes, plain = [], []
         for b in probe_examples:
             batch = coll(b)
-            probes.append(grad_of(m, loss_of(m(input_ids=batch["input_ids"]).logits, batch["labels"])))
-            plain.append(grad_of(m, m(**batch).loss))
-        captured.append((flat(parameters), probes, plain))
-        return orig_clip(parameters, max_norm, *a, **k)
+            probes.append(grad_of(trainer.model, loss_of(trainer.model(input_ids=batch["input_ids"]).logits, batch["labels"])))
+            plain.append(grad_of(trainer.model, trainer.model(**batch).loss))
+        return probes, plain
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     if case == "subclass":
         trainer = make_trainer(tmp_path / "run", steps=4)
         trainer = ScaledLossTrainer(model=trainer.model, args=trainer.args, train_dataset=DATA)
     else:
         trainer = make_trainer(tmp_path / "run", steps=4, label_smoothing_factor=0.2)
     PathGeometryCallback.attach(trainer, reference=str(ref), probe_batches=probe_examples, probe_every=1, final_rtol=None)
-    current["model"] = trainer.model
-    trainer.train()
+    with PreClipCapture(trainer.model, probes_both_ways) as capture:
+        trainer.train()
+    captured = [(x, probes, plain) for x, _, probes, plain in capture.captured]
     entries = pathgeom_entries(trainer)
     assert len(entries) == len(captured) == 4
     for t, (h, (x, probes, plain)) in enumerate(zip(entries, captured)):
