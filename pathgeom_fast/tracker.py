@@ -20,10 +20,19 @@ What is measured (each a row of ``tracker.records``; a, b, c as in DESIGN.md sec
 * ``minibatch_wd`` (with ``weight_decay=``): g + wd * x, without a copy.
 * ``update``: u = x_t - x_{t+1}, the step the optimizer really took: a = <u, x_t - x*>,
   b = ||u||^2, c = ||x_t - x*||^2. Memory: for SGD without momentum the identity
-  u = lr (g + wd x) needs nothing extra; for SGD with (non-Nesterov) momentum
-  u = lr * momentum_buffer is read after the step, nothing extra either; for every other
-  optimizer (Adam, Nesterov, maximize, ...) one copy of the parameters is kept (same dtypes),
-  and <u, x_t - x*> = <u, x_{t+1} - x*> + ||u||^2 is computed in one fused pass.
+  u = lr (g + wd x_t) = lr / (1 - lr wd) (g + wd x_{t+1}) is evaluated after the step, from the
+  gradient the optimizer used (clipped, if it was clipped inside the measured step), nothing
+  extra; for SGD with (non-Nesterov) momentum u = lr * momentum_buffer is read after the step,
+  nothing extra either; in both, a parameter whose ``.grad`` is None at the step is one the
+  optimizer skipped (u = 0 there). For every other optimizer (Adam, Nesterov, maximize, ...)
+  one copy of the parameters is kept (same dtypes), and
+  <u, x_t - x*> = <u, x_{t+1} - x*> + ||u||^2 is computed in one fused pass.
+  Every identity-derived row is checked when rows are read: ||x_{t+1} - x*||^2 (measured after
+  the step in the same pass) must equal c - 2a + b to rounding. A mismatch (the gradient or the
+  learning rate changed between :meth:`measure` and the step, parameters changed inside the
+  measured step, an optimizer the identities do not describe) warns once, leaves the a, b and
+  ratios of the mismatched rows undefined (NaN), and from the next measured step on the
+  update is the exact difference of the parameters (one copy, as for Adam).
 * ``lagged`` (with ``lags=``): the paper's lagged orthogonal cosine. For the training gradient
   g_t, its component orthogonal to its own x_t - x* (primary reference) is
   g_t⊥ = g_t - (a_t / c_t)(x_t - x*), with ||g_t⊥||^2 = b_t - a_t^2 / c_t. The row of anchor
@@ -140,10 +149,12 @@ def _as_references(reference) -> dict[str, Reference]:
 class _Block:
     """Rows of one measurement call, still on the device: stats [n, 3] and one key per row."""
 
-    __slots__ = ("stats", "keys", "lr", "loss", "per_tensor")
+    __slots__ = ("stats", "keys", "lr", "loss", "per_tensor", "check")
 
-    def __init__(self, stats: Tensor, keys: list[tuple], lr, loss, per_tensor: bool = False):
+    def __init__(self, stats: Tensor, keys: list[tuple], lr, loss, per_tensor: bool = False, check=None):
         self.stats, self.keys, self.lr, self.loss, self.per_tensor = stats, keys, lr, loss, per_tensor
+        # identity-derived update rows: [c_next, tolerance] (device), checked when read
+        self.check = check
 
 
 def _to_host(values: list) -> list:
@@ -257,6 +268,12 @@ class PathTracker:
         self._drift_warned = False
         self._zero_warned = False
         self._first_c: dict[str, Tensor] = {}
+        self._ref_norms: dict[str, Tensor] = {}
+        self._update_warned = False
+        dtypes = {p.dtype for p in self.params} | {t.dtype for r in self.refs.values() for t in r.tensors}
+        # rounding of x_{t+1} in the parameters' dtype, and the ops' error target (DESIGN.md 2)
+        self._param_eps = max((torch.finfo(p.dtype).eps for p in self.params), default=0.0)
+        self._kernel_eps = 1e-6 if dtypes - {torch.float64} else 1e-13
         self.last_step: int | None = None
         self.final_distance_ratios: dict[str, float] = {}
 
@@ -296,11 +313,11 @@ class PathTracker:
 
     # -- pending rows -------------------------------------------------------------------
 
-    def _add(self, step: int, kind: str, ref: str, stats: Tensor, lr, loss, samples: int = 0) -> None:
+    def _add(self, step: int, kind: str, ref: str, stats: Tensor, lr, loss, samples: int = 0, check=None, hint: str = "") -> None:
         """Queue rows (stats [3] or [K, 3], still on the device)."""
         stats = stats.reshape(-1, 3)
         keys = [(step, kind, k if samples else 0, ref, None) for k in range(stats.shape[0])]
-        self._blocks.append(_Block(stats, keys, lr, loss))
+        self._blocks.append(_Block(stats, keys, lr, loss, check=(check, hint) if check is not None else None))
         self._last[(kind, ref)] = (step, stats)
 
     def _add_per_tensor(self, step: int, kind: str, ref: str, stats: Tensor, lr, loss) -> None:
@@ -314,13 +331,17 @@ class PathTracker:
         blocks, self._blocks = self._blocks, []
         if not blocks:
             return []
-        values = _to_host([b.stats for b in blocks] + [b.loss for b in blocks] + [b.lr for b in blocks])
+        checks = [b.check[0] if b.check is not None else None for b in blocks]
+        values = _to_host([b.stats for b in blocks] + [b.loss for b in blocks] + [b.lr for b in blocks] + checks)
         n = len(blocks)
         new: list[dict[str, Any]] = []
-        for b, stats, loss, lr in zip(blocks, values[:n], values[n : 2 * n], values[2 * n :]):
+        for b, stats, loss, lr, check in zip(blocks, values[:n], values[n : 2 * n], values[2 * n : 3 * n], values[3 * n :]):
             loss = None if loss is None else float(loss)
             lr = None if lr is None else float(lr)
-            for (step, kind, sample, ref, tensor), (a, bb, c) in zip(b.keys, stats.tolist()):
+            rows3 = stats.tolist()
+            if check is not None:
+                rows3 = [self._checked_update(b.keys[0], rows3[0], check.tolist(), b.check[1])]
+            for (step, kind, sample, ref, tensor), (a, bb, c) in zip(b.keys, rows3):
                 row = {"step": step, "kind": kind, "sample": sample, "reference": ref, "lr": lr, "loss": loss}
                 row.update(metrics(a, bb, c))
                 if kind == "lagged":  # only the cosine means something for these rows
@@ -342,6 +363,34 @@ class PathTracker:
                     if row[key] is not None:
                         self.writer.add_scalar(f"pathgeom/{tag}/{key}", row[key], row["step"])
         return new
+
+    def _checked_update(self, key: tuple, abc: list[float], check: list[float], hint: str) -> list[float]:
+        """An identity-derived update row, or NaN a and b where ||x_{t+1} - x*||^2 is not
+        c - 2a + b to rounding (warned once; the next measured step falls back to a copy)."""
+        a, b, c = abc
+        c_next, tol = check
+        expect = c - 2 * a + b
+        if not all(map(math.isfinite, (a, b, c, c_next))) or abs(c_next - expect) <= tol:
+            return abc  # a run that went NaN/inf is not a mismatch of the identity
+        self.update_mode = "copy"  # from the next measured step on (a pending step keeps its mode)
+        if not self._update_warned:
+            self._update_warned = True
+            step, ref = key[0], key[3]
+            likely = hint or (
+                "the gradient changed between measure() and optimizer.step() in a way the optimizer's identity "
+                "does not follow, parameters were changed inside the measured step (a projection or clamp), or "
+                f"the optimizer ({type(self.optimizer).__name__}) does not take the plain SGD step the identities describe"
+            )
+            warnings.warn(
+                f"PathTracker: the update row of step {step} (reference {ref!r}) does not match the step the parameters "
+                f"took: ||x_t+1 - x*||^2 = {c_next:.9g} but c - 2a + b = {expect:.9g} (rounding allows {tol:.2g}). "
+                f"Likely cause: {likely}. Its a, b and ratios are left undefined (NaN), as are those of any other "
+                "mismatched update row; from the next measured step on, updates are the exact difference of the "
+                "parameters (one copy of them is kept).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return [math.nan, math.nan, c]
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -401,19 +450,14 @@ class PathTracker:
             self._lagged(step, grads, primary_stats, lr)
         if self.probe_every and step % self.probe_every == 0:
             self._probes(step, lr)
-        self._pending = {"step": step, "c": c_now, "lr": lr, "loss": loss_v}
-        if self.update_mode == "sgd":
-            # u = sum over groups of lr_g (g + wd_g x): a, b from the gradient stats of each group
-            ab = {}
-            for name, ref in self.refs.items():
-                a = b = None
-                for g, idx in self._groups():
-                    sg = self._stats(grads, ref, weight_decay=float(g.get("weight_decay", 0.0)), idx=idx)
-                    lr_g = float(g["lr"])
-                    a = lr_g * sg[0] if a is None else a + lr_g * sg[0]
-                    b = lr_g * lr_g * sg[1] if b is None else b + lr_g * lr_g * sg[1]
-                ab[name] = (a, b)
-            self._pending["ab"] = ab
+        self._pending = {"step": step, "c": c_now, "lr": lr, "loss": loss_v, "mode": self.update_mode}
+        if self.update_mode in ("sgd", "momentum"):
+            # the hyper-parameters of the step about to be taken (a scheduler may change them
+            # right after it, inside the measured step)
+            self._pending["groups"] = [
+                (float(g["lr"]), float(g.get("weight_decay", 0.0) or 0.0), idx) for g, idx in self._groups()
+            ]
+            self._pending["had_grad"] = [p.grad is not None for p in self.params]
         elif self.update_mode == "copy":
             if self._copy is None:
                 self._copy = [p.detach().clone() for p in self.params]
@@ -470,27 +514,75 @@ class PathTracker:
         pend, self._pending = self._pending, None
         if pend is None:
             raise RuntimeError("PathTracker.after_step() called without measure() before the step")
-        if self.update_mode == "off":
+        mode = pend["mode"]
+        if mode == "off":
             return
         for name, ref in self.refs.items():
-            if self.update_mode == "sgd":
-                a, b = pend["ab"][name]
-            elif self.update_mode == "momentum":
-                a = b = None
-                for g, idx in self._groups():
-                    lr_g = float(g["lr"])
-                    bufs = []
-                    for i in idx:
-                        buf = self.optimizer.state.get(self.params[i], {}).get("momentum_buffer")
-                        bufs.append(buf if buf is not None else torch.zeros_like(self.params[i]))
-                    s = secant_stats(bufs, [self.params[i] for i in idx], [ref.tensors[i] for i in idx], **self.kw)
-                    # x_t = x_{t+1} + lr buf:  <u, x_t - x*> = lr <buf, x_{t+1} - x*> + lr^2 ||buf||^2
-                    ga, gb = lr_g * s[0] + lr_g * lr_g * s[1], lr_g * lr_g * s[1]
-                    a, b = (ga, gb) if a is None else (a + ga, b + gb)
-            else:  # copy: h = x_t - x_{t+1} = u via weight_decay = -1 on params = x_{t+1}
+            c = pend["c"][name]
+            if mode == "copy":  # h = x_t - x_{t+1} = u via weight_decay = -1 on params = x_{t+1}
                 s = secant_stats(self._copy, self.params, ref.tensors, weight_decay=-1.0, **self.kw)
-                a, b = s[0] + s[1], s[1]
-            self._add(pend["step"], "update", name, torch.stack([a, b, pend["c"][name]]), pend["lr"], pend["loss"])
+                self._add(pend["step"], "update", name, torch.stack([s[0] + s[1], s[1], c]), pend["lr"], pend["loss"])
+                continue
+            a, b, c_next = self._identity_update(mode, pend, name, ref)
+            tol = self._update_tolerance(name, ref, a, b, c, c_next)
+            self._add(pend["step"], "update", name, torch.stack([a, b, c]), pend["lr"], pend["loss"],
+                      check=torch.stack([c_next, tol]), hint=self._update_hint(pend))
+
+    def _identity_update(self, mode: str, pend: dict, name: str, ref: Reference) -> tuple[Tensor, Tensor, Tensor]:
+        """a = <u, x_t - x*>, b = ||u||^2 and c_next = ||x_{t+1} - x*||^2 from x_{t+1}, in one pass
+        per param group: the parameters the optimizer moved (a ``.grad`` now) and, for c_next,
+        one more pass over those it did not move."""
+        a = b = c_next = None
+        moved = [False] * len(self.params)
+        for lr_g, wd_g, idx in pend["groups"]:
+            idx = [i for i in idx if self.params[i].grad is not None]  # torch skips a parameter without .grad
+            if not idx:
+                continue
+            for i in idx:
+                moved[i] = True
+            p, r = [self.params[i] for i in idx], [ref.tensors[i] for i in idx]
+            if mode == "sgd":
+                # x_{t+1} = x_t - lr (g + wd x_t)  =>  u = k (g + wd x_{t+1}), k = lr / (1 - lr wd)
+                k = lr_g / (1.0 - lr_g * wd_g) if lr_g * wd_g != 1.0 else math.nan
+                s = secant_stats([q.grad for q in p], p, r, weight_decay=wd_g, **self.kw)
+            else:  # momentum: u = lr * buf, read after the step
+                k = lr_g
+                bufs = []
+                for q in p:
+                    buf = self.optimizer.state.get(q, {}).get("momentum_buffer")
+                    bufs.append(buf if buf is not None else torch.zeros_like(q))
+                s = secant_stats(bufs, p, r, **self.kw)
+            # x_t = x_{t+1} + u:  <u, x_t - x*> = k <v, x_{t+1} - x*> + k^2 ||v||^2, u = k v
+            ga, gb = k * s[0] + k * k * s[1], k * k * s[1]
+            a, b, c_next = (ga, gb, s[2]) if a is None else (a + ga, b + gb, c_next + s[2])
+        still = [i for i, m in enumerate(moved) if not m]
+        if still:
+            p, r = [self.params[i] for i in still], [ref.tensors[i] for i in still]
+            cs = secant_stats(p, p, r, **self.kw)[2]
+            c_next = cs if c_next is None else c_next + cs
+        if a is None:
+            a = b = torch.zeros_like(c_next)
+        return a, b, c_next
+
+    def _update_tolerance(self, name: str, ref: Reference, a: Tensor, b: Tensor, c: Tensor, c_next: Tensor) -> Tensor:
+        """How far ||x_{t+1} - x*||^2 may be from c - 2a + b by rounding alone: the ops' error on
+        a, b, c (and c_next), and x_{t+1} rounded to the parameters' dtype (<= eps/2 |x_{t+1}|
+        per element, so <= eps ||x_{t+1} - x*|| ||x_{t+1}|| on c_next)."""
+        if name not in self._ref_norms:
+            self._ref_norms[name] = secant_stats(ref.tensors, ref.tensors, ref.tensors, **self.kw)[1].sqrt()
+        dn = c_next.clamp(min=0).sqrt()
+        sizes = c + c_next + b + 2 * (b * c).clamp(min=0).sqrt()
+        return 4 * self._kernel_eps * sizes + 2 * self._param_eps * dn * (dn + self._ref_norms[name]) + 1e-300
+
+    def _update_hint(self, pend: dict) -> str:
+        """What, seen from here, may have changed between measure() and the step."""
+        now = [(float(g["lr"]), float(g.get("weight_decay", 0.0) or 0.0)) for g, _ in self._groups()]
+        if now != [(lr, wd) for lr, wd, _ in pend["groups"]]:
+            return "the learning rate or weight decay changed inside the measured step (a scheduler stepped before optimizer.step()?)"
+        lost = sum(1 for p, had in zip(self.params, pend["had_grad"]) if had and p.grad is None)
+        if lost:
+            return f"{lost} parameter(s) lost their .grad inside the measured step (zero_grad() before after_step()?)"
+        return ""
 
     @contextlib.contextmanager
     def step(self, step: int | None = None, loss=None):

@@ -31,9 +31,9 @@ gradient accumulation, the mean over the micro-batches of that optimizer step (t
 framework callbacks pass the loss the framework computed; see their docs).
 
 Measure the gradient before clipping by calling :meth:`before_step` before
-``clip_grad_norm_`` and :meth:`after_step` after ``optimizer.step()``; pass
-``grad_clipping=True`` then (plain SGD's update is otherwise derived from the measured,
-unclipped gradient).
+``clip_grad_norm_`` and :meth:`after_step` after ``optimizer.step()`` (or clip inside
+``with geo.step(...)``): the gradient rows are the unclipped gradient, the ``update`` rows the
+step the optimizer took with the clipped one, whether or not ``grad_clipping`` is set.
 
 No synchronisation while training: statistics and losses stay on the device until they are
 read (:meth:`scalars`: one copy of the step's scalars and the pending losses together;
@@ -200,7 +200,8 @@ class StepMeasurer:
         per_tensor: keep per-tensor rows and log them as ``pathgeom/tensor/<name>/<metric>``.
         update: as in :class:`PathTracker` ("auto", "copy", "off").
         grad_clipping: the gradient is clipped between :meth:`before_step` and the optimizer
-            step (the framework callbacks set it from their configuration).
+            step (the framework callbacks set it from their configuration). Informational: the
+            update rows follow the clipped gradient either way.
         backend: passed to :func:`pathgeom_fast.secant_stats`.
         snapshot_dir, snapshot_every: save x_t every ``snapshot_every`` steps and, at
             :meth:`finish`, the final point x_T.
@@ -348,12 +349,9 @@ class StepMeasurer:
         refs = {n: r if isinstance(r, Reference) else Reference.from_file(model, r, name=n) for n, r in self.refs.items()}
         params = [p for _, p in trainable(model)]
         device = params[0].device if params else torch.device("cpu")
+        # the update identities follow the gradient the optimizer used (clipped or not) and are
+        # checked against the realised step when rows are read: no special case for clipping
         update = self.update
-        if update == "auto" and self.grad_clipping and type(optimizer) is torch.optim.SGD:
-            # the identity u = lr (g + wd x) holds for the gradient the optimizer used, which
-            # clipping changed after the measurement: keep one parameter copy instead
-            if all(g.get("momentum", 0) == 0 for g in optimizer.param_groups):
-                update = "copy"
         self.tracker = PathTracker(
             model,
             refs,
