@@ -31,6 +31,30 @@ def batch_size(batch: Any) -> int:
     raise TypeError(f"batch_size: cannot tell the size of a batch of type {type(batch).__name__}")
 
 
+def _first_shape(batch: Any) -> list[int] | None:
+    if isinstance(batch, Tensor):
+        return list(batch.shape)
+    for v in batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ():
+        if isinstance(v, (Tensor, Mapping, list, tuple)):
+            return _first_shape(v)
+    return None
+
+
+def check_not_empty(batches, what: str) -> None:
+    """ValueError naming the batch (``what`` and its index) when one holds 0 samples: a mean
+    gradient over it is undefined. Batches whose size cannot be told are left to the loss."""
+    for i, b in enumerate(batches or ()):
+        try:
+            n = batch_size(b)
+        except (TypeError, ValueError):
+            continue
+        if n == 0:
+            raise ValueError(
+                f"{what} {i} has 0 samples (its first tensor has shape {_first_shape(b)}): a gradient over no "
+                "samples is undefined; leave the empty batch out"
+            )
+
+
 def to_device(batch: Any, device) -> Any:
     """The batch with every tensor moved to ``device`` (structure kept)."""
     if isinstance(batch, Tensor):
@@ -105,4 +129,5 @@ def full_batch_list(full_batch) -> list | None:
     batches = list(full_batch)
     if not batches:
         raise ValueError("full_batch is empty; pass the batches covering the training set, or None")
+    check_not_empty(batches, "full_batch batch")
     return batches

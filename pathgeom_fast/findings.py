@@ -19,6 +19,14 @@ claims (Guille-Escuret et al., "No Wrong Turns", ICML 2024):
 Then the lagged orthogonal cosine by lag, and the controls: the chance scale, the same claims
 against a second seed's end point x*' and against x_0, the weight-decay variants, and the
 replay divergence. "The body" is the path without its last ``tail_fraction`` (x ~ x*).
+
+No verdict is read from too little or from undefined data: a claim needs at least
+``MIN_VERDICT_STEPS`` measured steps with finite values in the body ("too few measured steps
+(n) for a verdict" otherwise), and none from a run whose statistics went NaN or inf ("no
+verdict: the run went non-finite"); rows whose ratios are undefined are counted and their steps
+named beside the numbers, which are those of the finite rows. A summary may say how its
+producer lets a user measure what is missing (``how_to_measure``: {"full": ..., "lags": ...},
+e.g. the command-line flags); the default names the Python arguments.
 """
 
 from __future__ import annotations
@@ -47,7 +55,11 @@ def reference_block(summary: dict, name: str) -> dict:
     return {k: block.get(k) or {} for k in ("overall", "steps", "path")}
 
 
-HOLDS, FAILS, UNMEASURED = "holds", "does not hold here", "not measured"
+HOLDS, FAILS, UNMEASURED, NO_VERDICT = "holds", "does not hold here", "not measured", "no verdict"
+#: a verdict needs at least this many measured steps with finite values in the body
+MIN_VERDICT_STEPS = 8
+#: how to measure what is missing, in the words of the Python API (producers may override)
+HOW_TO_MEASURE = {"full": "full_batch= was not given", "lags": "lags= was not given, or too few steps for any lag"}
 COS_SHARE_MIN = 0.9
 EB_SPREAD_MAX = 10.0
 ETA_RISE_MIN = 1.5
@@ -66,9 +78,49 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f} %"
 
 
+def _steps(steps: list) -> str:
+    """'step 4' / 'steps 4, 5, 6 ...'"""
+    steps = list(steps or [])
+    more = " ..." if len(steps) > 6 else ""
+    return f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps[:6]))}{more}"
+
+
+def _how(summary: dict, what: str) -> str:
+    return {**HOW_TO_MEASURE, **(summary.get("how_to_measure") or {})}[what]
+
+
+def _undefined(b: dict, rows: str = "rows", cos: bool = False) -> str:
+    """'; 5 of 9 rows undefined (NaN or inf) at steps 4, 5, ..., left out' or ''."""
+    n_bad = b["n"] - b["n_cos"] if cos and "n_cos" in b else b.get("n_undefined", 0)
+    if not n_bad:
+        return ""
+    steps = b.get("cos_undefined_steps" if cos else "undefined_steps") or []
+    return f"; {n_bad} of {b['n']} {rows} undefined (NaN or inf){' at ' + _steps(steps) if steps else ''}, left out"
+
+
+def _gate(summary: dict, kind: str, n_defined: int) -> str | None:
+    """Why there is no verdict from the rows of ``kind``, or None: statistics that went NaN or inf
+    anywhere on the path (the tail included), or too few measured steps with finite values."""
+    per_step = summary.get("steps", {}).get(kind, [])
+    bad = [s["step"] for s in per_step if s.get("n_nonfinite")]
+    if bad:
+        n_rows = sum(s["n"] for s in per_step)
+        n_bad = sum(s["n_nonfinite"] for s in per_step)
+        return f"no verdict: the run went non-finite ({n_bad} of {n_rows} rows have NaN or inf statistics, from {_steps(bad)})"
+    if n_defined < MIN_VERDICT_STEPS:
+        return f"too few measured steps ({n_defined}) for a verdict (at least {MIN_VERDICT_STEPS} with finite values are needed)"
+    return None
+
+
 def _body(summary: dict):
     cut = summary.get("overall_steps_below")
     return (lambda s: s < cut) if cut is not None else (lambda s: True)
+
+
+def _cut(summary: dict) -> int | None:
+    """The first step of the tail, as an integer (steps are integers)."""
+    cut = summary.get("overall_steps_below")
+    return None if cut is None else int(math.ceil(cut))
 
 
 def _per_step(summary: dict, kind: str, metric: str, q: str = "q50", ref: str | None = None) -> tuple[list, list]:
@@ -92,12 +144,13 @@ def claim_rsi_full(summary: dict) -> dict:
     out = {"claim": "RSI stays positive for full-batch gradients along the path",
            "criterion": "min RSI of the full-batch gradient over the body > 0"}
     if not full:
-        return {**out, "measured": "no full-batch rows (--no-full-batch)", "verdict": UNMEASURED, "controls": []}
+        return {**out, "measured": f"no full-batch gradient was measured ({_how(summary, 'full')})", "verdict": UNMEASURED,
+                "controls": []}
     steps, lows = _per_step(summary, "full", "rsi", "q0")
-    bad = [s for s, v in zip(steps, lows) if v <= 0]
-    all_lows = [s["rsi"]["q0"] for s in summary["steps"]["full"] if s["rsi"]["q0"] is not None]
+    bad = [s for s, v in zip(steps, lows) if v is not None and math.isfinite(v) and v <= 0]
+    all_lows = [s["rsi"]["q0"] for s in summary["steps"]["full"] if s["rsi"]["q0"] is not None and s["rsi"]["q0"] == s["rsi"]["q0"]]
     measured = (f"min RSI {_g(full['mu'])}, median {_g(full['rsi']['q50'])}; RSI > 0 at {_pct(full['share_cos_positive'])} "
-                f"of {full['n']} full-batch measurements")
+                f"of {full.get('n_cos', full['n'])} full-batch measurements{_undefined(full, 'measurements', cos=True)}")
     if bad:
         measured += f"; RSI <= 0 at step{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:6]))}{' ...' if len(bad) > 6 else ''}"
     if all_lows and min(all_lows) != full["mu"]:
@@ -111,6 +164,9 @@ def claim_rsi_full(summary: dict) -> dict:
     if "full_wd" in summary["overall"]:
         b = summary["overall"]["full_wd"]
         controls.append(f"weight-decay variant g + wd x (full_wd): min RSI {_g(b['mu'])}, RSI > 0 at {_pct(b['share_cos_positive'])}")
+    gate = _gate(summary, "full", full.get("n_steps_defined", full["n"]))
+    if gate:
+        return {**out, "measured": f"{gate}; {measured}", "verdict": NO_VERDICT, "controls": controls}
     ok = full["mu"] is not None and full["mu"] > 0
     return {**out, "measured": measured, "verdict": HOLDS if ok else FAILS, "controls": controls}
 
@@ -123,7 +179,9 @@ def claim_cos_minibatch(summary: dict) -> dict:
     if not mb:
         return {**out, "measured": "no minibatch rows", "verdict": UNMEASURED, "controls": []}
     med = mb["cos"]["q50"]
-    measured = f"cos > 0 at {_pct(mb['share_cos_positive'])} of {mb['n']} training steps; median cos {_g(med)}"
+    n_cos = mb.get("n_cos", mb["n"])
+    measured = (f"cos > 0 at {_pct(mb['share_cos_positive'])} of {n_cos} training steps{_undefined(mb, 'steps', cos=True)}; "
+                f"median cos {_g(med)}")
     if chance and med is not None:
         measured += f" = {med / chance:,.0f} x the chance scale 1/sqrt(D) = {_g(chance)}"
     controls = []
@@ -137,6 +195,9 @@ def claim_cos_minibatch(summary: dict) -> dict:
     if "minibatch_wd" in summary["overall"]:
         b = summary["overall"]["minibatch_wd"]
         controls.append(f"weight-decay variant (minibatch_wd): cos > 0 at {_pct(b['share_cos_positive'])}")
+    gate = _gate(summary, "minibatch", n_cos)
+    if gate:
+        return {**out, "measured": f"{gate}; {measured}", "verdict": NO_VERDICT, "controls": controls}
     ok = mb["share_cos_positive"] is not None and mb["share_cos_positive"] >= COS_SHARE_MIN
     return {**out, "measured": measured, "verdict": HOLDS if ok else FAILS, "controls": controls}
 
@@ -154,22 +215,29 @@ def claim_eb(summary: dict) -> dict:
     steps, vals = _per_step(summary, kind, "eb")
     v = np.array(vals, dtype=float)
     v = v[np.isfinite(v) & (v > 0)]
-    if v.size < 2:
-        return {**out, "measured": f"{v.size} {kind} measurement(s) in the body", "verdict": UNMEASURED, "controls": []}
+    block = summary["overall"][kind]
+    gate = _gate(summary, kind, int(v.size))
+    if gate and v.size < 2:
+        return {**out, "measured": f"{gate}; {v.size} {kind} measurement(s) with a finite EB in the body", "verdict": NO_VERDICT,
+                "controls": []}
     lo, hi = np.percentile(v, 5), np.percentile(v, 95)
     spread = hi / lo
     q = max(1, v.size // 4)
     drift = float(np.median(v[-q:]) / np.median(v[:q]))
     what = {"full": "full-batch", "probe": "probe-median", "minibatch": "training-minibatch"}[kind]
-    measured = (f"{what} EB: max L = {_g(float(v.max()))}, median {_g(float(np.median(v)))}, 5-95 % range "
-                f"{_g(lo)} to {_g(hi)} (x{spread:.3g}); last quarter / first quarter of the body: x{drift:.3g}")
-    all_max = max((s["eb"]["q100"] for s in summary["steps"][kind] if s["eb"]["q100"] is not None), default=None)
+    measured = (f"{what} EB over {v.size} steps: max L = {_g(float(v.max()))}, median {_g(float(np.median(v)))}, 5-95 % range "
+                f"{_g(lo)} to {_g(hi)} (x{spread:.3g}); last quarter / first quarter of the body: x{drift:.3g}"
+                + _undefined(block))
+    all_max = max((s["eb"]["q100"] for s in summary["steps"][kind] if s["eb"]["q100"] is not None and math.isfinite(s["eb"]["q100"])),
+                  default=None)
     controls = []
     if all_max is not None and all_max > v.max():
         controls.append(f"with the tail (x ~ x*, c -> 0) EB reaches {_g(all_max)}: the bound holds only away from x*")
     if kind != "minibatch" and "minibatch" in summary["overall"]:
         b = summary["overall"]["minibatch"]
         controls.append(f"training minibatch EB: median {_g(b['eb']['q50'])}, max {_g(b['L'])} (noise adds to ||g||)")
+    if gate:
+        return {**out, "measured": f"{gate}; {measured}", "verdict": NO_VERDICT, "controls": controls}
     return {**out, "measured": measured, "verdict": HOLDS if spread <= EB_SPREAD_MAX else FAILS, "controls": controls}
 
 
@@ -187,8 +255,10 @@ def claim_eta(summary: dict) -> dict:
         return {**out, "measured": "no rows", "verdict": UNMEASURED, "controls": []}
     steps, vals = _per_step(summary, kind, "eta_star")
     pts = [(s, v) for s, v in zip(steps, vals) if math.isfinite(v)]
-    if len(pts) < 5:
-        return {**out, "measured": f"{len(pts)} {kind} measurements in the body", "verdict": UNMEASURED, "controls": []}
+    gate = _gate(summary, kind, len(pts))
+    if gate and len(pts) < 3:
+        return {**out, "measured": f"{gate}; {len(pts)} {kind} measurement(s) of eta* in the body", "verdict": NO_VERDICT,
+                "controls": []}
     s = np.array([p[0] for p in pts])
     w = max(3, len(pts) // 8) | 1  # odd window, an eighth of the body
     v = _running_median(np.array([p[1] for p in pts]), w)
@@ -221,6 +291,8 @@ def claim_eta(summary: dict) -> dict:
         elif not summary.get("lr_comparable_to_eta_star", True):
             controls.append(f"{summary.get('optimizer', 'this optimizer')}: the learning rate scales a preconditioned step, not g, "
                             "so eta* is compared with ||u|| / ||g|| rather than with lr")
+    if gate:
+        return {**out, "measured": f"{gate}; {measured}", "verdict": NO_VERDICT, "controls": controls}
     return {**out, "measured": measured, "verdict": HOLDS if rises and falls else FAILS, "controls": controls}
 
 
@@ -235,11 +307,16 @@ def claim_rate(summary: dict) -> dict:
     path = summary.get("path") or {}
     obs, obs_half = path.get("observed_rate"), path.get("observed_steps_to_halve")
     what = "full-batch" if kind == "full" else "probe"
-    measured = f"{what}: mu = {_g(mu)}, L = {_g(L)}"
+    measured = f"{what}: mu = {_g(mu)}, L = {_g(L)}{_undefined(b)}"
+    gate = _gate(summary, kind, b.get("n_steps_defined", b["n"]))
     controls = []
     if obs is not None:
-        controls.append(f"the path itself: ||x - x*||^2 shrank by {_g(obs, 6)} per step on average over steps "
+        controls.append(f"the path itself: ||x - x*||^2 changed by a factor {_g(obs, 6)} per step on average over steps "
                         f"{path['first_step']}-{path['last_step']}" + (f" (halved every {_g(obs_half)} steps)" if obs_half else ""))
+    if gate:
+        if mu is not None and mu <= 0:
+            measured += "; mu <= 0: no guarantee"
+        return {**out, "measured": f"{gate}; {measured}", "verdict": NO_VERDICT, "controls": controls}
     if mu is not None and L and mu > 0:
         rate = 1 - mu * mu / (L * L)
         half = math.log(0.5) / math.log(rate) if 0 < rate < 1 else None
@@ -247,14 +324,17 @@ def claim_rate(summary: dict) -> dict:
         if half and obs_half:
             controls.append(f"the guarantee is {half / obs_half:,.3g}x slower than the path's own contraction")
         return {**out, "measured": measured, "verdict": HOLDS, "controls": controls}
-    measured += "; mu <= 0, so no contraction is guaranteed"
+    if mu is None:
+        measured += "; no finite RSI, so no rate"
+        return {**out, "measured": measured, "verdict": NO_VERDICT, "controls": controls}
+    measured += "; rate: no guarantee (mu <= 0: steps of mu/L^2 guarantee no contraction)"
     return {**out, "measured": measured, "verdict": FAILS, "controls": controls}
 
 
 def lagged_lines(summary: dict) -> list[str]:
     lag = summary.get("lagged") or {}
     if not lag:
-        return ["Not measured (--lags none, or too few steps for any lag)."]
+        return [f"Not measured ({_how(summary, 'lags')})."]
     chance = summary.get("chance_cos")
     lines = ["| lag k | anchors | median cos | 25-75 % | share > 0 | reading |", "| ---: | ---: | ---: | --- | ---: | --- |"]
     for k, b in lag.items():
@@ -302,10 +382,14 @@ def control_lines(summary: dict) -> list[str]:
         lines.append(head + ": " + "; ".join(parts) + ".")
     if summary.get("replay_final_distance_ratio") is not None:
         r = summary["replay_final_distance_ratio"]
-        lines.append(f"- **Replay divergence**: run 2 ended at {_g(r)} of its starting distance from x* "
-                     + ("(an exact replay: every row is measured on run 1's own path)." if r == 0 else
-                        "(the replay drifted: rows late in the path are measured on a slightly different path)."
-                        if r > 1e-4 else "(the replay ended at x* to rounding)."))
+        if not math.isfinite(r):
+            lines.append(f"- **Replay divergence**: ||x_T - x*|| / ||x_0 - x*|| is {r}: not a replay ({r}); the run's "
+                         "distances to x* are not finite numbers, so it is not known whether it retraced run 1.")
+        else:
+            lines.append(f"- **Replay divergence**: run 2 ended at {_g(r)} of its starting distance from x* "
+                         + ("(an exact replay: every row is measured on run 1's own path)." if r == 0 else
+                            "(the replay drifted: rows late in the path are measured on a slightly different path)."
+                            if r > 1e-4 else "(the replay ended at x* to rounding)."))
     return lines
 
 
@@ -315,15 +399,19 @@ CLAIMS = (claim_rsi_full, claim_cos_minibatch, claim_eb, claim_eta, claim_rate)
 def findings_markdown(summary: dict, title: str = "") -> str:
     """The findings.md text for one summary."""
     claims = [c(summary) for c in CLAIMS]
-    cut = summary.get("overall_steps_below")
+    cut = _cut(summary)
     out = [f"# Findings{': ' + title if title else ''}", ""]
     ratio = summary.get("replay_final_distance_ratio")
     how = ("the end of run 1, replayed exactly in run 2" if ratio == 0 else
+           f"the reference point; not a replay ({ratio}): the run's distance to x* is not finite"
+           if ratio is not None and not math.isfinite(ratio) else
            "the end of run 1, replayed in run 2" if ratio is not None else "the reference point")
     intro = f"Measured against x* ({how}), in D = {_g(summary.get('numel'))} parameters."
     if cut is not None:
-        intro += (f" \"The body\" is the path before step {_g(cut)}: the last {summary['tail_fraction']:.0%} of the steps, where "
+        intro += (f" \"The body\" is the path before step {cut}: the last {summary['tail_fraction']:.0%} of the steps, where "
                   "x is so close to x* that the ratios are ill-conditioned, is left out.")
+    intro += (f" A verdict needs at least {MIN_VERDICT_STEPS} measured steps with finite values in the body, and none "
+              "is given from a run whose statistics went NaN or inf.")
     out += [intro, "", "| # | claim of the paper | measured here | criterion | verdict |", "| --- | --- | --- | --- | --- |"]
     for i, c in enumerate(claims, 1):
         out.append(f"| {i} | {c['claim']} | {c['measured']} | {c['criterion']} | **{c['verdict']}** |")

@@ -5,7 +5,10 @@
 * ``summary.json``: for every kind of gradient and every measured step, the quantiles
   0/5/25/50/75/95/100 % of RSI, EB, cos and eta* over the samples of that step, the share of
   cos > 0, mu = min RSI, L = max EB (both, like the quantiles, over the rows where the ratios
-  are finite; rows at x = x*, c = 0, are counted in ``n_undefined``) and the implied rate
+  are finite; rows at x = x*, c = 0, are counted in ``n_undefined`` and their steps listed in
+  ``undefined_steps``; rows whose a, b or c is itself NaN or inf, a run that went non-finite,
+  in ``n_nonfinite`` and ``nonfinite_steps``; ``n_cos`` rows have a finite cosine, the share
+  of cos > 0 is over them) and the implied rate
   1 - mu^2/L^2 (a contraction factor of
   ||x - x*||^2 per step of size mu/L^2, guaranteed only when mu > 0); the same over the whole
   path ("overall"), leaving out the last ``tail_fraction`` (default 10 %) of the steps, where
@@ -66,6 +69,15 @@ def _finite(v) -> float | None:
     return float(v) if v is not None and math.isfinite(v) else None
 
 
+#: steps named in ``undefined_steps`` / ``nonfinite_steps`` (the counts are complete)
+NAMED_STEPS = 20
+
+
+def _nonfinite_row(r: dict) -> bool:
+    """a, b or c (where the row has them) is NaN or +-inf: the run itself went non-finite."""
+    return any(r.get(k) is not None and not math.isfinite(r[k]) for k in ("a", "b", "c"))
+
+
 def _block(rows: list[dict]) -> dict:
     vals = {m: np.array([np.nan if r.get(m) is None else r[m] for r in rows], dtype=np.float64) for m in METRICS}
     out = {"n": len(rows)}
@@ -82,7 +94,16 @@ def _block(rows: list[dict]) -> dict:
     # (c = 0, e.g. x_0 against the x_0 reference) has EB = inf and RSI = +-inf or nan; those
     # rows are counted in n_undefined instead of making L infinite and the rate unknown
     rsi, eb = vals["rsi"][np.isfinite(vals["rsi"])], vals["eb"][np.isfinite(vals["eb"])]
-    out["n_undefined"] = int((~(np.isfinite(vals["rsi"]) & np.isfinite(vals["eb"]))).sum())
+    defined = np.isfinite(vals["rsi"]) & np.isfinite(vals["eb"])
+    out["n_undefined"] = int((~defined).sum())
+    out["undefined_steps"] = sorted({r["step"] for r, ok in zip(rows, defined) if not ok})[:NAMED_STEPS]
+    bad = [r["step"] for r in rows if _nonfinite_row(r)]
+    out["n_nonfinite"] = len(bad)
+    out["nonfinite_steps"] = sorted(set(bad))[:NAMED_STEPS]
+    out["n_cos"] = int(cos.size)
+    out["cos_undefined_steps"] = sorted({r["step"] for r, v in zip(rows, vals["cos"]) if not np.isfinite(v)})[:NAMED_STEPS]
+    out["n_steps"] = len({r["step"] for r in rows})
+    out["n_steps_defined"] = len({r["step"] for r, ok in zip(rows, defined) if ok})
     mu = _finite(rsi.min()) if rsi.size else None
     L = _finite(eb.max()) if eb.size else None
     out["mu"] = mu
@@ -93,11 +114,12 @@ def _block(rows: list[dict]) -> dict:
 
 
 def tail_start(records: list[dict], tail_fraction: float) -> float:
-    """First step of the excluded tail."""
+    """First step of the excluded tail (an integer; inf when nothing is excluded)."""
     if not records:
         return math.inf
     lo, hi = min(r["step"] for r in records), max(r["step"] for r in records)
-    return math.inf if tail_fraction <= 0 else hi - tail_fraction * (hi - lo + 1) + 1
+    # steps are integers: the body (steps < cut) is the same with the cut rounded up to one
+    return math.inf if tail_fraction <= 0 else math.ceil(hi - tail_fraction * (hi - lo + 1) + 1)
 
 
 LAGGED = "lagged"
@@ -144,7 +166,8 @@ def _lagged_summary(records: list[dict], cut: float) -> dict:
 def _path_summary(records: list[dict], cut: float) -> dict:
     """How fast the path itself approached this reference over the body: the mean contraction
     of ||x - x*||^2 per step, (c_last / c_first)^(1 / steps), from the minibatch rows' c."""
-    rows = sorted((r for r in records if r["kind"] == "minibatch" and r["c"] is not None and r["c"] > 0), key=lambda r: r["step"])
+    rows = sorted((r for r in records if r["kind"] == "minibatch" and r["c"] is not None and 0 < r["c"] < math.inf),
+                  key=lambda r: r["step"])
     body = [r for r in rows if r["step"] < cut] or rows
     if not body:
         return {}
@@ -166,7 +189,8 @@ def _step_summary(records: list[dict], cut: float) -> dict | None:
     divided by it and by the learning rate."""
     mb = {r["step"]: r for r in records if r["kind"] == "minibatch"}
     up = {r["step"]: r for r in records if r["kind"] == "update"}
-    steps = sorted(t for t in mb if t in up and t < cut and mb[t]["b"] and mb[t]["b"] > 0)
+    steps = sorted(t for t in mb if t in up and t < cut and mb[t]["b"] and 0 < mb[t]["b"] < math.inf
+                   and up[t]["b"] is not None and math.isfinite(up[t]["b"]))
     if not steps:
         return None
     per_g = np.array([math.sqrt(up[t]["b"] / mb[t]["b"]) for t in steps])
@@ -226,13 +250,16 @@ def summarize(records: list[dict], numel: int | None = None, tail_fraction: floa
 def format_table(summary: dict) -> str:
     """A short text table of the overall summary, one line per kind of gradient (a block per
     reference when there are several)."""
-    head = f"{'kind':<13}{'n':>6}{'RSI med':>11}{'EB med':>11}{'cos med':>11}{'eta* med':>11}{'cos>0':>8}{'mu':>11}{'L':>10}{'rate':>10}"
+    head = f"{'kind':<13}{'n':>6}{'undef':>6}{'RSI med':>11}{'EB med':>11}{'cos med':>11}{'eta* med':>11}{'cos>0':>8}{'mu':>11}{'L':>10}{'rate':>14}"
     lines = []
 
     def f(v, w, p=4):
         return f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}g}"
 
-    def rate(v, w):  # 1 - mu^2/L^2 is often 0.99999...: show how far below 1
+    def rate(b, w):  # 1 - mu^2/L^2 is often 0.99999...: show how far below 1
+        v = b["rate"]
+        if b["mu"] is not None and b["mu"] <= 0:
+            return f"{'no guarantee':>{w}}"  # mu <= 0: 1 - mu^2/L^2 is no contraction rate
         return f(v, w) if v is None or v < 0.999 or v >= 1 else f"{'1-' + format(1 - v, '.1e'):>{w}}"
 
     if summary.get("by_reference"):
@@ -245,14 +272,20 @@ def format_table(summary: dict) -> str:
         lines += [head, "-" * len(head)]
         for kind, b in block["overall"].items():
             lines.append(
-                f"{kind:<13}{b['n']:>6}{f(b['rsi']['q50'], 11)}{f(b['eb']['q50'], 11)}{f(b['cos']['q50'], 11)}"
-                f"{f(b['eta_star']['q50'], 11)}{f(b['share_cos_positive'], 8, 3)}{f(b['mu'], 11)}{f(b['L'], 10)}{rate(b['rate'], 10)}"
+                f"{kind:<13}{b['n']:>6}{b.get('n_undefined', 0):>6}{f(b['rsi']['q50'], 11)}{f(b['eb']['q50'], 11)}{f(b['cos']['q50'], 11)}"
+                f"{f(b['eta_star']['q50'], 11)}{f(b['share_cos_positive'], 8, 3)}{f(b['mu'], 11)}{f(b['L'], 10)}{rate(b, 14)}"
             )
     if summary.get("lagged"):
         lag = "  ".join(f"k={k}: {f(v['cos']['q50'], 0, 3).strip()}" for k, v in summary["lagged"].items())
         lines.append(f"lagged orthogonal cos (median by lag k): {lag}")
     if summary.get("overall_steps_below") is not None:
-        lines.append(f"(overall: steps below {summary['overall_steps_below']:g}; the last {summary['tail_fraction']:.0%} of the path, where x ~ x*, is left out)")
+        lines.append(f"(overall: steps below {math.ceil(summary['overall_steps_below'])}; the last {summary['tail_fraction']:.0%} of the path, where x ~ x*, is left out)")
+    undefined = sum(b.get("n_undefined", 0) for block in blocks.values() for b in block["overall"].values())
+    if undefined:
+        lines.append("undef: rows whose ratios are undefined (NaN or inf: x = x*, or a run that went non-finite), "
+                     "left out of every other column")
+    if any(b["mu"] is not None and b["mu"] <= 0 for block in blocks.values() for b in block["overall"].values()):
+        lines.append("no guarantee: mu = min RSI <= 0, so steps of mu/L^2 guarantee no contraction")
     if summary.get("chance_cos"):
         lines.append(f"chance scale of cos in D = {summary['numel']} dimensions: 1/sqrt(D) = {summary['chance_cos']:.3g}")
     return "\n".join(lines)

@@ -87,7 +87,7 @@ from typing import Any
 
 import torch
 
-from .batches import batch_size, default_loss, full_batch_list
+from .batches import batch_size, check_not_empty, default_loss, full_batch_list
 from .checkpoints import Reference, trainable
 from .ops import secant_stats, secant_stats_multi
 
@@ -238,6 +238,7 @@ class PathTracker:
         self.optimizer = optimizer
         self.loss_fn = loss_fn or default_loss
         self.probe_batches = list(probe_batches or [])
+        check_not_empty(self.probe_batches, "probe batch")
         self.probe_every = probe_every
         self.full_batch = full_batch_list(full_batch)
         self.weight_decay = weight_decay
@@ -614,6 +615,8 @@ class PathTracker:
         """Mean gradient over batches (weighted by batch size), leaving ``.grad`` as it was."""
         sizes = [batch_size(b) for b in batches]
         total = sum(sizes)
+        if total == 0:
+            raise ValueError(f"gradient_of: the {len(batches)} batch(es) hold 0 samples; a mean gradient over none is undefined")
         acc = None
         for b, n in zip(batches, sizes):
             gs = self._one_grad(b)

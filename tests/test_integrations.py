@@ -259,6 +259,23 @@ def test_lower_precision_reference_warns_naming_the_file(tmp_path):
         StepMeasurer(str(path), model=model)
 
 
+def test_lower_precision_reference_warns_once_over_a_run(tmp_path):
+    model = mlp()
+    path = tmp_path / "bf16.safetensors"
+    _save(path, {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters()})
+    X, Y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning) as rec:
+        geo_m = StepMeasurer(str(path), final_rtol=None)
+        for step in range(2):
+            F.cross_entropy(model(X[:8]), Y[:8]).backward()
+            with geo_m.step(model, opt, step):
+                opt.step()
+            opt.zero_grad()
+        geo_m.finish()
+    assert sum("lower precision" in str(w.message) for w in rec) == 1
+
+
 def test_record_to_and_reference_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="give reference= .* or record_to="):
         StepMeasurer()

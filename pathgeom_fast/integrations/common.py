@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from ..batches import full_batch_list, to_device
+from ..batches import check_not_empty, full_batch_list, to_device
 from ..checkpoints import (
     trajectory_path,
     CheckpointError,
@@ -262,6 +262,7 @@ class StepMeasurer:
         self.every = every
         self.loss_fn = loss_fn
         self.probe_batches = list(probe_batches or [])
+        check_not_empty(self.probe_batches, "probe batch")
         self.probe_every = probe_every
         self.full_batch = full_batch_list(full_batch)
         self.weight_decay = weight_decay
@@ -346,7 +347,10 @@ class StepMeasurer:
                 stacklevel=3,
             )
         self.check_model(model)
-        refs = {n: r if isinstance(r, Reference) else Reference.from_file(model, r, name=n) for n, r in self.refs.items()}
+        with warnings.catch_warnings():
+            # check_model has warned about a lower-precision file already: say it once
+            warnings.filterwarnings("ignore", message=r".* in lower precision than the model's parameters", category=UserWarning)
+            refs = {n: r if isinstance(r, Reference) else Reference.from_file(model, r, name=n) for n, r in self.refs.items()}
         params = [p for _, p in trainable(model)]
         device = params[0].device if params else torch.device("cpu")
         # the update identities follow the gradient the optimizer used (clipped or not) and are
