@@ -418,6 +418,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "final_distance_ratios": dict(tracker.final_distance_ratios),
         "cross_seed": {k: v for k, v in cross.items() if k != "path"} if cross else None,
         "update_mode": tracker.update_mode,
+        "how_to_measure": {"full": "DemoConfig(full_batch=False) / --no-full-batch",
+                           "lags": "DemoConfig(lags=()) / --lags none, or too few steps for any lag"},
         "optimizer": cfg.optimizer,
         "lr_comparable_to_eta_star": cfg.optimizer in ("sgd", "momentum", "nesterov"),
         "seconds_by_run": seconds,
