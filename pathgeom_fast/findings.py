@@ -78,6 +78,15 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f} %"
 
 
+def _ratio(v) -> float | None:
+    """A number of the summary; summary.json stores NaN and inf as the strings "NaN", "inf", "-inf"."""
+    return None if v is None else float(v)
+
+
+def _nonfinite_label(v: float) -> str:
+    return "NaN" if math.isnan(v) else "inf" if v > 0 else "-inf"
+
+
 def _steps(steps: list) -> str:
     """'step 4' / 'steps 4, 5, 6 ...'"""
     steps = list(steps or [])
@@ -374,16 +383,19 @@ def control_lines(summary: dict) -> list[str]:
         if p.get("distance_first") is not None and d0 and name != "x0":
             parts.append(f"||x_0 - ref|| = {_g(p['distance_first'])} (||x_0 - x*|| = {_g(d0)})")
         if name in ratios and name != "x0":
-            parts.append(f"the path ends at {_g(ratios[name])} of its starting distance from it")
+            v = _ratio(ratios[name])
+            parts.append(f"the path ends at {_g(v)} of its starting distance from it" if math.isfinite(v) else
+                         f"the path's final distance ratio to it is {_nonfinite_label(v)}")
         if full:
             parts.append(f"full-batch RSI > 0 at {_pct(full['share_cos_positive'])} (min {_g(full['mu'])})")
         if mb:
             parts.append(f"minibatch cos > 0 at {_pct(mb['share_cos_positive'])} (median {_g(mb['cos']['q50'])})")
         lines.append(head + ": " + "; ".join(parts) + ".")
     if summary.get("replay_final_distance_ratio") is not None:
-        r = summary["replay_final_distance_ratio"]
+        r = _ratio(summary["replay_final_distance_ratio"])
         if not math.isfinite(r):
-            lines.append(f"- **Replay divergence**: ||x_T - x*|| / ||x_0 - x*|| is {r}: not a replay ({r}); the run's "
+            lines.append(f"- **Replay divergence**: ||x_T - x*|| / ||x_0 - x*|| is {_nonfinite_label(r)}: not a replay "
+                         f"({_nonfinite_label(r)}); the run's "
                          "distances to x* are not finite numbers, so it is not known whether it retraced run 1.")
         else:
             lines.append(f"- **Replay divergence**: run 2 ended at {_g(r)} of its starting distance from x* "
@@ -401,9 +413,9 @@ def findings_markdown(summary: dict, title: str = "") -> str:
     claims = [c(summary) for c in CLAIMS]
     cut = _cut(summary)
     out = [f"# Findings{': ' + title if title else ''}", ""]
-    ratio = summary.get("replay_final_distance_ratio")
+    ratio = _ratio(summary.get("replay_final_distance_ratio"))
     how = ("the end of run 1, replayed exactly in run 2" if ratio == 0 else
-           f"the reference point; not a replay ({ratio}): the run's distance to x* is not finite"
+           f"the reference point; not a replay ({_nonfinite_label(ratio)}): the run's distance to x* is not finite"
            if ratio is not None and not math.isfinite(ratio) else
            "the end of run 1, replayed in run 2" if ratio is not None else "the reference point")
     intro = f"Measured against x* ({how}), in D = {_g(summary.get('numel'))} parameters."

@@ -20,6 +20,8 @@
   against lr) and ``by_reference`` (overall, steps and path for every other reference; the
   primary reference's entry is ``{"at_top_level": true}``: its overall, steps and path are the
   top-level ones, stored once; :func:`pathgeom_fast.findings.reference_block` reads either).
+  It is strict JSON: a NaN or infinite value (e.g. the replay's final distance ratio of a run
+  that went NaN) is stored as the string "NaN", "inf" or "-inf", never as a number.
 * ``geometry.png``: six panels (see :func:`plot`).
 * ``findings.md`` (``write_report(..., findings=True)``): the paper's claims checked against
   the summary (:mod:`pathgeom_fast.findings`).
@@ -515,6 +517,18 @@ def tensorboard_writer(log_dir: str):
     return SummaryWriter(log_dir=log_dir)
 
 
+def json_safe(value):
+    """``value`` with every NaN or +-inf float replaced by the string "NaN", "inf" or "-inf" (strict
+    JSON has no such numbers; ``float()`` reads the strings back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_report(
     out_dir: str, records, per_tensor_records=(), numel=None, title="", extra=None, tail_fraction=0.1, findings: bool = False
 ) -> dict:
@@ -528,7 +542,7 @@ def write_report(
     if extra:
         summary.update(extra)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(json_safe(summary), f, indent=1, allow_nan=False)
     plot(records, summary, os.path.join(out_dir, "geometry.png"), title)
     if findings:
         with open(os.path.join(out_dir, "findings.md"), "w") as f:

@@ -1,6 +1,7 @@
 """findings.md and the summaries: no verdict from too few or non-finite rows, undefined rows
 counted and named, wording that fits the producer, 'no guarantee' where mu <= 0."""
 
+import json
 import math
 import random
 import re
@@ -80,7 +81,7 @@ def test_nan_run_gives_no_verdict_from_nan_rows_and_is_not_called_a_replay():
     assert "no verdict: the run went non-finite (5 of 9 rows have NaN or inf statistics, from steps 4, 5, 6, 7, 8)" in cos_claim
     assert "cos > 0 at 100.0 % of 4 training steps; 5 of 9 steps undefined (NaN or inf) at steps 4, 5, 6, 7, 8, left out" in cos_claim
     assert "100.0 % of 9" not in md
-    assert "not a replay (nan)" in md and "to rounding" not in md and "replayed in run 2" not in md
+    assert "not a replay (NaN)" in md and "to rounding" not in md and "replayed in run 2" not in md
 
 
 def test_one_inf_row_gives_no_verdict_and_is_named():
@@ -202,7 +203,9 @@ def test_nan_run_report_from_the_api(tmp_path):
     assert summary["overall"]["minibatch"]["n_nonfinite"] == 5 and summary["overall"]["minibatch"]["nonfinite_steps"] == [4, 5, 6, 7, 8]
     md = (tmp_path / "findings.md").read_text()
     assert not any("**holds**" in c for c in _claims(md)), md
-    assert "not a replay (nan)" in md and "to rounding" not in md and "nan %" not in md.lower()
+    on_disk = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert on_disk["replay_final_distance_ratio"] == "NaN" and findings_markdown(on_disk) == md
+    assert "not a replay (NaN)" in md and "to rounding" not in md and "nan %" not in md.lower()
 
 
 def test_empty_probe_batch_is_a_value_error_naming_it():
