@@ -41,8 +41,10 @@ OPTIMIZERS = {
     "momentum": dict(lr=0.1, momentum=0.9),
     "momentum_wd_dampening": dict(lr=0.1, momentum=0.9, weight_decay=0.05, dampening=0.2),
     "nesterov": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adamw": dict(cls=torch.optim.AdamW, lr=0.01, weight_decay=0.1),
 }
-MODES = {"sgd": "sgd", "sgd_wd": "sgd", "momentum": "momentum", "momentum_wd_dampening": "momentum", "nesterov": "copy"}
+MODES = {"sgd": "sgd", "sgd_wd": "sgd", "momentum": "momentum", "momentum_wd_dampening": "momentum", "nesterov": "copy",
+         "adamw": "copy"}
 
 
 def _run(opt_kw, dtype, clip=None, grad_none=False, steps=6, api="tracker", tmp_path=None, seed=0, inside=None):
@@ -52,7 +54,8 @@ def _run(opt_kw, dtype, clip=None, grad_none=False, steps=6, api="tracker", tmp_
     X, Y = torch.randn(96, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (96,), generator=gen)
     names = [n for n, _ in model.named_parameters()]
     xstar = Reference(names, [p.detach() + 0.5 * torch.randn_like(p) for p in model.parameters()])
-    opt = torch.optim.SGD(model.parameters(), **opt_kw)
+    opt_kw = dict(opt_kw)
+    opt = opt_kw.pop("cls", torch.optim.SGD)(model.parameters(), **opt_kw)
     if api == "tracker":
         geo = PathTracker(model, xstar, opt)
     else:
