@@ -7,6 +7,7 @@
 """
 
 from . import _ext
+from ._ext import FallbackWarning
 from .geometry import Geometry, geometry
 from .ops import BACKENDS, grads_of, numel_of, secant_gram, secant_stats, secant_stats_multi
 from .reference import reference_secant_gram, reference_secant_stats
@@ -24,8 +25,23 @@ def extension_error() -> str | None:
     return _ext.load_error()
 
 
+def backend_for(device="cpu", backend: str = "auto", op: str = "secant_stats") -> str:
+    """The backend that ``op`` (``"secant_stats"``, ``"secant_stats_multi"`` or
+    ``"secant_gram"``) runs for tensors on ``device`` when asked for ``backend``: what
+    ``"auto"`` resolves to here ("cpu", "cuda", "triton" or "torch"). Raises as the op would
+    for a backend that cannot run."""
+    import torch
+
+    from . import ops
+
+    choose = ops._choose_gram if op == "secant_gram" else ops._choose
+    return choose(backend, torch.device(device))
+
+
 __all__ = [
     "BACKENDS",
+    "FallbackWarning",
+    "backend_for",
     "Geometry",
     "extension_available",
     "extension_error",

@@ -1,10 +1,14 @@
 """Guarded loading of the compiled extension ``pathgeom_fast._C``.
 
 The package works without it (pure-torch backend). ``load_error()`` says why it is missing,
-and asking explicitly for a compiled backend raises that message.
+and asking explicitly for a compiled backend raises that message. The first run of the torch
+backend without the extension warns once (``FallbackWarning``) with the cost, since nothing
+else would tell a user whose install fell back to pure Python.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -77,3 +81,43 @@ def available() -> bool:
 def load_error() -> str | None:
     """Why the compiled extension is not loaded, or None."""
     return _ERROR
+
+
+# The cost of the fallback, measured side by side on a 2-core CPU (bench/results/cpu-2026-12-05.txt):
+# the torch backend against the compiled CPU kernel.
+FALLBACK_COST = "~2x (large tensors) to ~6x (many small tensors) slower"
+
+
+class FallbackWarning(UserWarning):
+    """The compiled kernels are not loaded: the pure-torch backend runs instead."""
+
+
+_WARNED = False
+
+
+def fallback_message() -> str:
+    """One line on what runs without the extension, what it costs and why it is missing."""
+    return (
+        f"pathgeom_fast: compiled extension not loaded: using the torch fallback, {FALLBACK_COST} than the "
+        f"compiled kernel; see docs/backends.md. Reason: {_ERROR}"
+    )
+
+
+def warn_fallback() -> None:
+    """Warn once per process when the torch backend runs because the extension is not loaded."""
+    global _WARNED
+    if _C is None and not _WARNED:
+        _WARNED = True
+        warnings.warn(fallback_message(), FallbackWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """stacklevel of the first frame outside this package (the user's call)."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(2)  # 1: warn_fallback, 2: its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

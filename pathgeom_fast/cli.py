@@ -132,6 +132,7 @@ def _cmd_demo(args) -> int:
     if not _is_rank0():
         return 0
     print(report.format_table(summary))
+    print(backend_note(cfg.device, cfg.backend))
     print(
         f"final train loss {summary['final_train_loss']:.4f}, accuracy {summary['final_train_accuracy']:.3f}; "
         f"replay ended {summary['replay_final_distance_ratio']:.1e} of the initial distance from x*; "
@@ -215,6 +216,8 @@ def _cmd_analyze(args) -> int:
         "batch_size": args.batch_size,
         "full_batches": len(full) if full else 0,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "backend": args.backend,
+        "backend_used": _backend_used(device, args.backend),
     }
     summary = report.write_report(args.out, res.records, res.per_tensor_records, res.numel, f"analysis of {args.run}", extra)
     written = ["records.csv", "summary.json", "geometry.png"]
@@ -229,6 +232,7 @@ def _cmd_analyze(args) -> int:
             plot_heatmap(res.per_tensor_records, os.path.join(args.out, fname), metric=args.heatmap, reference=name)
             written.append(fname)
     print(report.format_table(summary))
+    print(backend_note(device, args.backend))
     for note in res.notes:
         print(f"note: {note}")
     if res.skipped:
@@ -264,9 +268,50 @@ def version_text() -> str:
         lines.append(f"extension: built, {what}; CPU instruction set {_ext._C.cpu_isa()}")
     else:
         lines.append(f"extension: not loaded: {_ext.load_error()}")
+    lines += backend_lines()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
     lines.append(f"python {platform.python_version()}, GPU {gpu}")
     return "\n".join(lines)
+
+
+def backend_lines() -> list[str]:
+    """Which backends can run here, and what backend='auto' runs on CPU and CUDA tensors."""
+    from . import _ext, backend_for, triton_kernels
+
+    compiled = "compiled" if _ext.available() else "not available (extension not loaded)"
+    cuda = compiled if not _ext.available() or _ext.WITH_CUDA else "not available (built without CUDA)"
+    triton = "available" if triton_kernels.available() else "not available (no usable triton)"
+    auto_cpu, auto_cuda = backend_for("cpu"), backend_for("cuda")
+    lines = [
+        f"backends: cpu {compiled}; cuda {cuda}; triton {triton}; torch available (pure PyTorch)",
+        f"backend='auto' runs: {auto_cpu} on CPU tensors, {auto_cuda} on CUDA tensors",
+    ]
+    if auto_cpu == "torch":
+        lines.append(f"fallback: CPU tensors run the torch backend, {_ext.FALLBACK_COST} than the compiled kernel "
+                     "(see docs/backends.md)")
+    return lines
+
+
+def _backend_used(device: str, backend: str) -> str:
+    """What ``backend`` resolves to for tensors on ``device`` ("cpu", "cuda:1", ...)."""
+    import torch
+
+    from . import backend_for
+
+    return backend_for(torch.device(device).type, backend)
+
+
+def backend_note(device: str, backend: str) -> str:
+    """'backend: cpu (compiled C++ kernel)' and the like, for the commands' output."""
+    from . import _ext
+
+    used = _backend_used(device, backend)
+    what = {"cpu": "compiled C++ kernel", "cuda": "compiled CUDA kernel", "triton": "Triton kernel"}.get(
+        used, "pure-torch fallback" if not _ext.available() else "pure-torch backend")
+    note = f"backend: {used} ({what})"
+    if used == "torch" and not _ext.available():
+        note += f": compiled extension not loaded, {_ext.FALLBACK_COST} than the compiled kernel (see docs/backends.md)"
+    return note
 
 
 class _VersionAction(argparse.Action):

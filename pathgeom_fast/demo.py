@@ -334,6 +334,13 @@ def _barrier(cfg: DemoConfig) -> None:
         dist.barrier()
 
 
+def _backend_used(cfg: DemoConfig) -> str:
+    """The backend that cfg.backend resolves to for the model's tensors (not "auto")."""
+    from . import backend_for
+
+    return backend_for(torch.device(cfg.device).type, cfg.backend)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the protocol and write the report to cfg.out. Returns the summary (every rank)."""
     writer_rank = _init_distributed(cfg)
@@ -423,6 +430,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "optimizer": cfg.optimizer,
         "lr_comparable_to_eta_star": cfg.optimizer in ("sgd", "momentum", "nesterov"),
         "seconds_by_run": seconds,
+        "backend_used": _backend_used(cfg),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "threads": threads,
         "load_average_at_start": load_at_start,

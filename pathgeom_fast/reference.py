@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _ext
+
 Tensor = torch.Tensor
 
 
@@ -223,6 +225,11 @@ def _gram_products(vs, d, x, ct, buf, wd):
 
 def _pair_sums(vecs, params, refs, K: int, products, P: int, per_tensor: bool, weight_decay: float) -> Tensor:
     """float64 [T or 1, P]: the P sums of ``products`` over every element of the lists."""
+    with torch.no_grad():  # parameters that require grad are read, not differentiated (out= buffers)
+        return _pair_sums_impl(vecs, params, refs, K, products, P, per_tensor, weight_decay)
+
+
+def _pair_sums_impl(vecs, params, refs, K: int, products, P: int, per_tensor: bool, weight_decay: float) -> Tensor:
     T = len(params)
     device = params[0].device if T else torch.device("cpu")
     buf = _Buffers(device)
@@ -285,6 +292,7 @@ def _pair_sums(vecs, params, refs, K: int, products, P: int, per_tensor: bool, w
 
 def fast_secant_rows(grads, params, refs, K: int, per_tensor: bool, weight_decay: float) -> Tensor:
     """(a_k, b_k, c) rows, float64 [T or 1, K, 3], by chunks (see above)."""
+    _ext.warn_fallback()
     sums = _pair_sums(grads, params, refs, K, _secant_products, 2 * K + 1, per_tensor, weight_decay)
     rows = torch.empty(sums.shape[0], K, 3, dtype=torch.float64, device=sums.device)
     rows[:, :, 0] = sums[:, 1::2]
@@ -295,6 +303,7 @@ def fast_secant_rows(grads, params, refs, K: int, per_tensor: bool, weight_decay
 
 def fast_gram_rows(vecs, params, refs, K: int, per_tensor: bool) -> Tensor:
     """Gram matrices, float64 [T or 1, K + 1, K + 1], by chunks (see above)."""
+    _ext.warn_fallback()
     M = K + 1
     sums = _pair_sums(vecs, params, refs, K, _gram_products, M * (M + 1) // 2, per_tensor, 0.0)
     iu = torch.triu_indices(M, M)

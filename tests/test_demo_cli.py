@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import pathgeom_fast as pg
 from pathgeom_fast import cli, demo, report
 from pathgeom_fast.snapshots import load_snapshot
 
@@ -96,11 +97,17 @@ def test_demo_numbers_match_independent_fp64(demo_dir):
         opt.zero_grad(set_to_none=True)
 
 
-def test_analyze_the_demo_snapshots(demo_dir, tmp_path):
+def test_analyze_the_demo_snapshots(demo_dir, tmp_path, capsys):
     out = tmp_path / "an"
     rc = cli.main(["analyze", str(demo_dir / "snapshots"), "--model", "pathgeom_fast.demo:make_model",
-                   "--data", "pathgeom_fast.demo:make_data", "--out", str(out), "--probe-batches", "2", "--quiet"])
+                   "--data", "pathgeom_fast.demo:make_data", "--out", str(out), "--probe-batches", "2", "--quiet",
+                   "--device", "cpu"])
     assert rc == 0
+    used = pg.backend_for("cpu")  # "cpu" with the extension, "torch" without
+    assert f"backend: {used} (" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "auto" and summary["backend_used"] == used
+    assert json.loads((demo_dir / "summary.json").read_text())["backend_used"] == used
     rows = report.read_csv(str(out / "records.csv"))
     assert sorted({r["step"] for r in rows}) == [0, 10, 20]  # 30 is the reference: not measured against itself
     assert {r["kind"] for r in rows} == {"probe", "full"}
@@ -119,3 +126,26 @@ def test_cli_help_and_bad_specs(demo_dir, capsys):
     assert res.returncode == 0 and "--probe-batches" in res.stdout and "records.csv" in res.stdout
     assert cli.main(["analyze", str(demo_dir / "snapshots"), "--model", "nocolon", "--data", "a:b"]) == 2
     assert "must look like 'package.module:function'" in capsys.readouterr().err
+
+
+_NO_EXTENSION = "import torch; torch.__version__ = '0.0.0-other'\nimport sys\nfrom pathgeom_fast import cli\n"
+
+
+def test_fallback_is_shown_by_demo_and_version(tmp_path):
+    """Without the compiled extension (here: built for another torch version), the demo says that
+    the torch fallback ran and what it costs, records backend_used "torch", and warns once;
+    --version lists the backends and what 'auto' runs."""
+    out = tmp_path / "demo"
+    code = _NO_EXTENSION + (
+        f"sys.exit(cli.main(['demo', '--out', {str(out)!r}, '--steps', '4', '--probe-every', '2', '--probe-batches', '1', "
+        "'--snapshot-every', '0', '--lags', 'none', '--no-cross-seed', '--no-x0-reference', '--quiet']))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "backend: torch (pure-torch fallback): compiled extension not loaded" in res.stdout
+    assert "slower than the compiled kernel" in res.stdout
+    assert res.stderr.count("FallbackWarning: pathgeom_fast: compiled extension not loaded: using the torch fallback") == 1
+    assert json.loads((out / "summary.json").read_text())["backend_used"] == "torch"
+    res = subprocess.run([sys.executable, "-c", _NO_EXTENSION + "cli.main(['--version'])"], capture_output=True, text=True)
+    assert "extension: not loaded" in res.stdout and "backend='auto' runs: torch on CPU tensors" in res.stdout
+    assert "fallback: CPU tensors run the torch backend" in res.stdout

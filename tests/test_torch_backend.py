@@ -134,3 +134,12 @@ def test_extra_memory_is_bounded_by_the_chunks():
         pytest.skip("the peak resident set cannot be reset here")
     assert peaks["oracle"] > 64 << 20, peaks  # two fp64 copies of 2^23 elements at least
     assert peaks["torch"] < 12 << 20 and peaks["torch_per_tensor"] < 12 << 20, peaks
+
+
+def test_parameters_that_require_grad(small_chunks):
+    model = torch.nn.Sequential(torch.nn.Linear(70, 90), torch.nn.Linear(90, 3))
+    model(torch.randn(5, 70)).sum().backward()
+    refs = [p.detach() + 0.1 for p in model.parameters()]
+    out = pg.secant_stats(pg.grads_of(model), model, refs, backend="torch", per_tensor=True)
+    assert not out.requires_grad
+    assert_stats_close(out, pg.reference_secant_stats(pg.grads_of(model), list(model.parameters()), refs, per_tensor=True))
