@@ -212,7 +212,10 @@ def test_two_run_protocol_with_the_trainer(tmp_path):
     traj = json.load(open(trajectory_path(ref)))
     losses = [traj["losses"][str(t)] for t in range(10)]
     logged = [h["loss"] for h in run1.state.log_history if "loss" in h]
-    assert logged == [pytest.approx(sum(losses[:5]) / 5, rel=1e-6), pytest.approx(sum(losses[5:]) / 5, rel=1e-6)]
+    want = [sum(losses[:5]) / 5, sum(losses[5:]) / 5]
+    assert len(logged) == 2
+    for got, w in zip(logged, want):  # transformers before 4.52 logged the loss rounded to 4 decimals
+        assert got == pytest.approx(w, rel=1e-6) or got == round(w, 4), (logged, want)
 
     run2 = make_trainer(tmp_path / "out2")
     cb2 = PathGeometryCallback.attach(run2, reference=ref, every=3)
