@@ -3,10 +3,13 @@
 Build flags (environment variables):
 
   PATHGEOM_BUILD_EXT=auto|0|1    auto (default): build the compiled extension when a C++
-                                 compiler ($CXX, else c++/g++/clang++) and torch are found,
-                                 otherwise install the pure-Python package (torch and Triton
-                                 backends) and say why; 0: never build it (no compiler, no
-                                 torch needed at build time); 1: require it (fail if impossible).
+                                 compiler ($CXX, else c++/g++/clang++) and torch are found and
+                                 the compiler works (it compiles and links a small test
+                                 library first), otherwise install the pure-Python package
+                                 (torch and Triton backends) and say why: a compiler that
+                                 fails (CXX=/bin/false) is treated like a missing one; 0: never
+                                 build it (no compiler, no torch needed at build time); 1:
+                                 require it (fail if impossible).
   PATHGEOM_BUILD_CUDA=auto|0|1   auto (default): build the CUDA kernels when torch has CUDA
                                  and nvcc is found (CUDA_HOME or /usr/local/cuda); 1: require
                                  them (fail if impossible); 0: CPU kernel only.

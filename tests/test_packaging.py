@@ -49,25 +49,43 @@ def run(cmd, **kw):
     return res
 
 
+_INSTALLS = {  # how -> (environment of the install, what extension_error() then says)
+    "no_compiler": ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
+    "build_ext_0": ({"PATHGEOM_BUILD_EXT": "0"}, "PATHGEOM_BUILD_EXT=0"),
+    # a compiler that exists but fails (C and C++ alike): the same pure-Python install
+    "failing_compiler": ({"CXX": "/bin/false", "CC": "/bin/false"}, "the C++ compiler '/bin/false' failed on a test file"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["no_compiler", "build_ext_0"])
+@pytest.mark.parametrize("how", list(_INSTALLS))
 def test_pure_python_install(tmp_path, how):
-    """`PATHGEOM_BUILD_EXT=0 pip install .`, and an install where no C++ compiler is found."""
+    """`PATHGEOM_BUILD_EXT=0 pip install .`, an install where no C++ compiler is found and one
+    whose compiler fails: the pure-Python package, whose torch backend works and says (once)
+    that it is the fallback, and whose --version says what runs."""
+    if how == "failing_compiler" and not os.access("/bin/false", os.X_OK):
+        pytest.skip("no /bin/false")
     src = copy_project(tmp_path)
     site = tmp_path / "site"
-    env = clean_env(CXX="/nonexistent/c++") if how == "no_compiler" else clean_env(PATHGEOM_BUILD_EXT="0")
-    res = run([sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-build-isolation", "--target", str(site), src], env=env)
+    install_env, reason = _INSTALLS[how]
+    res = run([sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-build-isolation", "--target", str(site), src],
+              env=clean_env(**install_env))
     assert "without the compiled extension" in res.stderr + res.stdout
     assert not list(site.glob("pathgeom_fast/_C*"))
     probe = (
         "import torch, pathgeom_fast as pg; assert pg.__file__.startswith(%r), pg.__file__;"
         "assert not pg.extension_available(); print(pg.extension_error());"
-        "x = [torch.randn(10)]; print(pg.secant_stats(x, x, [torch.zeros(10)]).tolist())" % str(site)
+        "g, x, r = [torch.randn(300, 7), torch.randn(70000)], [torch.randn(300, 7), torch.randn(70000)], [torch.randn(2100), torch.randn(70000)];"
+        "s = pg.secant_stats(g, x, r); assert pg.backend_for('cpu') == 'torch';"
+        "pg.secant_stats(g, x, r, backend='torch');"
+        "assert torch.allclose(s, pg.reference_secant_stats(g, x, r), rtol=1e-6), s; print('stats ok')" % str(site)
     )
-    out = run([sys.executable, "-c", probe], env=dict(clean_env(), PYTHONPATH=str(site)), cwd=tmp_path).stdout
-    assert ("no C++ compiler" if how == "no_compiler" else "PATHGEOM_BUILD_EXT=0") in out
+    res = run([sys.executable, "-c", probe], env=dict(clean_env(), PYTHONPATH=str(site)), cwd=tmp_path)
+    assert reason in res.stdout and "stats ok" in res.stdout
+    assert res.stderr.count("FallbackWarning: pathgeom_fast: compiled extension not loaded: using the torch fallback") == 1
     version = run([sys.executable, "-m", "pathgeom_fast.cli", "--version"], env=dict(clean_env(), PYTHONPATH=str(site)), cwd=tmp_path).stdout
     assert f"pathgeom_fast {pathgeom_fast.__version__}" in version and "extension: not loaded" in version
+    assert "backend='auto' runs: torch on CPU tensors" in version and "fallback: CPU tensors run the torch backend" in version
 
 
 @pytest.mark.slow
@@ -122,6 +140,14 @@ def test_openmp_flags_are_tried_not_assumed(monkeypatch):
     monkeypatch.setenv("CXX", sys.executable)  # exists, but is no compiler: every try fails
     flags, link, notes = cfg.openmp_flags()
     assert flags == [] and link == [] and "-fopenmp" in notes[0]
+    build, why = cfg.want_ext()  # and the extension is not tried: the pure-Python install
+    assert not build and why.startswith(f"the C++ compiler {sys.executable!r} failed on a test file")
+    if os.access("/bin/false", os.X_OK):
+        monkeypatch.setenv("CXX", "/bin/false")
+        assert cfg.want_ext() == (False, "the C++ compiler '/bin/false' failed on a test file (exit status 1)")
+        monkeypatch.setenv("PATHGEOM_BUILD_EXT", "1")  # required: an error, not a silent fallback
+        with pytest.raises(SystemExit, match="PATHGEOM_BUILD_EXT=1 but the extension cannot be built: the C"):
+            cfg.want_ext()
     monkeypatch.setenv("PATHGEOM_BUILD_EXT", "0")
     assert cfg.want_ext() == (False, "PATHGEOM_BUILD_EXT=0")
 
