@@ -116,7 +116,8 @@ def test_each_task_writes_the_report(task_run):
     findings = (out / "findings.md").read_text()
     for claim in ("RSI stays positive", "cos > 0", "EB is bounded", "warm-up then decay", "contraction rate"):
         assert claim in findings
-    assert findings.count("**holds**") + findings.count("**does not hold here**") + findings.count("**not measured**") == 5
+    verdicts = ("**holds**", "**does not hold here**", "**not measured**", "**no verdict**")
+    assert sum(findings.count(v) for v in verdicts) == 5  # 8 steps: too few rows, "no verdict" where measured
     assert "Lagged orthogonal cosine" in findings and "x_0 as the reference" in findings
 
 
