@@ -124,6 +124,7 @@ def _cmd_demo(args) -> int:
             full_batch=not args.no_full_batch, per_tensor=args.per_tensor, snapshot_every=args.snapshot_every,
             lags=args.lags, lag_every=args.lag_every, cross_seed=args.cross_seed, x0_reference=args.x0_reference,
             width=args.width, depth=args.depth, context=args.context, train_size=args.train_size,
+            batchnorm=args.batchnorm, skip=args.skip, init_scale=args.init_scale,
             threads=args.threads, device=args.device, seed=args.seed, backend=args.backend, progress=not args.quiet,
         )
     except ValueError as exc:
@@ -389,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context", type=_positive_int, default=None, help="lm: tokens per sequence (default: 64)")
     demo.add_argument("--train-size", type=_positive_int, default=None,
                       help="training examples: digits, the first N of 1797 (default: all); lm, N windows (default: 512)")
+    demo.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
+                      help="ablation: drop the BatchNorm layers (cnn, resnet; nothing else changes)")
+    demo.add_argument("--no-skip", dest="skip", action="store_false", help="ablation: drop the residual connections (resnet)")
+    demo.add_argument("--init-scale", type=_finite_float(0, strict=True), default=1.0, metavar="S",
+                      help="ablation: every parameter of the default initialisation times S")
     demo.add_argument("--threads", type=_positive_int, default=None,
                       help="CPU threads (default: torch's, capped at the cores the 1-minute load average leaves free, at "
                       "least 1: on a shared machine spin-waiting OpenMP threads are several times slower than one)")

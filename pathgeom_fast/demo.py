@@ -1,6 +1,7 @@
 """The main job: the paper's two-run protocol on a real workload, on CPU, in minutes.
 
-``pathgeom demo --task mlp|cnn|wide-mlp|lm`` (the workloads are in :mod:`pathgeom_fast.tasks`).
+``pathgeom demo --task mlp|cnn|resnet|wide-mlp|lm`` (the workloads and their ablation switches, ``--no-batchnorm``,
+``--no-skip``, ``--init-scale``, are in :mod:`pathgeom_fast.tasks`).
 Run 1 trains from a seed and saves x* (and snapshots); with ``--cross-seed`` a second run 1
 from another seed (another initialisation and data order) gives a second end point x*'; run 2
 replays run 1's path exactly, with a :class:`PathTracker` measuring every step against x*
@@ -44,7 +45,7 @@ SCHEDULES = ("constant", "cosine", "step", "warmup-cosine")
 MODELS = ("mlp", "cnn")  # the old --model choices, now tasks
 TASKS = tasks.TASKS
 PAPER_LAGS = (1, 2, 5, 10, 20, 50)
-SIZE_FIELDS = ("width", "depth", "context", "train_size")
+SIZE_FIELDS = ("width", "depth", "context", "train_size", "batchnorm", "skip", "init_scale")  # with the ablation switches
 
 # Settings every task shares unless it says otherwise (see tasks.TASK_SPECS[...].defaults).
 _COMMON = {"steps": 400, "batch_size": 32, "optimizer": "momentum", "lr": 0.05, "schedule": "cosine", "weight_decay": 0.0,
@@ -79,6 +80,9 @@ class DemoConfig:
     depth: int | None = None
     context: int | None = None
     train_size: int | None = None
+    batchnorm: bool = True  # False: the task's BatchNorm layers dropped (cnn, resnet)
+    skip: bool = True  # False: the residual connections dropped (resnet)
+    init_scale: float = 1.0  # every parameter of the default initialisation times this
     threads: int | None = None  # None: torch's default, capped at the cores the load average leaves free
     device: str = "cpu"
     seed: int = 0
@@ -112,6 +116,7 @@ class DemoConfig:
             raise ValueError(f"--lag-every must be >= 1, got {self.lag_every}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        spec.check_ablations(self.sizes)
 
     @property
     def sizes(self) -> dict:

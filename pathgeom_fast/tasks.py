@@ -10,17 +10,27 @@ task     model and data                                                         
 ======== =============================================================================== =============
 mlp      MLP 64-128-128-10 (ReLU) on scikit-learn's digits (1797 images of 8x8)           26,122
 cnn      2 conv layers (16, 32 channels) with BatchNorm, average pool, linear; digits     10,026
+resnet   residual CNN: stem conv 8 + BN, a residual block of 8 channels, a stride-2 block   5,122
+         to 16 channels (1x1 projection shortcut), global average pool, linear; digits
 wide-mlp the paper's "4x4096" MLP: 4 hidden layers of 4096 (ReLU), 64-4096x4-10; digits    50,651,146
 lm       GPT-style decoder (2 pre-LayerNorm blocks, d=128, 4 heads, context 64), bytes   470,528
          of CPython's documentation topics (``pydoc_data.topics``), 512 windows of 65
 ======== =============================================================================== =============
+
+Ablations (the paper's, as switches of :meth:`Task.model`, ``pathgeom demo`` flags):
+``batchnorm=False`` (``--no-batchnorm``, cnn and resnet) replaces every BatchNorm layer by
+the identity, nothing else changed, so D drops by exactly the BatchNorm affine parameters;
+``skip=False`` (``--no-skip``, resnet) drops the residual connections (and the projection
+shortcut, which only served them); ``init_scale=S`` (``--init-scale``, every task) multiplies
+every parameter tensor of the default initialisation by S, so x_0 becomes S x_0 (same seed,
+same random draws). A switch that does not apply to a task is refused (ValueError).
 
 The paper's MLP (about 46M parameters) took CIFAR-10's 3072 inputs; on the digits' 64
 inputs, four hidden layers of 4096 give 50.65M parameters (three would give 33.8M), so
 ``wide-mlp`` keeps the paper's "4x4096" shape rather than its exact count.
 
 Entry points for ``pathgeom analyze`` (no arguments, the tasks' default sizes):
-``pathgeom_fast.tasks:mlp_model``, ``cnn_model``, ``wide_mlp_model``, ``lm_model``,
+``pathgeom_fast.tasks:mlp_model``, ``cnn_model``, ``resnet_model``, ``wide_mlp_model``, ``lm_model``,
 ``digits_data``, ``lm_data``, and ``--loss pathgeom_fast.tasks:loss_fn`` for the language model.
 """
 
@@ -33,7 +43,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-TASKS = ("mlp", "cnn", "wide-mlp", "lm")
+TASKS = ("mlp", "cnn", "resnet", "wide-mlp", "lm")
+#: the ablation switches of Task.model and their defaults (the unablated model)
+ABLATIONS = {"batchnorm": True, "skip": True, "init_scale": 1.0}
+_FLAGS = {"batchnorm": "--no-batchnorm", "skip": "--no-skip", "init_scale": "--init-scale"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,18 +111,24 @@ def mlp(width: int = 128, depth: int = 2, inputs: int = 64, classes: int = 10) -
     return torch.nn.Sequential(*layers)
 
 
+def _norm(channels: int, batchnorm: bool) -> torch.nn.Module:
+    """BatchNorm2d, or the identity for the no-BatchNorm ablation (no parameters, no buffers)."""
+    return torch.nn.BatchNorm2d(channels) if batchnorm else torch.nn.Identity()
+
+
 class SmallCNN(torch.nn.Module):
     """Conv(1->w) BN ReLU, Conv(w->2w) BN ReLU, average pool 2, Linear(2w*16 -> 10) on 8x8 digits.
-    BatchNorm's running statistics are buffers: the tracker's probes restore them."""
+    BatchNorm's running statistics are buffers: the tracker's probes restore them. With
+    ``batchnorm=False`` both BatchNorm layers are the identity (the convolutions keep their biases)."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, batchnorm: bool = True):
         super().__init__()
         if width < 1:
             raise ValueError(f"the CNN needs --width >= 1, got {width}")
         self.conv1 = torch.nn.Conv2d(1, width, 3, padding=1)
-        self.bn1 = torch.nn.BatchNorm2d(width)
+        self.bn1 = _norm(width, batchnorm)
         self.conv2 = torch.nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.bn2 = torch.nn.BatchNorm2d(2 * width)
+        self.bn2 = _norm(2 * width, batchnorm)
         self.fc = torch.nn.Linear(2 * width * 4 * 4, 10)
 
     def forward(self, x):
@@ -117,6 +136,51 @@ class SmallCNN(torch.nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.avg_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
         return self.fc(x.flatten(1))
+
+
+class _ResBlock(torch.nn.Module):
+    """conv3x3 BN ReLU conv3x3 BN, plus the shortcut (identity, or a 1x1 strided projection when
+    the shape changes), then ReLU. Convolutions without bias, as in ResNets. ``skip=False``: no
+    shortcut (and no projection)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, batchnorm: bool, skip: bool):
+        super().__init__()
+        self.skip = skip
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = _norm(cout, batchnorm)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = _norm(cout, batchnorm)
+        self.proj = None
+        if skip and (stride != 1 or cin != cout):
+            self.proj = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride=stride, bias=False), _norm(cout, batchnorm))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.skip:
+            out = out + (x if self.proj is None else self.proj(x))
+        return F.relu(out)
+
+
+class SmallResNet(torch.nn.Module):
+    """A small residual CNN on 8x8 digits: stem conv3x3(1->w) BN ReLU; a residual block of w
+    channels; a stride-2 residual block to 2w channels (1x1 projection shortcut); global average
+    pool; Linear(2w -> 10). 5,122 parameters at w = 8 (``batchnorm=False``: 4,978; ``skip=False``:
+    4,962)."""
+
+    def __init__(self, width: int = 8, batchnorm: bool = True, skip: bool = True):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"the resnet needs --width >= 1, got {width}")
+        self.stem = torch.nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn = _norm(width, batchnorm)
+        self.block1 = _ResBlock(width, width, 1, batchnorm, skip)
+        self.block2 = _ResBlock(width, 2 * width, 2, batchnorm, skip)
+        self.fc = torch.nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x.view(-1, 1, 8, 8))))
+        x = self.block2(self.block1(x))
+        return self.fc(x.mean((2, 3)))
 
 
 class _Block(torch.nn.Module):
@@ -192,7 +256,8 @@ class Task:
     """A demo workload: how to build its model and data, and its default run settings.
 
     ``sizes`` holds the defaults of the size options (width, depth, context, train_size);
-    ``defaults`` those of :class:`pathgeom_fast.demo.DemoConfig` fields the task overrides."""
+    ``defaults`` those of :class:`pathgeom_fast.demo.DemoConfig` fields the task overrides;
+    ``ablations`` the switches of :data:`ABLATIONS` besides ``init_scale`` that its model has."""
 
     name: str
     summary: str
@@ -201,40 +266,79 @@ class Task:
     sizes: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)
     full_chunk: int = 4096  # examples per chunk of the full-batch gradient
+    ablations: tuple = ()
+
+    def _settings(self, sizes: dict | None) -> dict:
+        return {**self.sizes, **ABLATIONS, **{k: v for k, v in (sizes or {}).items() if v is not None}}
+
+    def check_ablations(self, settings: dict) -> None:
+        """ValueError naming the flag when a switch is set that this task's model does not have."""
+        scale = settings.get("init_scale", 1.0)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"--init-scale must be a finite number above 0, got {scale!r}")
+        for key in ("batchnorm", "skip"):
+            if settings.get(key, ABLATIONS[key]) != ABLATIONS[key] and key not in self.ablations:
+                has = [t for t, spec in TASK_SPECS.items() if key in spec.ablations]
+                what = "BatchNorm layers" if key == "batchnorm" else "skip connections"
+                raise ValueError(f"{_FLAGS[key]} does not apply to the {self.name} task (its model has no {what}; "
+                                 f"it applies to: {', '.join(has)})")
 
     def model(self, sizes: dict | None = None) -> torch.nn.Module:
-        return self.build({**self.sizes, **{k: v for k, v in (sizes or {}).items() if v is not None}})
+        """The model at the given sizes and ablation switches; ``init_scale`` S multiplies every
+        parameter of the default initialisation by S (the random draws are the same)."""
+        s = self._settings(sizes)
+        self.check_ablations(s)
+        model = self.build(s)
+        if s["init_scale"] != 1.0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(s["init_scale"])
+        return model
 
     def data(self, sizes: dict | None = None, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        return self.load({**self.sizes, **{k: v for k, v in (sizes or {}).items() if v is not None}}, device)
+        return self.load(self._settings(sizes), device)
 
     def describe(self, sizes: dict | None = None) -> str:
-        s = {**self.sizes, **{k: v for k, v in (sizes or {}).items() if v is not None}}
+        s = self._settings(sizes)
         if self.name == "lm":
-            return f"byte-level GPT d={s['width']} x{s['depth']} blocks, context {s['context']}, {s['train_size']} windows of CPython docs"
-        if self.name == "cnn":
-            return f"CNN {s['width']}/{2 * s['width']} channels + BatchNorm on digits"
-        return f"MLP {s['depth']}x{s['width']} on digits"
+            text = f"byte-level GPT d={s['width']} x{s['depth']} blocks, context {s['context']}, {s['train_size']} windows of CPython docs"
+        elif self.name == "cnn":
+            text = f"CNN {s['width']}/{2 * s['width']} channels " + ("+ BatchNorm" if s["batchnorm"] else "without BatchNorm") + " on digits"
+        elif self.name == "resnet":
+            text = (f"ResNet {s['width']}/{2 * s['width']} channels, " + ("BatchNorm" if s["batchnorm"] else "no BatchNorm")
+                    + (", skip connections" if s["skip"] else ", no skip connections") + " on digits")
+        else:
+            text = f"MLP {s['depth']}x{s['width']} on digits"
+        return text + (f", init x{s['init_scale']:g}" if s["init_scale"] != 1.0 else "")
 
 
 def _digits(s: dict, device: str):
     return digits_data(device, s.get("train_size"))
 
 
+_DIGITS_DEFAULTS = {"steps": 400, "optimizer": "momentum", "lr": 0.05, "schedule": "cosine", "probe_batches": 8,
+                    "probe_every": 10, "snapshot_every": 50, "lag_every": 10, "cross_seed": True}
+
 TASK_SPECS: dict[str, Task] = {
     "mlp": Task(
         "mlp", "MLP 64-128-128-10 on digits (26k parameters; seconds)",
         build=lambda s: mlp(s["width"], s["depth"]), load=_digits,
         sizes={"width": 128, "depth": 2, "train_size": None},
-        defaults={"steps": 400, "optimizer": "momentum", "lr": 0.05, "schedule": "cosine", "probe_batches": 8,
-                  "probe_every": 10, "snapshot_every": 50, "lag_every": 10, "cross_seed": True},
+        defaults=dict(_DIGITS_DEFAULTS),
     ),
     "cnn": Task(
         "cnn", "small CNN with BatchNorm on digits (10k parameters)",
-        build=lambda s: SmallCNN(s["width"]), load=_digits,
+        build=lambda s: SmallCNN(s["width"], s["batchnorm"]), load=_digits,
         sizes={"width": 16, "train_size": None},
-        defaults={"steps": 400, "optimizer": "momentum", "lr": 0.05, "schedule": "cosine", "probe_batches": 8,
-                  "probe_every": 10, "snapshot_every": 50, "lag_every": 10, "cross_seed": True},
+        defaults=dict(_DIGITS_DEFAULTS),
+        ablations=("batchnorm",),
+    ),
+    "resnet": Task(
+        "resnet", "small residual CNN with BatchNorm on digits (5k parameters; --no-skip, --no-batchnorm)",
+        build=lambda s: SmallResNet(s["width"], s["batchnorm"], s["skip"]), load=_digits,
+        sizes={"width": 8, "train_size": None},
+        defaults=dict(_DIGITS_DEFAULTS),
+        ablations=("batchnorm", "skip"),
     ),
     "wide-mlp": Task(
         "wide-mlp", "the paper's 4x4096 MLP on digits (50.65M parameters; minutes)",
@@ -270,6 +374,10 @@ def mlp_model() -> torch.nn.Module:
 
 def cnn_model() -> torch.nn.Module:
     return TASK_SPECS["cnn"].model()
+
+
+def resnet_model() -> torch.nn.Module:
+    return TASK_SPECS["resnet"].model()
 
 
 def wide_mlp_model() -> torch.nn.Module:

@@ -15,6 +15,7 @@ from pathgeom_fast.snapshots import load_snapshot
 TINY = {
     "mlp": ["--width", "16", "--depth", "2"],
     "cnn": ["--width", "4"],
+    "resnet": ["--width", "4"],
     "wide-mlp": ["--width", "24", "--depth", "4"],
     "lm": ["--width", "16", "--depth", "1", "--context", "8", "--train-size", "48"],
 }
@@ -40,11 +41,117 @@ def check_row(row, want, what):
 def test_default_sizes_and_parameter_counts():
     with torch.device("meta"):  # counts without allocating the 50M-parameter model
         counts = {name: sum(p.numel() for p in t.model().parameters()) for name, t in tasks.TASK_SPECS.items()}
-    assert counts == {"mlp": 26_122, "cnn": 10_026, "wide-mlp": 50_651_146, "lm": 470_528}
+    assert counts == {"mlp": 26_122, "cnn": 10_026, "resnet": 5_122, "wide-mlp": 50_651_146, "lm": 470_528}
     with torch.device("meta"):
         wide = tasks.TASK_SPECS["wide-mlp"].model()
     assert [m.out_features for m in wide if isinstance(m, torch.nn.Linear)] == [4096, 4096, 4096, 4096, 10]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tasks.TASK_SPECS["cnn"].model().modules())
+
+
+def _count(model, kind=None):
+    mods = [model] if kind is None else [m for m in model.modules() if isinstance(m, kind)]
+    return sum(p.numel() for m in mods for p in m.parameters())
+
+
+@pytest.mark.parametrize("task,width", [("cnn", 16), ("cnn", 5), ("resnet", 8), ("resnet", 3)])
+def test_no_batchnorm_drops_exactly_the_batchnorm_affine_parameters(task, width):
+    spec = tasks.TASK_SPECS[task]
+    with_bn, without = spec.model({"width": width}), spec.model({"width": width, "batchnorm": False})
+    bn = _count(with_bn, torch.nn.BatchNorm2d)
+    assert bn == 2 * sum(m.num_features for m in with_bn.modules() if isinstance(m, torch.nn.BatchNorm2d)) > 0
+    assert _count(with_bn) - _count(without) == bn
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in without.modules())
+    assert not list(without.buffers())  # no running statistics either
+    # nothing else changed: the same tensors, by name and shape, less the BatchNorm ones
+    bn_names = {f"{n}.{p}" for n, m in with_bn.named_modules() if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")}
+    assert {n: p.shape for n, p in without.named_parameters()} == {
+        n: p.shape for n, p in with_bn.named_parameters() if n not in bn_names}
+    x = tasks.digits_data(n=5)[0]
+    assert without(x).shape == with_bn(x).shape == (5, 10)
+
+
+def test_resnet_skip_connections_and_their_ablation():
+    spec = tasks.TASK_SPECS["resnet"]
+    torch.manual_seed(0)
+    res = spec.model()
+    torch.manual_seed(0)
+    plain = spec.model({"skip": False})
+    proj = res.block2.proj
+    assert proj is not None and plain.block2.proj is None and res.block1.proj is None  # identity shortcut in block 1
+    assert _count(res) - _count(plain) == _count(proj) == 8 * 16 + 2 * 16
+    assert _count(spec.model({"skip": False, "batchnorm": False})) == 4_850
+    # with the same weights, the residual network's block output is the plain block's plus the shortcut
+    x = torch.randn(3, 8, 8, 8)
+    b1, p1 = res.block1.eval(), plain.block1.eval()
+    p1.load_state_dict(b1.state_dict())
+    inner = b1.bn2(b1.conv2(torch.relu(b1.bn1(b1.conv1(x)))))
+    assert torch.allclose(b1(x), torch.relu(inner + x)) and torch.allclose(p1(x), torch.relu(inner))
+    assert "no skip connections" in spec.describe({"skip": False}) and "without BatchNorm" in tasks.TASK_SPECS["cnn"].describe(
+        {"batchnorm": False})
+
+
+@pytest.mark.parametrize("task", ["mlp", "cnn", "resnet", "lm"])
+def test_init_scale_multiplies_every_parameter_of_the_default_init(task):
+    spec = tasks.TASK_SPECS[task]
+    small = {"lm": {"width": 16, "depth": 1, "context": 8}}.get(task, {"width": 4})
+    torch.manual_seed(3)
+    ref = dict(spec.model(small).named_parameters())
+    torch.manual_seed(3)
+    scaled = dict(spec.model({**small, "init_scale": 2.5}).named_parameters())
+    assert scaled.keys() == ref.keys()
+    for n, p in scaled.items():
+        assert torch.equal(p, ref[n] * 2.5), n
+    assert "init x2.5" in spec.describe({"init_scale": 2.5})
+
+
+def test_ablation_switches_that_do_not_apply_are_refused(capsys):
+    with pytest.raises(ValueError, match=r"^--no-skip does not apply to the mlp task \(its model has no skip connections; it applies to: resnet\)$"):
+        demo.DemoConfig(task="mlp", skip=False)
+    with pytest.raises(ValueError, match=r"^--no-batchnorm does not apply to the lm task .* it applies to: cnn, resnet\)$"):
+        demo.DemoConfig(task="lm", batchnorm=False)
+    with pytest.raises(ValueError, match="--no-skip does not apply to the cnn task"):
+        demo.DemoConfig(task="cnn", skip=False)
+    with pytest.raises(ValueError, match="--init-scale must be a finite number above 0"):
+        demo.DemoConfig(init_scale=float("nan"))
+    assert demo.DemoConfig(task="wide-mlp", init_scale=0.5).init_scale == 0.5  # every task has it
+    assert cli.main(["demo", "--task", "mlp", "--no-skip", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err == "pathgeom demo: error: --no-skip does not apply to the mlp task (its model has no skip connections; it applies to: resnet)\n"
+    assert cli.main(["demo", "--task", "wide-mlp", "--no-batchnorm", "--out", "unused"]) == 2
+    assert "--no-batchnorm does not apply to the wide-mlp task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--init-scale", "-1", "--out", "unused"])
+    assert "--init-scale: must be a finite number above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task,flags,shown", [("cnn", ["--no-batchnorm"], "without BatchNorm"),
+                                              ("resnet", ["--no-skip"], "no skip connections"),
+                                              ("mlp", ["--init-scale", "3", "--snapshot-every", "2"], "init x3")])
+def test_ablation_runs_record_their_switches(task, flags, shown, tmp_path):
+    out = tmp_path / task
+    args = ["demo", "--task", task, "--out", str(out), "--steps", "4", "--probe-every", "2", "--probe-batches", "1",
+            "--batch-size", "8", "--lags", "none", "--snapshot-every", "0", "--no-cross-seed", "--no-x0-reference",
+            "--quiet"] + TINY[task] + flags
+    assert cli.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = summary["config"]
+    assert (cfg["batchnorm"], cfg["skip"], cfg["init_scale"]) == (
+        "--no-batchnorm" not in flags, "--no-skip" not in flags, 3.0 if "--init-scale" in flags else 1.0)
+    assert shown in summary["task_description"]
+    # the title of geometry.png and findings.md (the same string) names the ablation
+    first = (out / "findings.md").read_text().splitlines()[0]
+    assert first.startswith(f"# Findings: {task}: ") and shown in first
+    with torch.device("meta"):
+        want = tasks.get_task(task).model(demo.DemoConfig(**{k: v for k, v in cfg.items() if k != "fsdp"}).sizes)
+    assert summary["numel"] == _count(want)
+    if task == "mlp":  # x_0 of the run is 3 x the default initialisation from the same seed
+        from pathgeom_fast.snapshots import load_snapshot
+
+        torch.manual_seed(0)
+        ref = tasks.get_task("mlp").model({"width": 16})
+        x0 = load_snapshot(str(out / "snapshots" / "step_00000000.safetensors"))[0]
+        for n, p in ref.named_parameters():
+            assert torch.equal(x0[n], 3 * p.detach()), n
 
 
 def test_lm_data_is_the_shipped_text_shifted_by_one():
@@ -68,7 +175,7 @@ def test_config_takes_the_task_defaults_and_checks_options(capsys):
     assert demo.DemoConfig(model="cnn").task == "cnn"  # the old --model
     assert demo.DemoConfig().lags == demo.PAPER_LAGS
     with pytest.raises(ValueError, match="--task must be one of"):
-        demo.DemoConfig(task="resnet")
+        demo.DemoConfig(task="vgg")
     with pytest.raises(ValueError, match="disagree"):
         demo.DemoConfig(task="lm", model="cnn")
     with pytest.raises(ValueError, match="--optimizer must be one of"):
