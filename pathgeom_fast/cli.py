@@ -243,6 +243,47 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .compare import CompareError, compare_runs
+
+    try:
+        result = compare_runs(args.runs, args.out, labels=args.labels)
+    except CompareError as exc:
+        raise UsageError(str(exc)) from exc
+    for r in result["runs"]:
+        print(f"{r['label']}: D={r['numel']}, mu {r['mu']}, L {r['L']}, eta_opt {r['eta_opt']}, final loss {r['final_train_loss']}")
+    print(f"wrote {os.path.join(args.out, 'compare.json')}, compare.md, compare.png")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    import time
+
+    from .sweep import SWEEPABLE, run_sweep
+
+    given = {k: getattr(args, k) for k in SWEEPABLE if getattr(args, k) is not None}
+    swept = [k for k, v in given.items() if len(v) > 1]
+    if len(swept) != 1:
+        flags = ", ".join("--" + k.replace("_", "-") for k in swept)
+        raise UsageError("give exactly one setting several values (e.g. --lr 0.01 0.1), got "
+                         + (f"several: {flags}" if swept else "none"))
+    setting = swept[0]
+    base = {k: v[0] for k, v in given.items() if k != setting}
+    base.update(out=args.out, task=args.task, batchnorm=args.batchnorm, skip=args.skip, probe_batches=args.probe_batches,
+                probe_every=args.probe_every, lags=args.lags, lag_every=args.lag_every, snapshot_every=args.snapshot_every,
+                cross_seed=args.cross_seed, x0_reference=args.x0_reference, full_batch=not args.no_full_batch,
+                context=args.context, threads=args.threads, device=args.device, backend=args.backend)
+    t0 = time.perf_counter()
+    try:
+        result = run_sweep(base, setting, given[setting], progress=not args.quiet)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(result["line"])
+    print(f"{len(result['runs'])} runs in {time.perf_counter() - t0:.1f} s; wrote {os.path.join(args.out, 'compare.json')}, "
+          f"compare.md, compare.png and one folder per run")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -478,6 +519,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(be)
     be.set_defaults(func=_cmd_bench)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="several demo/analyze output folders side by side: compare.json, compare.md, compare.png",
+        description="Reads each RUN_DIR's summary.json and records.csv and writes, to --out: compare.json (per run: the "
+        "settings that differ from the first run, D, final loss and accuracy, mu and L of the full-batch rows, eta_opt = "
+        "mu/L^2, rate_opt = 1 - mu^2/L^2, the learning rates used and the implied factor 1 - 2 lr mu + lr^2 L^2, the median "
+        "cos against 1/sqrt(D), the actual median per-step contraction of ||x - x*||^2, the claims of findings.md), "
+        "compare.md (a table and computed sentences) and compare.png.",
+        formatter_class=_DefaultsHelpFormatter,
+    )
+    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of pathgeom demo or analyze")
+    cmp.add_argument("--out", default="pathgeom-compare", help="output directory")
+    cmp.add_argument("--labels", nargs="+", default=None, help="one label per run (default: the folder names)")
+    cmp.set_defaults(func=_cmd_compare)
+
+    from .sweep import SWEEPABLE
+
+    sw = sub.add_parser(
+        "sweep",
+        help="run a demo task over several values of one setting (--lr 0.01 0.1 ...), then compare the runs",
+        description="Each value is a full two-run measurement (as pathgeom demo) into OUT/SETTING=VALUE; then the "
+        "comparison (as pathgeom compare) is written to OUT and a line says how much mu, L, eta_opt and the final loss "
+        "move across the sweep. Give exactly one of the settings below several values; a setting given one value holds "
+        "for every run. Options left unset take the task's defaults.",
+        formatter_class=_DefaultsHelpFormatter,
+    )
+    sw.add_argument("--task", choices=TASKS, default=None, help="workload (default: mlp)")
+    sw.add_argument("--out", default="pathgeom-sweep", help="output directory (one subfolder per run)")
+    types = {"lr": _finite_float(0, strict=True), "init_scale": _finite_float(0, strict=True), "seed": int,
+             "weight_decay": _finite_float(0, strict=False), "clip_grad_norm": _finite_float(0, strict=False),
+             "optimizer": str, "schedule": str}
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+    for key in SWEEPABLE:
+        sw.add_argument("--" + key.replace("_", "-"), nargs="+", type=types.get(key, _positive_int), choices=choices.get(key),
+                        default=None, metavar="V", help="values to sweep, or one value for every run (default: the task's)")
+    sw.add_argument("--no-batchnorm", dest="batchnorm", action="store_false", help="every run without BatchNorm (cnn, resnet)")
+    sw.add_argument("--no-skip", dest="skip", action="store_false", help="every run without skip connections (resnet)")
+    sw.add_argument("--probe-batches", type=int, default=None, help="K fixed probe minibatches (default: the task's)")
+    sw.add_argument("--probe-every", type=int, default=None, help="probes and full batch every N steps (default: the task's)")
+    sw.add_argument("--snapshot-every", type=int, default=None, help="snapshot run 1 every N steps, 0: only x* (default: the task's)")
+    sw.add_argument("--lags", type=_parse_lags, default=d.lags, metavar="K,K,...", help="lags of the lagged cosine, or 'none'")
+    sw.add_argument("--lag-every", type=_positive_int, default=None, help="anchor steps of the lagged cosine (default: the task's)")
+    sw.add_argument("--cross-seed", action=argparse.BooleanOptionalAction, default=None,
+                    help="control run from seed+1 in every run (default: the task's)")
+    sw.add_argument("--x0-reference", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure against x_0 too (default: the task's)")
+    sw.add_argument("--no-full-batch", action="store_true", help="skip the full-batch gradient (mu and L then come from the probes)")
+    sw.add_argument("--context", type=_positive_int, default=None, help="lm: tokens per sequence (default: 64)")
+    sw.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: as demo)")
+    sw.add_argument("--device", default=d.device, help="cpu or cuda")
+    sw.add_argument("--backend", choices=BACKENDS, default=d.backend, help="kernel backend")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=_cmd_sweep)
     return p
 
 
