@@ -1,0 +1,171 @@
+"""DeepSpeed ZeRO runs for tests/test_integrations_deepspeed.py, in their own processes.
+
+``python tests/deepspeed_workers.py OUT WORLD`` runs, in WORLD gloo processes on DeepSpeed's
+CPU accelerator, ZeRO stages 1, 2 and 3: run 1 records x*, run 2 measures against it, and rank 0
+saves (torch.save, OUT/world{WORLD}.pt) what the measurer logged together with independent
+captures: the full fp32 master weights and the full pre-clip gradient of every optimizer step
+(DeepSpeed's own ``safe_get_full_fp32_param`` / ``safe_get_full_grad``), the parameters after
+the step, and DeepSpeed's global gradient norm. With WORLD 1 it also records the refusals.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STAGES = (1, 2, 3)
+STEPS, ACCUM, MICRO = 4, 2, 8  # optimizer steps, micro-batches per step, global micro-batch
+CLIP, LR, WD = 0.5, 1e-2, 0.01
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS * ACCUM * MICRO, 8, generator=gen), torch.randint(0, 3, (STEPS * ACCUM * MICRO,), generator=gen)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def ds_config(stage, world, **extra):
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO // world,
+        "gradient_accumulation_steps": ACCUM,
+        "gradient_clipping": CLIP,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+    cfg.update(extra)
+    return cfg
+
+
+def make_engine(stage, world, **extra):
+    import deepspeed
+
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, world, **extra))
+    return engine
+
+
+def full_fp32(engine):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).detach().double().reshape(-1).clone() for p in engine.module.parameters()]
+
+
+def full_grad(engine):
+    from deepspeed.utils import safe_get_full_grad
+
+    return [safe_get_full_grad(p).detach().double().reshape(-1).clone() for p in engine.module.parameters()]
+
+
+def train(engine, rank, world, geo=None, capture=False):
+    X, Y = data()
+    per = MICRO // world
+    out = {"x": [], "g": [], "x_next": [], "norm": [], "scalars": [], "losses": []}
+    for i in range(STEPS * ACCUM):
+        lo = i * MICRO + rank * per
+        loss = torch.nn.functional.cross_entropy(engine(X[lo : lo + per]), Y[lo : lo + per])
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        if capture and boundary:
+            out["x"].append(torch.cat(full_fp32(engine)))
+            out["g"].append(torch.cat(full_grad(engine)))
+        engine.step()
+        if boundary:
+            if capture:
+                out["x_next"].append(torch.cat(full_fp32(engine)))
+                out["norm"].append(float(engine.get_global_grad_norm()))
+            if geo is not None and geo.refs:
+                out["scalars"].append(geo.scalars() if geo.measured_now else None)
+    return out
+
+
+def run_stage(rank, world, stage, out_dir):
+    from pathgeom_fast.integrations.deepspeed import DeepSpeedMeasurer
+
+    xstar = os.path.join(out_dir, f"world{world}_stage{stage}_xstar.safetensors")
+    engine = make_engine(stage, world)
+    rec = DeepSpeedMeasurer.recorder(engine, xstar)
+    train(engine, rank, world, rec)
+    rec.finish()
+    engine = make_engine(stage, world)
+    geo = DeepSpeedMeasurer(engine, reference=xstar, every=1, weight_decay=WD, per_tensor=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(drifts|retrace|does not match).*")  # no drift or replay warning
+        res = train(engine, rank, world, geo, capture=True)
+        res["ratio"] = geo.finish()
+    import torch.distributed as dist
+
+    from pathgeom_fast.integrations.deepspeed import local_partitions
+
+    mine = [n for _, _, n, _, _ in local_partitions(engine)]  # elements of each parameter on this rank
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    res["local_numel"] = every
+    res["records"] = geo.records
+    res["per_tensor"] = geo.per_tensor_records
+    res["xstar"] = xstar
+    res["run1_losses"] = rec.losses
+    res["losses"] = geo.losses
+    if rank == 0 and stage == 1:
+        res["summary"] = geo.write_report(os.path.join(out_dir, f"world{world}_report"))
+    # every: 2 measures steps 0 and 2 only
+    engine = make_engine(stage, world)
+    geo2 = DeepSpeedMeasurer(engine, reference=xstar, every=2)
+    res["every2"] = train(engine, rank, world, geo2)["scalars"]
+    geo2.finish()
+    return res
+
+
+def refusals(world):
+    from pathgeom_fast.integrations.deepspeed import DeepSpeedMeasurer
+
+    out = {}
+    cases = {
+        "bf16": dict(stage=2, bf16={"enabled": True}),
+        "offload": dict(stage=2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                        zero_force_ds_cpu_optimizer=False),
+        "stage0": dict(stage=0),
+    }
+    for name, kw in cases.items():
+        stage = kw.pop("stage")
+        try:
+            engine = make_engine(stage, world, **kw)
+        except Exception as exc:  # this DeepSpeed build cannot even set it up here
+            out[name] = f"setup failed: {type(exc).__name__}: {exc}"
+            continue
+        try:
+            DeepSpeedMeasurer(engine, reference=None, record_to=os.devnull + ".safetensors")
+            out[name] = "accepted"
+        except ValueError as exc:
+            out[name] = f"refused: {exc}"
+    return out
+
+
+def worker(rank, world, out_dir):
+    os.environ["LOCAL_RANK"] = str(rank)
+    results = {stage: run_stage(rank, world, stage, out_dir) for stage in STAGES}
+    if world == 1:
+        results["refusals"] = refusals(world)
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, f"world{world}.pt"))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dist_workers import launch
+
+    out_dir, world = sys.argv[1], int(sys.argv[2])
+    launch(worker, world, out_dir)

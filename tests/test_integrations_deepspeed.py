@@ -1,0 +1,182 @@
+"""DeepSpeed ZeRO 1, 2 and 3 on DeepSpeed's CPU accelerator (gloo), world sizes 1 and 2.
+
+The runs happen in tests/deepspeed_workers.py (one process, then one pair of processes, each
+running every stage), which saves what the measurer logged beside independent captures made
+with DeepSpeed's own full-tensor APIs. Here they are compared with fp64 recomputations
+(torch.cat of flattened double copies) and with the same training run in plain torch (same
+model, AdamW, accumulation, clipping), computed in this process without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import deepspeed_workers as W  # noqa: E402
+
+NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
+SIZES = [128, 16, 48, 3]
+KEYS = ("rsi", "eb", "cos", "eta_star")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    results = {}
+    for world in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "deepspeed_workers.py"), str(out), str(world)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        results[world] = torch.load(out / f"world{world}.pt", weights_only=False)
+    return results
+
+
+def flat(ts):
+    return torch.cat([t.detach().reshape(-1).double() for t in ts])
+
+
+def xstar_of(path):
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+    return flat([sd[n] for n in NAMES])
+
+
+def metrics(g, x, r):
+    d = x - r
+    a, b, c = float(g @ d), float(g @ g), float(d @ d)
+    return {"rsi": a / c, "eb": math.sqrt(b / c), "cos": a / math.sqrt(b * c), "eta_star": a / b}
+
+
+def expected(g, x, x_next, r):
+    """What the measurer logs at one step, from full fp64 vectors."""
+    out = {f"pathgeom/{k}": v for k, v in metrics(g, x, r).items()}
+    out.update({f"pathgeom/minibatch_wd_{k}": v for k, v in metrics(g + W.WD * x, x, r).items()})
+    out.update({f"pathgeom/update_{k}": v for k, v in metrics(x - x_next, x, r).items()})
+    pos = 0
+    for name, n in zip(NAMES, SIZES):  # per_tensor=True: pathgeom/tensor/<name>/<metric>
+        sl = slice(pos, pos + n)
+        pos += n
+        out.update({f"pathgeom/tensor/{name}/{k}": v for k, v in metrics(g[sl], x[sl], r[sl]).items()})
+    return out
+
+
+def assert_close(got, want, rel, what):
+    assert set(got) == set(want), f"{what}: keys {sorted(got)} vs {sorted(want)}"
+    for k, v in want.items():
+        assert math.isclose(got[k], v, rel_tol=rel, abs_tol=rel), f"{what} {k}: {got[k]!r} vs {v!r}"
+
+
+def plain_torch_run():
+    """The same training without DeepSpeed: x_t, the pre-clip accumulated gradient and x_t+1."""
+    X, Y = W.data()
+    model = W.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=W.LR, weight_decay=W.WD)
+    out = []
+    for s in range(W.STEPS):
+        for m in range(W.ACCUM):
+            lo = (s * W.ACCUM + m) * W.MICRO
+            (torch.nn.functional.cross_entropy(model(X[lo : lo + W.MICRO]), Y[lo : lo + W.MICRO]) / W.ACCUM).backward()
+        ps = list(model.parameters())
+        x, g = flat(ps), flat(p.grad for p in ps)
+        torch.nn.utils.clip_grad_norm_(ps, W.CLIP)
+        opt.step()
+        opt.zero_grad()
+        out.append((g, x, flat(ps)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return plain_torch_run()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", W.STAGES)
+def test_zero_logs_the_pre_clip_gradient_against_fp64(runs, stage, world):
+    res = runs[world][stage]
+    r = xstar_of(res["xstar"])
+    assert len(res["scalars"]) == W.STEPS
+    for t, got in enumerate(res["scalars"]):
+        assert_close(got, expected(res["g"][t], res["x"][t], res["x_next"][t], r), 1e-6, f"stage {stage} world {world} step {t}")
+        # ||g|| is DeepSpeed's own (pre-clip) global norm, and clipping bites at this step
+        assert math.isclose(got["pathgeom/eb"] * math.sqrt(float((res["x"][t] - r) @ (res["x"][t] - r))), res["norm"][t], rel_tol=1e-6)
+    assert max(res["norm"]) > W.CLIP
+    # per-tensor rows: the same sums, parameter by parameter, under the module's names
+    rows = [row for row in res["per_tensor"] if row["kind"] == "minibatch"]
+    assert [row["tensor"] for row in rows[:4]] == NAMES
+    for row in rows:
+        i = NAMES.index(row["tensor"])
+        sl = slice(sum(SIZES[:i]), sum(SIZES[: i + 1]))
+        want = metrics(res["g"][row["step"]][sl], res["x"][row["step"]][sl], r[sl])
+        for k in KEYS:
+            assert math.isclose(row[k], want[k], rel_tol=1e-6, abs_tol=1e-9), (row, want)
+
+
+@pytest.mark.parametrize("stage", W.STAGES)
+def test_zero_world_sizes_and_plain_torch_agree(runs, plain, stage):
+    for world in (1, 2):
+        res = runs[world][stage]
+        r = xstar_of(res["xstar"])
+        for t, got in enumerate(res["scalars"]):
+            assert_close(got, expected(*plain[t], r), 1e-4, f"stage {stage} world {world} vs plain torch, step {t}")
+    for t in range(W.STEPS):
+        assert_close(runs[2][stage]["scalars"][t], runs[1][stage]["scalars"][t], 1e-4, f"stage {stage}: world 2 vs 1, step {t}")
+
+
+def test_world_two_really_is_partitioned(runs):
+    for stage in W.STAGES:
+        per_rank = runs[2][stage]["local_numel"]
+        assert all(sum(n) < 195 for n in per_rank), (stage, per_rank)
+        assert [sum(col) for col in zip(*per_rank)] == [128, 16, 48, 3], (stage, per_rank)
+        assert [sum(n) for n in runs[1][stage]["local_numel"]] == [195]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", W.STAGES)
+def test_zero_two_run_protocol_and_every(runs, stage, world):
+    res = runs[world][stage]
+    assert res["ratio"] == pytest.approx(0.0, abs=1e-6)  # run 2 retraced run 1 to its x*
+    assert res["losses"] == pytest.approx(res["run1_losses"], rel=1e-6)
+    assert sorted(res["losses"]) == list(range(W.STEPS))
+    # the loss of a step is the mean over its micro-batches (rank 0's shard at world 2)
+    X, Y = W.data()
+    model = W.make_model()
+    per = W.MICRO // world
+    with torch.no_grad():
+        first = sum(float(torch.nn.functional.cross_entropy(model(X[m * W.MICRO : m * W.MICRO + per]), Y[m * W.MICRO : m * W.MICRO + per]))
+                    for m in range(W.ACCUM)) / W.ACCUM
+    assert res["losses"][0] == pytest.approx(first, rel=1e-6)
+    # every=2: steps 0 and 2 measured, with the every=1 values
+    ev = res["every2"]
+    assert [s is not None for s in ev] == [True, False, True, False]
+    for t in (0, 2):
+        plain_keys = {k: v for k, v in res["scalars"][t].items() if "wd" not in k and "tensor/" not in k}
+        assert_close(ev[t], plain_keys, 1e-6, f"every=2 step {t}")
+
+
+def test_zero_report_counts_the_whole_model(runs):
+    # D is every trainable element of the model, not the rank's pieces
+    assert runs[1][1]["summary"]["numel"] == 195
+    assert runs[2][1]["summary"]["numel"] == 195
+
+
+def test_unsupported_engines_are_refused_before_any_step(runs):
+    ref = runs[1]["refusals"]
+    assert ref["bf16"].startswith("refused:") and "bf16" in ref["bf16"], ref
+    assert ref["stage0"].startswith("refused:") and "StepMeasurer" in ref["stage0"], ref
+    assert ref["offload"].startswith("refused:") and "offload" in ref["offload"], ref
