@@ -92,6 +92,24 @@ def train(engine, rank, world, geo=None, capture=False):
     return out
 
 
+def count_collectives(geo):
+    """Collectives issued inside the measurer's two hooks, per call: {hook: [count, ...]}."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    counts = {"after_backward": [], "after_step": []}
+    for name in counts:
+        inner = getattr(geo, name)
+
+        def counted(*args, _inner=inner, _name=name, **kwargs):
+            with CommDebugMode() as comm:
+                out = _inner(*args, **kwargs)
+            counts[_name].append({str(op): n for op, n in comm.get_comm_counts().items() if n})
+            return out
+
+        setattr(geo, name, counted)
+    return counts
+
+
 def run_stage(rank, world, stage, out_dir):
     from pathgeom_fast.integrations.deepspeed import DeepSpeedMeasurer
 
@@ -102,6 +120,7 @@ def run_stage(rank, world, stage, out_dir):
     rec.finish()
     engine = make_engine(stage, world)
     geo = DeepSpeedMeasurer(engine, reference=xstar, every=1, weight_decay=WD, per_tensor=True)
+    comms = count_collectives(geo)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*(drifts|retrace|does not match).*")  # no drift or replay warning
         res = train(engine, rank, world, geo, capture=True)
@@ -114,6 +133,7 @@ def run_stage(rank, world, stage, out_dir):
     every = [None] * world
     dist.all_gather_object(every, mine)
     res["local_numel"] = every
+    res["collectives"] = comms
     res["records"] = geo.records
     res["per_tensor"] = geo.per_tensor_records
     res["xstar"] = xstar
@@ -124,6 +144,7 @@ def run_stage(rank, world, stage, out_dir):
     # every: 2 measures steps 0 and 2 only
     engine = make_engine(stage, world)
     geo2 = DeepSpeedMeasurer(engine, reference=xstar, every=2)
+    res["collectives2"] = count_collectives(geo2)
     res["every2"] = train(engine, rank, world, geo2)["scalars"]
     geo2.finish()
     return res

@@ -169,6 +169,21 @@ def test_zero_two_run_protocol_and_every(runs, stage, world):
         assert_close(ev[t], plain_keys, 1e-6, f"every=2 step {t}")
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_one_all_reduce_per_measurement(runs, world):
+    for stage in W.STAGES:
+        res = runs[world][stage]
+        # every=2, no weight decay: one all-reduce at a measured boundary, none elsewhere
+        back = [dict(c) for c in res["collectives2"]["after_backward"]]
+        assert len(back) == W.STEPS * W.ACCUM
+        ops = [sum(c.values()) for c in back]
+        assert ops == [0, 1, 0, 0, 0, 1, 0, 0], (stage, back)
+        assert all(set(c) <= {str(torch.ops.c10d.allreduce_)} for c in back), back
+        assert [sum(c.values()) for c in res["collectives2"]["after_step"]] == [1, 0, 1, 0]
+        # weight_decay= adds its own rows: one more all-reduce
+        assert [sum(c.values()) for c in res["collectives"]["after_backward"]] == [0, 2] * W.STEPS
+
+
 def test_zero_report_counts_the_whole_model(runs):
     # D is every trainable element of the model, not the rank's pieces
     assert runs[1][1]["summary"]["numel"] == 195
