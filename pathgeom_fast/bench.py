@@ -11,6 +11,11 @@ Baselines (defined here once; bench/ suites and ``pathgeom bench`` import them):
 * ``probe``: the read-bandwidth limit: the faster of one ``sum`` and one ``dot`` over a single
   contiguous buffer of the same number of bytes as g, x and x* together.
 
+The fused rows are named by the backend that ran (``fused_cpu``, ``fused_torch``, ...), never
+"auto". On the CPU the pure-torch backend (what an install without a working compiler runs) is
+always timed beside the compiled kernel, so that its ratio to the per-tensor ``loop`` and to
+the compiled kernel is printed from one run (the lines under the table).
+
 The Gram case (``pg.secant_gram`` of K vector lists and x - x*) has its own baselines:
 ``naive`` stacks the flattened [K + 1, D] fp32 rows and takes V V^T; ``loop`` does the same
 per tensor.
@@ -20,7 +25,8 @@ DESIGN tolerance (1e-6), baselines report their error (``rel err``; fp32 norms o
 elements are off by percents). Reported: median time, effective GB/s (bytes of g, x, x* /
 time), speed-up against naive and against the best baseline, fraction of the probe reached
 (probe time / time), and the peak extra memory (CUDA: allocator peak; CPU: peak resident set, reset through
-/proc/self/clear_refs).
+/proc/self/clear_refs, with glibc's mmap threshold pinned to 64 KiB so that every temporary of 64 KiB or more
+is fresh pages that count; torch has no CPU allocator statistics, and tracemalloc does not see its memory).
 
 Timing: medians over rounds of one call of each method (after a warm-up round): ``--repeats``
 rounds for every method, and more for the fast ones (the probe, the fused op) as long as they
@@ -38,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -244,7 +251,7 @@ class CacheFlush:
 
 def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: int,
                      flush: Callable[[], None] | None = None, budget_s: float = 0.0,
-                     max_samples: int = 41) -> dict[str, float]:
+                     max_samples: int = 41, progress=None) -> dict[str, float]:
     """Median seconds of each call, timed round-robin (one call of each per round, after a
     warm-up round) so that the noise of a shared machine falls on all of them alike;
     ``flush()``, if given, runs untimed before each call (see :class:`CacheFlush`).
@@ -252,12 +259,15 @@ def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: 
     Each call is timed ``repeats`` times, or more where that fits in ``budget_s`` seconds (by
     its warm-up time), up to ``max_samples``: the later rounds hold only the fast calls (the
     probe and the fused op), which still alternate, so that their ratio is not left to the
-    median of five samples on a noisy machine."""
+    median of five samples on a noisy machine. ``progress`` (a :class:`Progress`) counts the
+    timed calls."""
     samples = {}
     for k, (fn, args) in calls.items():
         t = time_once(fn, args, device)
         samples[k] = max(repeats, min(max_samples, int(budget_s / max(t, 1e-9))))
     _sync(device)
+    if progress is not None:
+        progress.add(sum(samples.values()))
     times: dict[str, list[float]] = {k: [] for k in calls}
     for j in range(max(samples.values(), default=0)):
         for k, (fn, args) in calls.items():
@@ -266,7 +276,41 @@ def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: 
             if flush is not None:
                 flush()
             times[k].append(time_once(fn, args, device))
+            if progress is not None:
+                progress.step()
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+class Progress:
+    """A tqdm bar on stderr over the bench's steps (inputs, checks, timed calls, memory), whose
+    total grows as the steps become known; a no-op with ``enabled=False`` or without tqdm."""
+
+    def __init__(self, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=0, file=sys.stderr, unit="step", dynamic_ncols=True, leave=False,
+                            bar_format="{desc}: {n}/{total} steps [{elapsed}]")
+
+    def stage(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text, refresh=True)
+
+    def add(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _status(key: str) -> int:
@@ -331,11 +375,13 @@ def rel_error(out: Tensor, ref: Tensor) -> float:
 
 
 def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int, multi: bool = False,
-               gram: bool = False) -> list[dict]:
+               gram: bool = False, progress: Progress | None = None) -> list[dict]:
     """Timings of one case (probe first); memory comes later, from ``memory_case``."""
+    progress = progress or Progress(False)
     grads, params, refs = inputs
     total = nbytes(grads, params, refs)
     error = gram_error if gram else rel_error
+    progress.stage(f"{name}: fp64 reference")
     if gram:
         ref = pg.reference_secant_gram(grads, params, refs)
     elif multi:
@@ -344,7 +390,10 @@ def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int,
         ref = pg.reference_secant_stats(grads, params, refs)
     calls = probe_calls(total, device)
     rows = [{"case": name, "method": "probe", "extra_mb": 0.0}]
+    progress.step()
     for mname, fn in methods.items():
+        progress.stage(f"{name}: checking {mname}")
+        progress.step()
         try:
             err = error(fn(grads, params, refs), ref)
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
@@ -355,7 +404,8 @@ def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int,
             raise AssertionError(f"{name}/{mname}: error {err:.2e} against the fp64 reference exceeds 1e-6")
         rows.append({"case": name, "method": mname, "rel_err": err})
         calls[mname] = (fn, (grads, params, refs))
-    t = time_interleaved(calls, device, repeats, flush=CacheFlush(device, total), budget_s=0.3)
+    progress.stage(f"{name}: timing")
+    t = time_interleaved(calls, device, repeats, flush=CacheFlush(device, total), budget_s=0.3, progress=progress)
     t_probe = min(t.pop("probe_sum"), t.pop("probe_dot"))
     del calls
     for r in rows:
@@ -376,13 +426,16 @@ def bench_case(name, inputs, methods: dict[str, Callable], device, repeats: int,
     return rows
 
 
-def memory_case(rows: list[dict], inputs, methods: dict[str, Callable], device) -> None:
+def memory_case(rows: list[dict], inputs, methods: dict[str, Callable], device, progress: Progress | None = None) -> None:
     """Fill ``extra_mb`` (peak extra memory of one call) into the timing rows of a case."""
+    progress = progress or Progress(False)
     for r in rows:
         fn = methods.get(r["method"])
         if fn is not None and "ms" in r:
+            progress.stage(f"{r['case']}: memory of {r['method']}")
             extra = peak_extra_bytes(fn, inputs, device)
             r["extra_mb"] = None if extra is None else extra / 1e6
+            progress.step()
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -429,11 +482,20 @@ def environment(device) -> dict:
     return info
 
 
+def default_backends(dev: torch.device) -> list[str]:
+    """The fused backends timed by default: the GPU kernels on CUDA; on the CPU the compiled
+    kernel where it is built and always the pure-torch backend (the fallback's cost)."""
+    if dev.type == "cuda":
+        return ["cuda", "triton"] if pg.extension_available() else ["triton"]
+    return (["cpu"] if pg.extension_available() else []) + ["torch"]
+
+
 def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: int = 8, multi_size: int = 2 * 10**7,
-        repeats: int = 5, backends=None, compile_baseline: bool = True, cases=None, gram_k: int = 2) -> tuple[list[dict], dict]:
+        repeats: int = 5, backends=None, compile_baseline: bool = True, cases=None, gram_k: int = 2,
+        progress: bool = False) -> tuple[list[dict], dict]:
     dev = torch.device(device)
     if backends is None:
-        backends = ["cuda", "triton"] if dev.type == "cuda" else (["cpu"] if pg.extension_available() else ["torch"])
+        backends = default_backends(dev)
     f32, mixed = (torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32)
     singles = {f"fused_{b}": fused(b) for b in backends}
     all_cases = {
@@ -459,45 +521,138 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
         return methods
 
     selected = {n: c for n, c in all_cases.items() if not cases or any(n.startswith(p) for p in cases)}
+    bar = Progress(progress)
+    bar.add(sum(2 + len(methods_for(n, K)) for n, (_, _, K) in selected.items()))  # inputs, reference, checks
     per_case = {}
-    for name, (sizes, dtypes, K) in selected.items():  # timings first, in normal conditions
-        inputs = make_inputs(sizes, dtypes, dev, K=K)
-        per_case[name] = bench_case(name, inputs, methods_for(name, K), dev, repeats, multi=K > 1,
-                                    gram=name.startswith("gram"))
-        del inputs
-    if dev.type == "cpu":
-        pin_mmap_threshold()
-    for name, (sizes, dtypes, K) in selected.items():  # then the memory pass
-        inputs = make_inputs(sizes, dtypes, dev, K=K)
-        memory_case(per_case[name], inputs, methods_for(name, K), dev)
-        del inputs
+    try:
+        for name, (sizes, dtypes, K) in selected.items():  # timings first, in normal conditions
+            bar.stage(f"{name}: inputs")
+            inputs = make_inputs(sizes, dtypes, dev, K=K)
+            bar.step()
+            per_case[name] = bench_case(name, inputs, methods_for(name, K), dev, repeats, multi=K > 1,
+                                        gram=name.startswith("gram"), progress=bar)
+            del inputs
+        if dev.type == "cpu":
+            pin_mmap_threshold()
+        bar.add(sum(1 + sum("ms" in r and r["method"] != "probe" for r in per_case[n]) for n in selected))
+        for name, (sizes, dtypes, K) in selected.items():  # then the memory pass
+            bar.stage(f"{name}: inputs (memory pass)")
+            inputs = make_inputs(sizes, dtypes, dev, K=K)
+            bar.step()
+            memory_case(per_case[name], inputs, methods_for(name, K), dev, progress=bar)
+            del inputs
+    finally:
+        bar.close()
     rows = [r for name in selected for r in per_case[name]]
-    return rows, environment(dev)
+    env = environment(dev)
+    env["backends"] = {b: BACKEND_NAMES.get(b, b) for b in backends}
+    if not pg.extension_available():
+        env["extension_error"] = pg.extension_error()
+    return rows, env
+
+
+BACKEND_NAMES = {"cpu": "compiled C++ kernel", "cuda": "compiled CUDA kernel", "triton": "Triton kernel",
+                 "torch": "pure torch, the fallback without the extension"}
+
+
+def torch_backend_lines(rows: list[dict]) -> list[str]:
+    """Per case, the pure-torch backend against the per-tensor loop and the compiled kernel, from
+    the same run (the fallback's cost, and the bar it must clear: at least the loop's speed)."""
+    out = []
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if "ms" in r:
+            by_case.setdefault(r["case"], {})[r["method"]] = r
+    for case, m in by_case.items():
+        torch_row = next((m[k] for k in ("fused_torch", "fused_torch_multi", "fused_torch_gram") if k in m), None)
+        if torch_row is None:
+            continue
+        parts = [f"{torch_row['ms']:.1f} ms"]
+        if "loop" in m:
+            parts.append(f"{m['loop']['ms'] / torch_row['ms']:.2f}x the speed of the per-tensor loop ({m['loop']['ms']:.1f} ms)")
+        compiled = next((m[k] for k in ("fused_cpu", "fused_cpu_multi", "fused_cpu_gram", "fused_cuda", "fused_cuda_multi")
+                         if k in m), None)
+        if compiled is not None:
+            parts.append(f"{torch_row['ms'] / compiled['ms']:.1f}x the time of the compiled kernel ({compiled['ms']:.1f} ms)")
+        if torch_row.get("extra_mb") is not None:
+            parts.append(f"{torch_row['extra_mb']:.1f} MB extra")
+        out.append(f"torch backend, {case}: " + ", ".join(parts))
+    return out
+
+
+# The sizes of the default run and of --quick (options given on the command line win).
+PRESETS = {
+    "default": {"size": 10**8, "small_n": 10_000, "multi_k": 8, "multi_size": 2 * 10**7, "repeats": 5, "gram_k": 2},
+    "quick": {"size": 10**7, "small_n": 2_000, "multi_k": 4, "multi_size": 2 * 10**6, "repeats": 3, "gram_k": 2},
+}
+# Measured with `/usr/bin/time -v pathgeom bench [--quick]` on the 2-core CPU of
+# bench/results/cpu-2026-12-05.txt (wall time, maximum resident set).
+COST = {"default": "about 6 minutes and 5 GB of memory", "quick": "about 40 s and 0.6 GB"}
+DESCRIPTION = (
+    "Times the fused op (each backend: on the CPU the compiled kernel and the pure-torch fallback) against naive "
+    "PyTorch, a per-tensor loop, foreach ops, torch.compile and the bandwidth limit, after checking each against "
+    f"the fp64 reference; prints a table and writes all rows as JSON. On a 2-core CPU the default run takes "
+    f"{COST['default']}; --quick takes {COST['quick']}. Progress goes to stderr."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d, q = PRESETS["default"], PRESETS["quick"]
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--size", type=int, default=10**8, help="elements of the large model-like list")
-    p.add_argument("--small-n", type=int, default=10_000, help="number of 1000-element tensors")
-    p.add_argument("--multi-k", type=int, default=8, help="K gradient lists of the multi case")
-    p.add_argument("--multi-size", type=int, default=2 * 10**7, help="elements per list of the multi case")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median) of every method, after one warm-up; fast methods get more, up to 41 "
-                   "within 0.3 s each")
-    p.add_argument("--backends", nargs="*", default=None, help="fused backends to time (default: the device's)")
-    p.add_argument("--gram-k", type=int, default=2, help="K vector lists of the Gram case (multi-size elements each)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smaller sizes, fewer repeats, no torch.compile baseline: {COST['quick']} on a 2-core CPU "
+                   f"(the default run: {COST['default']})")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"elements of the large model-like list (default: {d['size']:.0e}; --quick: {q['size']:.0e})")
+    p.add_argument("--small-n", type=int, default=None,
+                   help=f"number of 1000-element tensors (default: {d['small_n']}; --quick: {q['small_n']})")
+    p.add_argument("--multi-k", type=int, default=None,
+                   help=f"K gradient lists of the multi case (default: {d['multi_k']}; --quick: {q['multi_k']})")
+    p.add_argument("--multi-size", type=int, default=None,
+                   help=f"elements per list of the multi case (default: {d['multi_size']:.0e}; --quick: {q['multi_size']:.0e})")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats (median) of every method, after one warm-up; fast methods get more, up to 41 "
+                   f"within 0.3 s each (default: {d['repeats']}; --quick: {q['repeats']})")
+    p.add_argument("--backends", nargs="*", default=None,
+                   help="fused backends to time (default: cuda and triton on a GPU; on the CPU, cpu where the extension "
+                   "is built, and torch)")
+    p.add_argument("--gram-k", type=int, default=None, help="K vector lists of the Gram case (multi-size elements each) "
+                   f"(default: {d['gram_k']})")
     p.add_argument("--cases", nargs="*", default=None, help="case name prefixes (large, small, multi, gram)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (--quick skips it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", default="pathgeom-bench.json", help="where to write all rows and the environment")
 
 
+def resolve_preset(args) -> argparse.Namespace:
+    """Fill the sizes left unset from the default or --quick preset."""
+    preset = PRESETS["quick" if getattr(args, "quick", False) else "default"]
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if getattr(args, "quick", False):
+        args.no_compile = True
+    return args
+
+
 def main(args) -> int:
+    args = resolve_preset(args)
+    t0 = time.perf_counter()
     rows, env = run(args.device, args.size, args.small_n, args.multi_k, args.multi_size, args.repeats, args.backends,
-                    not args.no_compile, args.cases, args.gram_k)
+                    not args.no_compile, args.cases, args.gram_k, progress=not getattr(args, "no_progress", False))
+    env["preset"] = "quick" if args.quick else "default"
+    env["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date']}")
+    print("backends timed: " + ", ".join(f"{b} ({what})" for b, what in env["backends"].items()))
+    if "extension_error" in env:
+        print(f"compiled extension not loaded: {env['extension_error']}")
     print(format_rows(rows))
+    for line in torch_backend_lines(rows):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")
+    print(f"{env['seconds']:.0f} s in all")
     return 0

@@ -244,14 +244,15 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import CompareError, compare_runs
+    from .compare import CompareError, _g, compare_runs
 
     try:
         result = compare_runs(args.runs, args.out, labels=args.labels)
     except CompareError as exc:
         raise UsageError(str(exc)) from exc
     for r in result["runs"]:
-        print(f"{r['label']}: D={r['numel']}, mu {r['mu']}, L {r['L']}, eta_opt {r['eta_opt']}, final loss {r['final_train_loss']}")
+        print(f"{r['label']}: D={_g(r['numel'], 12)}, mu {_g(r['mu'])}, L {_g(r['L'])}, eta_opt = mu/L^2 {_g(r['eta_opt'])}, "
+              f"final loss {_g(r['final_train_loss'], 4)}")
     print(f"wrote {os.path.join(args.out, 'compare.json')}, compare.md, compare.png")
     return 0
 
@@ -510,11 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--debug", action="store_true", help="show the traceback of errors")
     an.set_defaults(func=_cmd_analyze)
 
-    from .bench import add_arguments
+    from .bench import DESCRIPTION, add_arguments
 
     be = sub.add_parser(
         "bench",
-        help="time the fused op against naive PyTorch and the bandwidth limit on this device",
+        help="time the fused op against naive PyTorch and the bandwidth limit on this device (--quick: under a minute)",
+        description=DESCRIPTION,
         formatter_class=_DefaultsHelpFormatter,
     )
     add_arguments(be)

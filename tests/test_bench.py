@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from pathgeom_fast import bench
+import pathgeom_fast as pg
+from pathgeom_fast import bench, cli
 
 
 def test_bench_cli_runs_every_case_and_checks_the_fused_op(tmp_path):
@@ -29,7 +31,7 @@ def test_bench_cli_runs_every_case_and_checks_the_fused_op(tmp_path):
         mine = [r for r in rows if r["case"] == case]
         assert any(r["method"] == "probe" and r["ms"] > 0 for r in mine), case
         fused = [r for r in mine if r["method"].startswith("fused") and "error" not in r]
-        assert fused, case
+        assert fused and any(r["method"].startswith("fused_torch") for r in fused), case
         for r in fused:
             assert r["rel_err"] <= 1e-6 and r["ms"] > 0 and r["frac_probe"] > 0, r
     assert "small_40_fp32" in run.stdout and "of probe" in run.stdout
@@ -84,3 +86,88 @@ def test_time_interleaved_gives_fast_calls_more_rounds_and_flushes_before_each()
                                flush=flush, budget_s=0.01, max_samples=9)
     assert counts == {"slow": 1 + 3, "fast": 1 + 9, "flush": 3 + 9}
     assert t["slow"] >= 0.02 > t["fast"]
+
+
+def test_quick_preset_fills_only_the_sizes_left_unset():
+    parse = lambda *a: bench.resolve_preset(cli.build_parser().parse_args(["bench", *a]))
+    args = parse()
+    assert (args.size, args.small_n, args.multi_k, args.multi_size, args.repeats) == (10**8, 10_000, 8, 2 * 10**7, 5)
+    assert not args.no_compile and not args.quick
+    args = parse("--quick")
+    assert (args.size, args.small_n, args.multi_k, args.multi_size, args.repeats) == (10**7, 2000, 4, 2 * 10**6, 3)
+    assert args.no_compile  # torch.compile's first call alone takes longer than the quick run
+    args = parse("--quick", "--size", "5000", "--repeats", "7")
+    assert (args.size, args.small_n, args.repeats) == (5000, 2000, 7)
+
+
+def test_help_states_the_cost_of_the_default_and_quick_runs():
+    res = subprocess.run([sys.executable, "-m", "pathgeom_fast.cli", "bench", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    assert f"the default run takes {bench.COST['default']}" in text and f"--quick takes {bench.COST['quick']}" in text
+
+
+def test_quick_run_at_test_sizes_times_the_torch_backend_beside_the_loop(tmp_path):
+    """--quick with test sizes: on the CPU every case has the pure-torch backend's row (within
+    1e-6 of fp64) beside the per-tensor loop (and the compiled kernel where it is built), the
+    lines under the table give their ratios, the JSON records the preset and the backends that
+    ran, and the progress goes to stderr."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pathgeom_fast.cli", "bench", "--quick", "--device", "cpu", "--size", "30000",
+         "--small-n", "40", "--multi-size", "20000", "--multi-k", "3", "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    env, rows = data["environment"], data["rows"]
+    assert env["preset"] == "quick" and env["seconds"] > 0
+    compiled = ["cpu"] if pg.extension_available() else []
+    assert list(env["backends"]) == compiled + ["torch"]
+    methods = {(r["case"], r["method"]) for r in rows if "ms" in r}
+    suffix = {"large_fp32": "", "large_bf16g_fp32": "", "small_40_fp32": "", "multi_k3_fp32": "_multi", "gram_k2_fp32": "_gram"}
+    for case, sfx in suffix.items():
+        assert (case, "loop") in methods and (case, "probe") in methods, case
+        for b in compiled + ["torch"]:
+            assert (case, f"fused_{b}{sfx}") in methods, (case, b)
+        assert not any(m.startswith("compiled") for c, m in methods if c == case)  # --quick: no torch.compile
+    for r in rows:
+        if r["method"].startswith("fused_torch"):
+            assert r["rel_err"] <= 1e-6 and r["ms"] > 0 and r["extra_mb"] is not None, r
+    timed = next(line for line in run.stdout.splitlines() if line.startswith("backends timed: "))
+    assert [part.split(" (")[0] for part in timed[len("backends timed: "):].split("), ")] == compiled + ["torch"]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("torch backend, ")]
+    assert len(lines) == len(suffix)
+    assert all("x the speed of the per-tensor loop" in line and "MB extra" in line for line in lines)
+    if compiled:
+        assert all("x the time of the compiled kernel" in line for line in lines)
+    assert "large_fp32: " in run.stderr and "steps" in run.stderr  # the progress bar
+    quiet = subprocess.run(
+        [sys.executable, "-m", "pathgeom_fast.cli", "bench", "--quick", "--device", "cpu", "--size", "3000",
+         "--cases", "large_fp32", "--repeats", "1", "--no-progress", "--json", ""],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert quiet.returncode == 0 and "steps" not in quiet.stderr, quiet.stderr
+
+
+def test_torch_backend_lines_compare_within_each_case():
+    rows = [
+        {"case": "c", "method": "loop", "ms": 30.0},
+        {"case": "c", "method": "fused_cpu", "ms": 5.0},
+        {"case": "c", "method": "fused_torch", "ms": 20.0, "extra_mb": 2.5},
+        {"case": "g", "method": "loop", "ms": 10.0},
+        {"case": "g", "method": "fused_torch_gram", "ms": 40.0, "extra_mb": None},
+        {"case": "n", "method": "loop", "ms": 10.0},
+    ]
+    assert bench.torch_backend_lines(rows) == [
+        "torch backend, c: 20.0 ms, 1.50x the speed of the per-tensor loop (30.0 ms), 4.0x the time of the compiled "
+        "kernel (5.0 ms), 2.5 MB extra",
+        "torch backend, g: 40.0 ms, 0.25x the speed of the per-tensor loop (10.0 ms)",
+    ]
+
+
+@pytest.mark.parametrize("extension", [True, False])
+def test_default_backends_always_time_the_torch_fallback_on_cpu(monkeypatch, extension):
+    monkeypatch.setattr(bench.pg, "extension_available", lambda: extension)
+    assert bench.default_backends(torch.device("cpu")) == (["cpu", "torch"] if extension else ["torch"])
+    assert bench.default_backends(torch.device("cuda")) == (["cuda", "triton"] if extension else ["triton"])
