@@ -44,6 +44,13 @@ struct Inputs {
   // metadata from these contiguous tables, without going back to the (Python) objects that
   // hold the tensors, each a dependent cache miss before the prefetch can even start.
   std::vector<const c10::TensorImpl*> grad_impls, param_impls, ref_impls;
+  // Strong references to the tensors above, taken by the direct entry point before it runs
+  // code that may call back into Python (a tensor subclass's __torch_dispatch__ reached from
+  // a check or a copy), which could drop the objects the pointers were borrowed from.
+  std::vector<at::Tensor> owned;
+
+  // Points grads/params/refs at strong references held in `owned`.
+  void own();
 };
 
 Inputs inputs_of(at::TensorList grads, at::TensorList params, at::TensorList refs);
@@ -71,6 +78,18 @@ using RowsFn = at::Tensor (*)(const char* op, const Inputs& in, int64_t K, bool 
                               double weight_decay);
 at::Tensor cpu_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd);
 extern RowsFn cuda_rows_fn;
+// The CUDA rows of inputs already checked by prepare_inputs (the direct entry point checks
+// with the GIL held, then launches without it). Set by ops_cuda.cpp when built.
+using PreparedRowsFn = at::Tensor (*)(const Prepared& p, int64_t K, bool per_tensor, double weight_decay);
+extern PreparedRowsFn cuda_prepared_rows_fn;
+
+// "list[j]" for one list, "list[k][i]" for K lists of T tensors back to back.
+std::string grad_name(int64_t j, int64_t T, int64_t K, const ListNames& names = kGradNames);
+
+// Raises the ValueError of mismatched list lengths (or of K < 1): ng vectors in the K lists,
+// nx params, nr refs. Overflow-free for any K.
+void check_lengths(const char* op, int64_t ng, int64_t nx, int64_t nr, int64_t K,
+                   const ListNames& names);
 
 // A CPU kernel of secant_core.h: elements [begin, end) of one tensor position -> `width` fp64
 // values (weight_decay is passed through; kernels without one ignore it).
@@ -85,5 +104,26 @@ struct CpuKernel {
 // the parallel pass and the fixed-order combine shared by every CPU op.
 at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const ListNames& names,
                            bool per_tensor, const CpuKernel& kernel);
+
+// The same in two steps, for callers that hold the GIL during the checks only.
+// cpu_check: every check (raises ValueError / TypeError naming the offending index) and the
+// tables of the pass (contiguous copies where needed). It may run Python code (a tensor
+// subclass's __torch_dispatch__, reached by a copy), never on the intra-op threads.
+// cpu_compute: the kernels over the checked tables; no Python, no tensor metadata.
+struct CpuTables;
+class CpuTablesLease {  // the calling thread's kept tables, or fresh ones in a nested call
+ public:
+  CpuTablesLease();
+  ~CpuTablesLease();
+  CpuTablesLease(const CpuTablesLease&) = delete;
+  CpuTablesLease& operator=(const CpuTablesLease&) = delete;
+  CpuTables& get() { return *tables_; }
+
+ private:
+  CpuTables* tables_;
+  bool kept_;
+};
+void cpu_check(const char* op, const Inputs& in, int64_t K, const ListNames& names, CpuTables& tables);
+at::Tensor cpu_compute(int64_t K, bool per_tensor, const CpuKernel& kernel, CpuTables& tables);
 
 }  // namespace pathgeom

@@ -1,6 +1,7 @@
 // Torch binding: op schemas, input checks, and the CPU implementation.
 #include <ATen/Parallel.h>
 #include <Python.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
@@ -10,6 +11,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <limits>
+#include <memory>
 #include <sstream>
 #include <utility>
 
@@ -70,12 +73,16 @@ bool to_dtype(at::ScalarType t, DType* out) {
   }
 }
 
-// Name of entry j of the K vector lists: "grads[i]" for one list, "grads[k][i]" for K lists.
-std::string grad_name(int64_t j, int64_t T, int64_t K, const ListNames& names = kGradNames) {
-  std::ostringstream s;
-  if (K == 1) s << names.list << "[" << j << "]";
-  else s << names.list << "[" << j / T << "][" << j % T << "]";
-  return s.str();
+// Tensors the checks of the parallel passes leave to prepare_inputs, on the calling thread:
+// those whose metadata may be computed by Python code (tensor subclasses with
+// __torch_dispatch__), by functorch or functionalization wrappers, and nested tensors.
+bool unusual(const c10::TensorImpl* t) {
+  constexpr c10::DispatchKeySet kWrapped = c10::DispatchKeySet(c10::DispatchKey::Python) |
+                                           c10::DispatchKeySet(c10::DispatchKey::PythonTLSSnapshot) |
+                                           c10::DispatchKeySet(c10::DispatchKey::FuncTorchBatched) |
+                                           c10::DispatchKeySet(c10::DispatchKey::FuncTorchGradWrapper) |
+                                           c10::DispatchKeySet(c10::DispatchKey::Functionalize);
+  return t->key_set().has_any(kWrapped) || t->is_nested();
 }
 
 // Tensor metadata (TensorImpl, StorageImpl) of long lists is scattered over the heap between
@@ -92,13 +99,6 @@ void prefetch_object(const void* p) {
   __builtin_prefetch(c + kBytes - 1);
 }
 
-template <size_t kBytes>
-void prefetch_object_l2(const void* p) {
-  const char* c = static_cast<const char*>(p);
-  for (size_t b = 0; b < kBytes; b += 64) __builtin_prefetch(c + b, 0, 2);
-  __builtin_prefetch(c + kBytes - 1, 0, 2);
-}
-
 void prefetch_impl(const c10::TensorImpl* t) { prefetch_object<sizeof(c10::TensorImpl)>(t); }
 
 // An undefined tensor's impl is the UndefinedTensorImpl singleton, which has no storage.
@@ -109,16 +109,6 @@ const c10::StorageImpl* storage_of(const c10::TensorImpl* t) {
 
 void prefetch_storage(const c10::TensorImpl* t) {
   if (const c10::StorageImpl* s = storage_of(t)) prefetch_object<sizeof(c10::StorageImpl)>(s);
-}
-
-// The same, into L2 only (prefetcht1), for the CPU block pass: there the kernel streams 12 KB
-// or more through L1 between a prefetch and the check that reads the line, which evicted the
-// lines prefetched into L1 (half of the check time was the load of TensorImpl::storage_
-// behind the StorageImpl prefetch). In one process, both read from memory, 8 paired rounds
-// (10^4 x 10^3 fp32, 2 threads, 2026-11-28): 0.720 -> 0.746 of the probe (median).
-void prefetch_impl_l2(const c10::TensorImpl* t) { prefetch_object_l2<sizeof(c10::TensorImpl)>(t); }
-void prefetch_storage_l2(const c10::TensorImpl* t) {
-  if (const c10::StorageImpl* s = storage_of(t)) prefetch_object_l2<sizeof(c10::StorageImpl)>(s);
 }
 
 // Calls f on the TensorImpls of params[i], refs[i] and the K vectors of position i.
@@ -137,6 +127,43 @@ void prefetch_position(const Inputs& in, int64_t end, int64_t T, int64_t K, int6
 
 }  // namespace
 
+// Name of entry j of the K vector lists: "grads[i]" for one list, "grads[k][i]" for K lists.
+std::string grad_name(int64_t j, int64_t T, int64_t K, const ListNames& names) {
+  std::ostringstream s;
+  if (K == 1 || T <= 0) s << names.list << "[" << j << "]";
+  else s << names.list << "[" << j / T << "][" << j % T << "]";
+  return s.str();
+}
+
+void check_lengths(const char* op, int64_t ng, int64_t nx, int64_t nr, int64_t K, const ListNames& names) {
+  TORCH_CHECK_VALUE(K >= 1, op, ": ", names.count, " must be >= 1, got ", K);
+  TORCH_CHECK_VALUE(K <= std::numeric_limits<int32_t>::max() / 3, op, ": ", names.count, " must be at most ",
+                    std::numeric_limits<int32_t>::max() / 3, ", got ", K);
+  // ng == K * nx without forming K * nx (K comes from the caller and may be huge)
+  const bool ok = nr == nx && (nx == 0 ? ng == 0 : ng % nx == 0 && ng / nx == K);
+  if (ok) return;
+  std::string expected;
+  if (K > 1) {
+    expected = std::string(" (expected ") + names.count + " * len(params) = ";
+    if (nx == 0 || K <= std::numeric_limits<int64_t>::max() / nx) expected += std::to_string(K * nx);
+    else expected += std::to_string(K) + " * " + std::to_string(nx);
+    expected += ")";
+  }
+  TORCH_CHECK_VALUE(false, op, ": the lists must have matching lengths, got ", ng, " ", names.list, expected,
+                    ", ", nx, " params and ", nr, " refs");
+}
+
+void Inputs::own() {
+  owned.clear();
+  owned.reserve(grads.size() + params.size() + refs.size());
+  for (auto* list : {&grads, &params, &refs}) {
+    for (const at::Tensor*& t : *list) {
+      owned.push_back(*t);
+      t = &owned.back();  // reserved above: no reallocation moves it
+    }
+  }
+}
+
 Inputs inputs_of(at::TensorList grads, at::TensorList params, at::TensorList refs) {
   Inputs in;
   for (const auto& t : grads) in.grads.push_back(&t);
@@ -149,20 +176,14 @@ Inputs inputs_of(at::TensorList grads, at::TensorList params, at::TensorList ref
 }
 
 RowsFn cuda_rows_fn = nullptr;
+PreparedRowsFn cuda_prepared_rows_fn = nullptr;
 
 Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListNames& names) {
-  TORCH_CHECK_VALUE(K >= 1, op, ": ", names.count, " must be >= 1, got ", K);
   const auto& grads = in.grads;
   const auto& params = in.params;
   const auto& refs = in.refs;
   const int64_t T = static_cast<int64_t>(params.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(refs.size()) == T &&
-                        static_cast<int64_t>(grads.size()) == K * T,
-                    op, ": the lists must have matching lengths, got ", grads.size(), " ",
-                    names.list, (K > 1 ? std::string(" (expected ") + names.count +
-                                             " * len(params) = " + std::to_string(K * T) + ")"
-                                       : std::string()),
-                    ", ", params.size(), " params and ", refs.size(), " refs");
+  check_lengths(op, static_cast<int64_t>(grads.size()), T, static_cast<int64_t>(refs.size()), K, names);
   Prepared p;
   p.resize(T, K);
   if (T == 0) return p;
@@ -177,6 +198,7 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListN
   };
   auto check_one = [&](const at::Tensor& t, Which w, int64_t j) {
     TORCH_CHECK_VALUE(t.defined(), op, ": ", name(w, j), " is an undefined tensor (None)");
+    TORCH_CHECK_TYPE(!t.is_nested(), op, ": ", name(w, j), " is a nested tensor; pass its components");
     TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name(w, j), " has layout ", layout_name(t.layout()),
                       "; only dense (strided) tensors are supported");
     DType dt;
@@ -237,15 +259,24 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListN
       }
     }
     // const_data_ptr: reading never materialises a copy-on-write storage.
-    auto ptr_of = [&](const at::Tensor& t) -> const void* {
+    // A tensor with no memory of its own (a wrapper subclass, a functorch wrapper) cannot be
+    // read here: its data access throws, reported as a TypeError naming it.
+    auto ptr_of = [&](const at::Tensor& t, Which w, int64_t j) -> const void* {
       if (n == 0) return nullptr;
-      if (all_contig || same_dense || t.is_contiguous()) return t.const_data_ptr();
-      p.keepalive.push_back(t.contiguous());
-      return p.keepalive.back().const_data_ptr();
+      try {
+        if (all_contig || same_dense || t.is_contiguous()) return t.const_data_ptr();
+        at::Tensor c = t.contiguous();
+        const void* ptr = c.const_data_ptr();
+        p.keepalive.push_back(std::move(c));
+        return ptr;
+      } catch (const c10::Error& e) {
+        TORCH_CHECK_TYPE(false, op, ": ", name(w, j), " (", describe(t), ") has no memory this kernel can read (",
+                         e.what_without_backtrace(), "); pass plain tensors");
+      }
     };
-    for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = ptr_of(*grads[k * T + i]);
-    p.x[i] = ptr_of(x);
-    p.r[i] = ptr_of(r);
+    for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = ptr_of(*grads[k * T + i], kGrad, k * T + i);
+    p.x[i] = ptr_of(x, kParam, i);
+    p.r[i] = ptr_of(r, kRef, i);
   }
   return p;
 }
@@ -257,21 +288,27 @@ at::Tensor shape_output(const at::Tensor& rows, int64_t K, bool per_tensor, bool
 }
 
 // ---------------------------------------------------------------------------------------
-// CPU: checks and small tensors in one parallel pass.
+// CPU: a parallel check pass, then the parallel kernel passes.
 //
 // For 10^4 tensors of 10^3 elements the reading takes a few milliseconds, and the serial work
 // around it used to cost as much: a validation pass over every tensor's metadata (TensorImpl,
-// StorageImpl: cache and TLB misses, scattered over the heap between the data blocks) before
-// the parallel kernel pass, and a chunk table built one push_back at a time. Now:
-//  1. block pass, parallel, blocks of kBlock positions handed out in order: the positions of a
-//     block are checked kGroup at a time (every check of prepare_inputs, as a predicate, with
-//     the raw pointers; metadata prefetched ahead), each group followed by its small
-//     tensors. A position that fails a check, or whose members would need a copy, is flagged;
-//     if any is, the serial prepare_inputs runs for the whole list: it raises its usual
-//     message, or makes the copies the flagged positions then use;
-//  2. chunk pass, parallel: the flagged and the larger positions, in chunks of kCpuChunk;
-//  3. the fixed-order combine. A position's partial values do not depend on the pass that
+// StorageImpl: cache and TLB misses, scattered over the heap between the data blocks), and a
+// chunk table built one push_back at a time. Now:
+//  1. check pass (cpu_check), parallel, blocks of kBlock positions handed out in order: every
+//     check of prepare_inputs, as a predicate, with the raw pointers (metadata prefetched
+//     ahead). A position that fails a check, or whose members would need a copy, is flagged;
+//     if any is, the serial prepare_inputs runs for the whole list on the calling thread: it
+//     raises its usual message, or makes the copies the flagged positions then use. All bad
+//     input is rejected here, before any kernel runs: the direct entry point holds the GIL
+//     for this step and releases it for the next ones;
+//  2. block pass, parallel: the small positions, whole;
+//  3. chunk pass, parallel: the larger positions, in chunks of kCpuChunk;
+//  4. the fixed-order combine. A position's partial values do not depend on the pass that
 //     computed it, nor on the thread: results are bitwise the same whatever the schedule.
+// (Until 2026-12 the checks and the small positions shared one pass, a group of 8 positions
+// checked then computed at a time, which overlapped the metadata misses with the data
+// streams: 0.70-0.72 of the read probe on 10^4 x 10^3 fp32, 2 threads. It raised bad input
+// from inside the GIL-free region.)
 // ---------------------------------------------------------------------------------------
 namespace {
 
@@ -282,7 +319,7 @@ bool fast_position(const Inputs& in, int64_t i, Prepared& p) {
   using Impl = c10::TensorImpl;
   const int64_t T = p.T, K = p.K;
   auto usable = [&](const Impl* t, DType* dt) {
-    return t != c10::UndefinedTensorImpl::singleton() && t->layout() == at::kStrided &&
+    return t != c10::UndefinedTensorImpl::singleton() && !unusual(t) && t->layout() == at::kStrided &&
            to_dtype(c10::typeMetaToScalarType(t->dtype()), dt) && t->device() == p.device;
   };
   const Impl* x = in.param_impls[i];
@@ -349,32 +386,25 @@ void* thread_scratch() {
   return buf.ptr;
 }
 
-// Positions of at most kSmallNumel elements are computed in the block pass, right after the
-// checks of their block; larger ones, in chunks of kCpuChunk elements, in the chunk pass.
+// Positions of at most kSmallNumel elements are computed in the block pass, whole; larger
+// ones, in chunks of kCpuChunk elements, in the chunk pass.
 constexpr int64_t kSmallNumel = 4096;
-// Positions per step of a worker of the block pass (paired runs: 256 and 1024 alike, a few
-// percent faster than 64, 16 and 8 slower; with the groups below, 32 to 1024 alike).
+// Positions per step of a worker of the check and block passes (paired runs: 256 and 1024
+// alike, a few percent faster than 64, 16 and 8 slower).
 constexpr int64_t kBlock = 256;
-// Within a block, positions are checked and computed kGroup at a time: the metadata reads
-// (latency-bound, prefetched) and the data streams (bandwidth-bound) of nearby positions then
-// overlap, where checking all 256 first left the memory system idle during the checks and
-// the stream prefetchers idle during the computing. In one process, interleaved with the
-// read probe (10^4 x 10^3 fp32, 2 threads, 2026-11-28): 0.64 -> 0.70-0.72 of the probe for
-// groups of 4 to 8 (0.68 for 1, i.e. check-then-compute per position); 10^4 x 10^2 and
-// 10^4 x 1 unchanged.
-constexpr int64_t kGroup = 8;
-// Metadata prefetch distances of the block pass, shorter than prepare_inputs' (which only
-// checks): between a prefetch and its use the kernel streams each position's data, which
-// evicts lines fetched too early (the load of TensorImpl::storage_ behind the StorageImpl
-// prefetch was half the check time at 16 / 8). 6 / 3: +2-3% on 10^4 x 10^3 in two paired
-// runs, 10^4 x 10^2 and 10^4 x 1 unchanged. The prefetches go to L2 (prefetch_impl_l2):
-// with them, 4 / 2, 8 / 4 and 12 / 4 were alike or slower (6 rounds, 2026-11-28).
-constexpr int64_t kPassAheadImpl = 6, kPassAheadStorage = 3;
-
-// The tables of cpu_kernel_rows, kept by the calling thread from one call to the next: for
+// The tables of the CPU pass, kept by the calling thread from one call to the next: for
 // 10^4 positions they are ~0.7 MB, whose allocation and zeroing (fresh pages included) cost
 // ~0.08 ms a call. Every entry the call reads it has written first, so only `flagged` is
-// cleared. Tables of more than kKeepBytes are freed after the call.
+// cleared. Tables of more than kKeepBytes are freed after the call. A call made while the
+// thread's tables are in use (Python code run by a check or a copy, e.g. a tensor subclass's
+// __torch_dispatch__, calling the op again) gets fresh tables (CpuTablesLease).
+constexpr int64_t kKeepBytes = int64_t(8) << 20;
+
+struct KeptTables;
+KeptTables& kept_tables();
+
+}  // namespace
+
 struct CpuTables {
   Prepared p;
   std::vector<uint8_t> flagged;
@@ -387,111 +417,125 @@ struct CpuTables {
                                 flagged.capacity() + small_rows.capacity() * sizeof(double));
   }
 };
-constexpr int64_t kKeepBytes = int64_t(8) << 20;
 
-CpuTables& thread_tables() {
-  static thread_local CpuTables tables;
-  return tables;
+namespace {
+struct KeptTables {
+  CpuTables tables;
+  bool busy = false;
+};
+KeptTables& kept_tables() {
+  static thread_local KeptTables kept;
+  return kept;
 }
-
 }  // namespace
 
-at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const ListNames& names,
-                           bool per_tensor, const CpuKernel& kernel) {
-  const int64_t T = static_cast<int64_t>(in.params.size());
-  const int64_t W = kernel.width;
-  if (K < 1 || static_cast<int64_t>(in.refs.size()) != T ||
-      static_cast<int64_t>(in.grads.size()) != K * T) {
-    prepare_inputs(op, in, K, names);  // raises the length / K message
-    TORCH_INTERNAL_ASSERT(false, op, ": inconsistent list lengths were not reported");
+CpuTablesLease::CpuTablesLease() {
+  KeptTables& k = kept_tables();
+  kept_ = !k.busy;
+  if (kept_) {
+    k.busy = true;
+    tables_ = &k.tables;
+  } else {
+    tables_ = new CpuTables();
   }
-  at::Tensor rows = at::zeros({per_tensor ? T : 1, W}, at::dtype(at::kDouble));
-  if (T == 0) return rows;
-  if (!in.params[0]->defined()) prepare_inputs(op, in, K, names);  // raises
+}
 
-  CpuTables& tables = thread_tables();
-  struct Release {  // also on an exception: the copies go, large tables too
-    CpuTables& t;
-    ~Release() {
-      t.p.keepalive.clear();
-      if (t.bytes() > kKeepBytes) t = CpuTables();
-    }
-  } release{tables};
+CpuTablesLease::~CpuTablesLease() {
+  if (!kept_) {
+    delete tables_;
+    return;
+  }
+  tables_->p.keepalive.clear();  // the copies go, large tables too (also after an exception)
+  if (tables_->bytes() > kKeepBytes) *tables_ = CpuTables();
+  kept_tables().busy = false;
+}
+
+void cpu_check(const char* op, const Inputs& in, int64_t K, const ListNames& names, CpuTables& tables) {
+  const int64_t T = static_cast<int64_t>(in.params.size());
+  check_lengths(op, static_cast<int64_t>(in.grads.size()), T, static_cast<int64_t>(in.refs.size()), K, names);
   Prepared& p = tables.p;
+  p.keepalive.clear();
   p.resize(T, K);
+  tables.flagged.assign(T, 0);
+  if (T == 0) return;
+  if (!in.params[0]->defined() || unusual(in.param_impls[0])) {  // raises, or checks serially
+    p = prepare_inputs(op, in, K, names);
+    return;
+  }
   p.device = in.params[0]->device();
   std::vector<uint8_t>& flagged = tables.flagged;
-  flagged.assign(T, 0);
-  std::atomic<bool> any_flagged{false}, any_large{false};
-  auto in_block_pass = [&](int64_t t) { return !flagged[t] && p.numel[t] <= kSmallNumel; };
+  std::atomic<bool> any_flagged{false};
+
+  // Check pass, parallel: positions in blocks of kBlock handed out in order, metadata
+  // prefetched ahead. The intra-op threads only read tensor metadata (tensors whose metadata
+  // could need Python code are `unusual`, left to prepare_inputs); a failing position, or one
+  // whose members would need a copy, is flagged.
+  const int64_t nblocks = (T + kBlock - 1) / kBlock;
+  parallel_dynamic(nblocks, [&](std::atomic<int64_t>& next) {
+    for (int64_t blk = next++; blk < nblocks; blk = next++) {
+      const int64_t b = blk * kBlock, e = std::min(T, b + kBlock);
+      for (int64_t i = b; i < std::min(e, b + kAheadImpl); ++i) for_each_impl(in, T, K, i, prefetch_impl);
+      for (int64_t i = b; i < e; ++i) {
+        prefetch_position(in, e, T, K, i);
+        if (!fast_position(in, i, p)) {
+          flagged[i] = 1;
+          any_flagged.store(true, std::memory_order_relaxed);
+        }
+      }
+    }
+  });
+  if (!any_flagged.load()) return;
+  // Bad input raises here, with the message naming the first offending index; otherwise the
+  // flagged positions get prepare_inputs' pointers (to contiguous copies where needed).
+  Prepared full = prepare_inputs(op, in, K, names);
+  for (int64_t i = 0; i < T; ++i) {
+    if (!flagged[i]) continue;
+    p.numel[i] = full.numel[i];
+    p.x[i] = full.x[i];
+    p.r[i] = full.r[i];
+    for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = full.g[i * K + k];
+    p.g_dt[i] = full.g_dt[i];
+    p.x_dt[i] = full.x_dt[i];
+    p.r_dt[i] = full.r_dt[i];
+  }
+  p.keepalive = std::move(full.keepalive);
+}
+
+at::Tensor cpu_compute(int64_t K, bool per_tensor, const CpuKernel& kernel, CpuTables& tables) {
+  const Prepared& p = tables.p;
+  const int64_t T = p.T;
+  const int64_t W = kernel.width;
+  at::Tensor rows = at::zeros({per_tensor ? T : 1, W}, at::dtype(at::kDouble));
+  if (T == 0) return rows;
+  auto in_block_pass = [&](int64_t t) { return p.numel[t] <= kSmallNumel; };
   std::vector<double>& small_rows = tables.small_rows;  // partial row of such a position
   small_rows.resize(static_cast<size_t>(T * W));
 
-  // Block pass: check the positions of a block and compute its small ones, kGroup at a time.
+  // Block pass: the small positions, in blocks of kBlock positions handed out in order.
   const int64_t nblocks = (T + kBlock - 1) / kBlock;
+  std::atomic<bool> any_large{false};
   parallel_dynamic(nblocks, [&](std::atomic<int64_t>& next) {
     void* scratch = thread_scratch();
-    int64_t cur = next++;
-    for (int64_t i = cur * kBlock; i < std::min(T, cur * kBlock + kPassAheadImpl); ++i) {
-      for_each_impl(in, T, K, i, prefetch_impl_l2);
-    }
-    while (cur < nblocks) {
-      const int64_t nxt = next++;  // taken now, to prefetch its metadata during these checks
-      const int64_t b = cur * kBlock, e = std::min(T, b + kBlock);
-      // j-th position of this worker's sequence from b: this block, then the next one
-      auto seq = [&](int64_t j) -> int64_t {
-        if (b + j < e) return b + j;
-        const int64_t nb = nxt * kBlock + (j - (e - b));
-        return nxt < nblocks && nb < std::min(T, (nxt + 1) * kBlock) ? nb : -1;
-      };
-      for (int64_t g0 = b; g0 < e; g0 += kGroup) {
-        const int64_t g1 = std::min(e, g0 + kGroup);
-        for (int64_t i = g0; i < g1; ++i) {
-          const int64_t ai = seq(i - b + kPassAheadImpl), as = seq(i - b + kPassAheadStorage);
-          if (ai >= 0) for_each_impl(in, T, K, ai, prefetch_impl_l2);
-          if (as >= 0) for_each_impl(in, T, K, as, prefetch_storage_l2);
-          if (!fast_position(in, i, p)) {
-            flagged[i] = 1;
-            any_flagged.store(true, std::memory_order_relaxed);
-          } else if (p.numel[i] > kSmallNumel) {
-            any_large.store(true, std::memory_order_relaxed);
-          }
-        }
-        for (int64_t t = g0; t < g1; ++t) {
-          if (in_block_pass(t) && p.numel[t] > 0) {
-            const CpuTriple tr{p.g.data() + t * K, p.x[t], p.r[t], p.g_dt[t], p.x_dt[t], p.r_dt[t]};
-            kernel.fn(tr, static_cast<int32_t>(K), 0, p.numel[t], kernel.weight_decay, scratch,
-                      small_rows.data() + t * W);
-          }
+    for (int64_t blk = next++; blk < nblocks; blk = next++) {
+      const int64_t b = blk * kBlock, e = std::min(T, b + kBlock);
+      for (int64_t t = b; t < e; ++t) {
+        if (!in_block_pass(t)) {
+          any_large.store(true, std::memory_order_relaxed);
+        } else if (p.numel[t] > 0) {
+          const CpuTriple tr{p.g.data() + t * K, p.x[t], p.r[t], p.g_dt[t], p.x_dt[t], p.r_dt[t]};
+          kernel.fn(tr, static_cast<int32_t>(K), 0, p.numel[t], kernel.weight_decay, scratch,
+                    small_rows.data() + t * W);
         }
       }
-      cur = nxt;
     }
   });
-
-  if (any_flagged.load()) {
-    // Bad input raises here, with the message naming the first offending index; otherwise
-    // the flagged positions get prepare_inputs' pointers (to contiguous copies where needed).
-    Prepared full = prepare_inputs(op, in, K, names);
-    for (int64_t i = 0; i < T; ++i) {
-      if (!flagged[i]) continue;
-      p.numel[i] = full.numel[i];
-      p.x[i] = full.x[i];
-      p.r[i] = full.r[i];
-      for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = full.g[i * K + k];
-      p.g_dt[i] = full.g_dt[i];
-      p.x_dt[i] = full.x_dt[i];
-      p.r_dt[i] = full.r_dt[i];
-    }
-    p.keepalive = std::move(full.keepalive);
-  }
 
   // Chunk pass: the other positions, in chunks of kCpuChunk elements (chunk q of position t
   // writes chunk_rows[first[t] + q]). The values are those a single chunk [0, numel) of the
   // block pass would give, so results do not depend on the path a position took.
   std::vector<int64_t> first;
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (position, chunk)
-  if (any_flagged.load() || any_large.load()) first.assign(T + 1, 0);
+  if (any_large.load()) first.assign(T + 1, 0);
   for (int64_t t = 0; t < static_cast<int64_t>(first.size()) - 1; ++t) {
     first[t] = static_cast<int64_t>(chunks.size());
     if (in_block_pass(t)) continue;
@@ -527,8 +571,17 @@ at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const Li
   return rows;
 }
 
+at::Tensor cpu_kernel_rows(const char* op, const Inputs& in, int64_t K, const ListNames& names,
+                           bool per_tensor, const CpuKernel& kernel) {
+  CpuTablesLease lease;
+  cpu_check(op, in, K, names, lease.get());
+  return cpu_compute(K, per_tensor, kernel, lease.get());
+}
+
 // [T or 1][K][3] rows on the CPU.
 at::Tensor cpu_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd) {
+  check_lengths(op, static_cast<int64_t>(in.grads.size()), static_cast<int64_t>(in.params.size()),
+                static_cast<int64_t>(in.refs.size()), K, kGradNames);  // before 3 * K
   const CpuKernel kernel{3 * K, &cpu_chunk_partials, wd};
   return cpu_kernel_rows(op, in, K, kGradNames, per_tensor, kernel).view({-1, K, 3});
 }
@@ -558,13 +611,22 @@ void gram_kernel(const CpuTriple& t, int32_t K, int64_t begin, int64_t end, doub
 
 // [K + 1, K + 1] or [T, K + 1, K + 1]. No CUDA kernel: CUDA tensors go to the Triton kernel
 // (pathgeom_fast.triton_gram) from Python.
-at::Tensor gram_cpu(const Inputs& in, int64_t num_vecs, bool per_tensor) {
+void check_num_vecs(int64_t num_vecs) {
   TORCH_CHECK_VALUE(num_vecs >= 1 && num_vecs <= kGramMaxVecs,
                     "secant_gram: num_vecs must be between 1 and ", kGramMaxVecs, ", got ", num_vecs);
+}
+
+CpuKernel gram_kernel_of(int64_t num_vecs) { return CpuKernel{(num_vecs + 1) * (num_vecs + 1), &gram_kernel, 0.0}; }
+
+at::Tensor gram_shape(const at::Tensor& rows, int64_t num_vecs, bool per_tensor) {
   const int64_t M = num_vecs + 1;
-  const CpuKernel kernel{M * M, &gram_kernel, 0.0};
-  at::Tensor rows = cpu_kernel_rows("secant_gram", in, num_vecs, kVecNames, per_tensor, kernel);
   return per_tensor ? rows.view({-1, M, M}) : rows.view({M, M});
+}
+
+at::Tensor gram_cpu(const Inputs& in, int64_t num_vecs, bool per_tensor) {
+  check_num_vecs(num_vecs);
+  return gram_shape(cpu_kernel_rows("secant_gram", in, num_vecs, kVecNames, per_tensor, gram_kernel_of(num_vecs)),
+                    num_vecs, per_tensor);
 }
 
 at::Tensor secant_gram_cpu(at::TensorList vecs, at::TensorList params, at::TensorList refs,
@@ -601,50 +663,66 @@ TORCH_LIBRARY_IMPL(pathgeom, CPU, m) {
 // ---------------------------------------------------------------------------------------
 namespace {
 
+// True when `o` is a torch.Tensor, a Parameter or a subclass of Tensor, by its real type:
+// unlike isinstance (THPVariable_Check), a type check runs no Python code and is not fooled
+// by an object that only claims to be a Tensor through its __class__ (a mock with
+// spec=torch.Tensor, a proxy), which is not a THPVariable and cannot be read as one.
+bool is_tensor_object(PyObject* o) {
+  return THPVariable_CheckExact(o) ||
+         (THPVariableClass != nullptr && PyObject_TypeCheck(o, reinterpret_cast<PyTypeObject*>(THPVariableClass)));
+}
+
+// Borrows the tensors of `list` (checked to be a list of the expected length by the caller).
+// Returns false when an object is a tensor subclass (not a plain Tensor or Parameter).
 // `names` is given for the K vector lists (their entries are named grads[k][i] / vecs[k][i]).
-void borrow_list(PyObject* list, const char* what, std::vector<const at::Tensor*>& out,
+bool borrow_list(PyObject* list, const char* what, std::vector<const at::Tensor*>& out,
                  std::vector<const c10::TensorImpl*>& impls, int64_t T, int64_t K,
                  const ListNames* names = nullptr) {
   TORCH_CHECK_TYPE(PyList_Check(list), what, " must be a list");
   const Py_ssize_t n = PyList_GET_SIZE(list);
   out.resize(n);
   impls.resize(n);
+  bool exact = true;
   constexpr Py_ssize_t kAheadObject = 32;  // 3 x 10^4 objects: 0.17 ms at 16 ahead, 0.14 at 32
   for (Py_ssize_t j = 0; j < n; ++j) {
     if (j + kAheadObject < n) __builtin_prefetch(PyList_GET_ITEM(list, j + kAheadObject));
     PyObject* o = PyList_GET_ITEM(list, j);
-    if (!THPVariable_Check(o)) {
-      std::string name = std::string(what) + "[" + std::to_string(j) + "]";
-      if (names != nullptr) name = grad_name(j, T, K, *names);
-      const char* hint = names == &kGradNames ? " (a parameter without .grad? see pathgeom_fast.grads_of)" : "";
-      TORCH_CHECK_VALUE(o != Py_None, name, " is None", hint);
-      TORCH_CHECK_TYPE(false, name, " is a ", Py_TYPE(o)->tp_name, ", not a torch.Tensor");
+    if (!THPVariable_CheckExact(o)) {
+      if (!is_tensor_object(o)) {
+        std::string name = std::string(what) + "[" + std::to_string(j) + "]";
+        if (names != nullptr) name = grad_name(j, T, K, *names);
+        const char* hint = names == &kGradNames ? " (a parameter without .grad? see pathgeom_fast.grads_of)" : "";
+        TORCH_CHECK_VALUE(o != Py_None, name, " is None", hint);
+        TORCH_CHECK_TYPE(false, name, " is a ", Py_TYPE(o)->tp_name, ", not a torch.Tensor");
+      }
+      exact = false;
     }
     out[j] = &THPVariable_Unpack(o);
     impls[j] = out[j]->unsafeGetTensorImpl();
   }
+  return exact;
 }
 
-// The three lists of the direct entry point, borrowed into `in`. Lists of kParallelBorrow or
-// more objects in all are borrowed by the intra-op threads, blocks of kBorrowBlock objects
-// handed out in order. The calling thread holds the GIL throughout, so no Python code runs
-// that could change the lists or their objects, and the workers only read: the list items,
-// each object's type and the tensor inside it. They take plain tensors and Parameters
-// (THPVariable_CheckExact); anything else (None, another type, a Tensor subclass, whose
-// isinstance check may run Python code) sends the whole call to the serial borrow, with its
-// usual messages. 3 x 10^4 objects: 0.11 ms serial, 0.06 ms on 2 threads; and the intra-op
-// threads are awake when the pass starts. In one process, both read from memory, 4 paired
-// rounds (10^4 x 10^3 fp32, 2 threads, 2026-11-28): +2-3% (0.72 -> 0.74 of the probe).
+// The three lists of the direct entry point, borrowed into `in` (lists of the lengths the
+// caller checked). Returns false when an object is a tensor subclass. Lists of
+// kParallelBorrow or more objects in all are borrowed by the intra-op threads, blocks of
+// kBorrowBlock objects handed out in order. The calling thread holds the GIL throughout, so
+// no Python code runs that could change the lists or their objects, and the workers only
+// read: the list items, each object's type and the tensor inside it. They take plain tensors
+// and Parameters (THPVariable_CheckExact); anything else (None, another type, a Tensor
+// subclass) sends the whole call to the serial borrow, with its usual messages. 3 x 10^4
+// objects: 0.11 ms serial, 0.06 ms on 2 threads; and the intra-op threads are awake when the
+// pass starts. In one process, both read from memory, 4 paired rounds (10^4 x 10^3 fp32, 2
+// threads, 2026-11-28): +2-3% (0.72 -> 0.74 of the probe).
 constexpr Py_ssize_t kParallelBorrow = 8192, kBorrowBlock = 2048;
 
-void borrow_lists(PyObject* g, PyObject* x, PyObject* r, int64_t T, int64_t K, const ListNames& names,
+bool borrow_lists(PyObject* g, PyObject* x, PyObject* r, int64_t T, int64_t K, const ListNames& names,
                   Inputs& in) {
   auto serial = [&] {
-    borrow_list(g, names.list, in.grads, in.grad_impls, T, K, &names);
-    borrow_list(x, "params", in.params, in.param_impls, T, K);
-    borrow_list(r, "refs", in.refs, in.ref_impls, T, K);
+    bool exact = borrow_list(g, names.list, in.grads, in.grad_impls, T, K, &names);
+    exact = borrow_list(x, "params", in.params, in.param_impls, T, K) && exact;
+    return borrow_list(r, "refs", in.refs, in.ref_impls, T, K) && exact;
   };
-  if (!PyList_Check(g) || !PyList_Check(x) || !PyList_Check(r)) return serial();  // raises
   const Py_ssize_t ng = PyList_GET_SIZE(g), nx = PyList_GET_SIZE(x), nr = PyList_GET_SIZE(r);
   const Py_ssize_t total = ng + nx + nr;
   if (total < kParallelBorrow || at::get_num_threads() < 2) return serial();
@@ -669,7 +747,7 @@ void borrow_lists(PyObject* g, PyObject* x, PyObject* r, int64_t T, int64_t K, c
     constexpr Py_ssize_t kAheadObject = 32;
     for (int64_t blk = next++; blk < nblocks && !other.load(std::memory_order_relaxed); blk = next++) {
       // block [b, e) of the three lists back to back, walked list by list
-      Py_ssize_t b = blk * kBorrowBlock, e = std::min<Py_ssize_t>(total, b + kBorrowBlock);
+      Py_ssize_t b = blk * kBorrowBlock, e = std::min(total, b + kBorrowBlock);
       for (const Part& part : parts) {
         const Py_ssize_t lb = std::max<Py_ssize_t>(b, 0), le = std::min(e, part.n);
         for (Py_ssize_t j = lb; j < le; ++j) {
@@ -687,26 +765,53 @@ void borrow_lists(PyObject* g, PyObject* x, PyObject* r, int64_t T, int64_t K, c
       }
     }
   });
-  if (other.load()) serial();
+  return other.load() ? serial() : true;
 }
 
 // The borrowed tables of the direct entry point, kept by the calling thread from one call to
 // the next (as the CPU pass keeps its own): for 10^4 positions they are 0.5 MB, whose
 // allocation and zeroing cost ~0.05 ms a call (3 x 10^4 objects: 0.16 -> 0.11 ms serial).
 // Every entry a call reads it has written first. Tables of more than kKeepInputBytes are freed
-// after the call.
-Inputs& kept_inputs() {
-  static thread_local Inputs in;
-  return in;
-}
+// after the call. A call made while they are in use (Python code run mid-call on this thread
+// calling the op again) gets fresh ones.
 constexpr size_t kKeepInputBytes = size_t(8) << 20;
-struct ReleaseInputs {
-  Inputs& in;
-  ~ReleaseInputs() {
-    const size_t bytes = (in.grads.capacity() + in.params.capacity() + in.refs.capacity()) * sizeof(void*) +
-                         (in.grad_impls.capacity() + in.param_impls.capacity() + in.ref_impls.capacity()) * sizeof(void*);
-    if (bytes > kKeepInputBytes) in = Inputs();
+struct KeptInputs {
+  Inputs in;
+  bool busy = false;
+};
+KeptInputs& kept_inputs() {
+  static thread_local KeptInputs kept;
+  return kept;
+}
+
+class InputsLease {
+ public:
+  InputsLease() {
+    KeptInputs& k = kept_inputs();
+    if (!k.busy) {
+      k.busy = true;
+      in_ = &k.in;
+    } else {
+      fresh_ = std::make_unique<Inputs>();
+      in_ = fresh_.get();
+    }
   }
+  ~InputsLease() {
+    in_->owned.clear();  // with the GIL held: the last reference to a tensor may be Python's
+    if (fresh_) return;
+    const size_t bytes = (in_->grads.capacity() + in_->params.capacity() + in_->refs.capacity()) * sizeof(void*) +
+                         (in_->grad_impls.capacity() + in_->param_impls.capacity() + in_->ref_impls.capacity()) *
+                             sizeof(void*);
+    if (bytes > kKeepInputBytes) *in_ = Inputs();
+    kept_inputs().busy = false;
+  }
+  InputsLease(const InputsLease&) = delete;
+  InputsLease& operator=(const InputsLease&) = delete;
+  Inputs& get() { return *in_; }
+
+ private:
+  Inputs* in_;
+  std::unique_ptr<Inputs> fresh_;
 };
 
 struct ReleaseGil {
@@ -714,9 +819,32 @@ struct ReleaseGil {
   ~ReleaseGil() { PyEval_RestoreThread(state); }
 };
 
+// The checks of the direct entry points that come before any tensor is read: the three
+// arguments are lists, of matching lengths. Returns T.
+int64_t check_lists(const char* op, PyObject* g, PyObject* x, PyObject* r, int64_t K, const ListNames& names) {
+  TORCH_CHECK_TYPE(PyList_Check(g), op, ": ", names.list, " must be a list, got ", Py_TYPE(g)->tp_name);
+  TORCH_CHECK_TYPE(PyList_Check(x), op, ": params must be a list, got ", Py_TYPE(x)->tp_name);
+  TORCH_CHECK_TYPE(PyList_Check(r), op, ": refs must be a list, got ", Py_TYPE(r)->tp_name);
+  const int64_t T = PyList_GET_SIZE(x);
+  check_lengths(op, PyList_GET_SIZE(g), T, PyList_GET_SIZE(r), K, names);
+  return T;
+}
+
+// Borrows the lists into `in`. Where Python code may run during the checks or copies that
+// follow (a tensor subclass, whose __torch_dispatch__ a copy reaches; a dispatch mode on this
+// thread), takes strong references first: that code may empty the lists or drop the tensors.
+void borrow_checked(PyObject* g, PyObject* x, PyObject* r, int64_t T, int64_t K, const ListNames& names,
+                    Inputs& in) {
+  const bool exact = borrow_lists(g, x, r, T, K, names, in);
+  if (!exact || c10::impl::TorchDispatchModeTLS::stack_len() > 0) in.own();
+}
+
 // direct(grads, params, refs, num_grads, per_tensor, weight_decay, mode) -> Tensor
 // mode: 0 (or False) secant_stats, 1 (or True) secant_stats_multi, 2 secant_gram (grads are
 // then its vectors; weight_decay is ignored).
+//
+// Every check runs with the GIL held (bad input raises before any kernel runs); the GIL is
+// released for the kernels alone, which read only the checked tables.
 PyObject* direct(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *g, *x, *r;
@@ -728,35 +856,45 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
   const bool multi = mode == 1, gram = mode == 2;
   const char* op = gram ? "secant_gram" : multi ? "secant_stats_multi" : "secant_stats";
   const ListNames& names = gram ? kVecNames : kGradNames;
-  Inputs& in = kept_inputs();
-  ReleaseInputs release{in};
-  const int64_t T = PyList_Check(x) ? PyList_GET_SIZE(x) : 0;
-  borrow_lists(g, x, r, T, K, names, in);
+  if (gram) check_num_vecs(K);
+  const int64_t T = check_lists(op, g, x, r, K, names);
   TORCH_CHECK_VALUE(T > 0, op, ": the direct entry point needs at least one tensor");
-  if (K < 1 || static_cast<int64_t>(in.refs.size()) != T ||
-      static_cast<int64_t>(in.grads.size()) != K * T) {
-    prepare_inputs(op, in, K, names);  // raises the length message, with the GIL held
-  }
+  InputsLease lease;
+  Inputs& in = lease.get();
+  borrow_checked(g, x, r, T, K, names, in);
+  if (!in.params[0]->defined()) prepare_inputs(op, in, K, names);  // raises
   const at::Device dev = in.params[0]->device();
   RowsFn fn = gram ? nullptr : dev.is_cpu() ? &cpu_rows : dev.is_cuda() ? cuda_rows_fn : nullptr;
   if (gram) {
-    TORCH_CHECK(dev.is_cpu(), op, ": no compiled kernel for tensors on ", dev,
-                " (the Gram op has a CPU kernel only; use backend='triton')");
+    TORCH_CHECK_VALUE(dev.is_cpu(), op, ": no compiled kernel for tensors on ", dev, " (params[0] is on ", dev,
+                      "; the Gram op has a CPU kernel only; use backend='triton')");
   } else {
-    TORCH_CHECK(fn != nullptr, op, ": no compiled kernel for tensors on ", dev,
-                dev.is_cuda() ? " (pathgeom_fast._C was built without CUDA)" : "");
+    TORCH_CHECK_VALUE(fn != nullptr && (dev.is_cpu() || cuda_prepared_rows_fn != nullptr), op,
+                      ": no compiled kernel for tensors on ", dev, " (params[0] is on ", dev, ")",
+                      dev.is_cuda() ? " (pathgeom_fast._C was built without CUDA)" : "");
   }
-  // The GIL is released for the pass alone. An error raised inside it (bad input found by the
-  // parallel checks) is carried out as an exception_ptr and rethrown once the GIL is back, so
-  // that no exception unwinds through the release. (An H100 machine, torch 2.11 / Python 3.12,
-  // segfaulted on such an error on 2026-11-27; the cause was not established there.)
+  // Checks (and contiguous copies) with the GIL held; they raise bad input here.
+  CpuTablesLease tables;  // destroyed after the GIL is back (it holds the copies)
+  Prepared cuda_prepared;
+  const bool on_cpu = dev.is_cpu();
+  if (on_cpu) cpu_check(op, in, K, names, tables.get());
+  else cuda_prepared = prepare_inputs(op, in, K, names);
+  const CpuKernel kernel = gram ? gram_kernel_of(K) : CpuKernel{3 * K, &cpu_chunk_partials, wd};
+  // The kernels without the GIL. An error there (out of memory, a failed launch) is carried
+  // out as an exception_ptr and rethrown once the GIL is back, so that no exception unwinds
+  // through the release.
   at::Tensor out;
   std::exception_ptr error;
   {
     ReleaseGil nogil;
     try {
-      out = gram ? gram_cpu(in, K, per_tensor)
-                 : shape_output(fn(op, in, K, per_tensor, wd), K, per_tensor, multi);
+      if (gram) {
+        out = gram_shape(cpu_compute(K, per_tensor, kernel, tables.get()), K, per_tensor);
+      } else {
+        at::Tensor rows = on_cpu ? cpu_compute(K, per_tensor, kernel, tables.get()).view({-1, K, 3})
+                                 : cuda_prepared_rows_fn(cuda_prepared, K, per_tensor, wd);
+        out = shape_output(rows, K, per_tensor, multi);
+      }
     } catch (...) {
       error = std::current_exception();
     }
@@ -784,10 +922,10 @@ PyObject* triton_inputs(PyObject* /*self*/, PyObject* args) {
   const char* op = gram ? "secant_gram" : "secant_stats";
   TORCH_CHECK_VALUE(!gram || (K >= 1 && K <= kGramMaxVecs), op, ": num_vecs must be between 1 and ",
                     kGramMaxVecs, ", got ", K);
-  Inputs& in = kept_inputs();
-  ReleaseInputs release{in};
-  const int64_t T = PyList_Check(x) ? PyList_GET_SIZE(x) : 0;
-  borrow_lists(g, x, r, T, K, names, in);
+  const int64_t T = check_lists(op, g, x, r, K, names);
+  InputsLease lease;
+  Inputs& in = lease.get();
+  borrow_checked(g, x, r, T, K, names, in);
   const Prepared p = prepare_inputs(op, in, K, names);
   at::Tensor addrs = at::empty({(K + 2) * T}, at::dtype(at::kLong));
   at::Tensor numels = at::empty({T}, at::dtype(at::kLong));

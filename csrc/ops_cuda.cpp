@@ -17,8 +17,8 @@ void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "pathgeom: CUDA launch of ", what, " failed: ", cuda_error_string(err));
 }
 
-at::Tensor cuda_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd) {
-  Prepared p = prepare_inputs(op, in, K);
+// The rows of inputs checked by prepare_inputs.
+at::Tensor cuda_prepared_rows(const Prepared& p, int64_t K, bool per_tensor, double wd) {
   const int64_t T = p.T;
   const int32_t W = static_cast<int32_t>(3 * K);
   const c10::cuda::CUDAGuard guard(p.device);
@@ -78,6 +78,10 @@ at::Tensor cuda_rows(const char* op, const Inputs& in, int64_t K, bool per_tenso
   return rows;
 }
 
+at::Tensor cuda_rows(const char* op, const Inputs& in, int64_t K, bool per_tensor, double wd) {
+  return cuda_prepared_rows(prepare_inputs(op, in, K), K, per_tensor, wd);
+}
+
 at::Tensor secant_stats_cuda(at::TensorList grads, at::TensorList params, at::TensorList refs,
                              bool per_tensor, double weight_decay) {
   return shape_output(
@@ -95,7 +99,7 @@ at::Tensor secant_stats_multi_cuda(at::TensorList grads, at::TensorList params,
 }
 
 // Makes the CUDA rows reachable from the direct (dispatcher-free) entry point in ops.cpp.
-const bool kRegistered = (cuda_rows_fn = &cuda_rows, true);
+const bool kRegistered = (cuda_rows_fn = &cuda_rows, cuda_prepared_rows_fn = &cuda_prepared_rows, true);
 
 }  // namespace
 

@@ -145,12 +145,45 @@ def _(vecs, params, refs, num_vecs, per_tensor):
 
 
 # --------------------------------------------------------------------------------------
+# Autograd: the statistics are measurements, not differentiable functions of the inputs.
+# Every op registers an autograd kernel that marks its output non-differentiable (so that
+# inputs with requires_grad, e.g. parameters inside torch.compile, neither warn about a
+# missing autograd kernel nor build a graph through the op); a loss that uses the result
+# back-propagates through its other terms only.
+# --------------------------------------------------------------------------------------
+
+
+def _mark_non_differentiable(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output)
+
+
+def _no_backward(ctx, grad):
+    raise RuntimeError(
+        "the pathgeom ops are not differentiable: their output is marked non-differentiable, so no "
+        "gradient flows through it"
+    )
+
+
+for _op_name in ("secant_stats", "secant_stats_multi", "secant_gram", "secant_stats_triton", "secant_gram_triton"):
+    torch.library.register_autograd(
+        f"pathgeom::{_op_name}", _no_backward, setup_context=_mark_non_differentiable
+    )
+
+
+# --------------------------------------------------------------------------------------
 # Validation (torch and Triton backends; the C++ kernels check the same in C++)
 # --------------------------------------------------------------------------------------
 
 
 def _describe(t: Tensor) -> str:
     return f"shape {list(t.shape)}, {t.dtype}, {t.device}"
+
+
+def _is_tensor(obj) -> bool:
+    """A torch.Tensor (or subclass) by its real type: isinstance also accepts objects that
+    only claim the class through ``__class__`` (a mock with ``spec=torch.Tensor``, a proxy),
+    which the kernels cannot read."""
+    return issubclass(type(obj), Tensor)
 
 
 def _validate(op: str, grads, params, refs, K: int) -> None:
@@ -182,7 +215,7 @@ def _validate(op: str, grads, params, refs, K: int) -> None:
             if t is None:
                 hint = " (a parameter without .grad? see pathgeom_fast.grads_of)" if fmt is None and not gram else ""
                 raise ValueError(f"{op}: {name} is None{hint}")
-            if not isinstance(t, Tensor):
+            if not _is_tensor(t):
                 raise TypeError(f"{op}: {name} is a {type(t).__name__}, not a torch.Tensor")
             if t.layout != torch.strided:
                 raise ValueError(f"{op}: {name} has layout {t.layout}; only dense (strided) tensors are supported")
@@ -360,7 +393,7 @@ def _run(op: str, grads, params, refs, K: int, per_tensor: bool, weight_decay: f
     if T == 0:
         _validate(op, grads, params, refs, K)
         return torch.zeros(_shapes.out_shape(op, 0, K, per_tensor), dtype=torch.float64)
-    if not isinstance(params[0], Tensor):
+    if not _is_tensor(params[0]):
         _validate(op, grads, params, refs, K)  # names the entry
     device = params[0].device
     which = _choose(backend, device)
@@ -388,7 +421,7 @@ def _run_gram(vecs, params, refs, K: int, per_tensor: bool, backend: str) -> Ten
     if len(params) == 0:
         _validate(op, vecs, params, refs, K)
         return torch.zeros(_shapes.out_shape(op, 0, K, per_tensor), dtype=torch.float64)
-    if not isinstance(params[0], Tensor):
+    if not _is_tensor(params[0]):
         _validate(op, vecs, params, refs, K)  # names the entry
     which = _choose_gram(backend, params[0].device)
     if which == "cpu":
@@ -402,6 +435,13 @@ def _run_gram(vecs, params, refs, K: int, per_tensor: bool, backend: str) -> Ten
         return _triton_gram(vecs, params, refs, K, per_tensor)
     _validate(op, vecs, params, refs, K)
     return _gram_out(reference.gram_rows(vecs, params, refs, K, per_tensor=per_tensor), per_tensor)
+
+
+def _check_lengths(op: str, lists, params, refs) -> None:
+    """The length message of :func:`_validate`, before anything reads the first tensors."""
+    T = len(params)
+    if len(refs) != T or any(len(v) != T for v in lists):
+        _validate(op, [t for v in lists for t in v], params, refs, len(lists))
 
 
 def _weight_decay(value, op: str) -> float:
@@ -471,6 +511,7 @@ def secant_stats(
     grads = as_tensor_list(grads, "grads")
     params = as_tensor_list(params, "params")
     wd = _weight_decay(weight_decay, _shapes.SINGLE)
+    _check_lengths(_shapes.SINGLE, [grads], params, refs)
     return distributed.dispatch(
         _shapes.SINGLE, [grads], params, refs, per_tensor, group,
         lambda flat, p, r: _run(_shapes.SINGLE, flat, p, r, 1, per_tensor, wd, backend),
@@ -496,6 +537,7 @@ def secant_stats_multi(
     params = as_tensor_list(params, "params")
     lists = _vector_lists(_shapes.MULTI, "grads_lists", "gradient", grads_lists, params)
     wd, K = _weight_decay(weight_decay, _shapes.MULTI), len(lists)
+    _check_lengths(_shapes.MULTI, lists, params, refs)
     return distributed.dispatch(
         _shapes.MULTI, lists, params, refs, per_tensor, group,
         lambda flat, p, r: _run(_shapes.MULTI, flat, p, r, K, per_tensor, wd, backend),
@@ -544,6 +586,7 @@ def secant_gram(
             )
     lists = _vector_lists(_shapes.GRAM, "vec_lists", "vector", vec_lists, params)
     K = len(lists)
+    _check_lengths(_shapes.GRAM, lists, params, refs)
     return distributed.dispatch(
         _shapes.GRAM, lists, params, refs, per_tensor, group,
         lambda flat, p, r: _run_gram(flat, p, r, K, per_tensor, backend),

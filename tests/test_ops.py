@@ -438,3 +438,230 @@ def test_interrupted_build_is_explained(monkeypatch):
     finally:
         _ext._C, _ext._ERROR, _ext.WITH_CUDA = saved
     assert _ext.available() and _ext._library_present()
+
+
+# --------------------------------------------------------------------------------------
+# Native entry points: objects that are not tensors, re-entrant calls, the GIL, autograd
+# --------------------------------------------------------------------------------------
+
+
+def _needs_ext():
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tensor_like_objects_are_refused(backend):
+    """An object that passes isinstance(o, torch.Tensor) through its __class__ (a mock with
+    spec=torch.Tensor) is not a tensor the kernels can read: a TypeError naming it (it was
+    read as one by the C++ entry point, and the process died)."""
+    import unittest.mock
+
+    g, x, r = make_lists([4, 6, 8], seed=40)
+    mock = unittest.mock.MagicMock(spec=torch.Tensor)
+    assert isinstance(mock, torch.Tensor)
+    for pos, name in ((0, "grads"), (1, "params"), (2, "refs")):
+        for where in (0, 2):
+            args = [list(g), list(x), list(r)]
+            args[pos][where] = mock
+            with pytest.raises(TypeError, match=rf"{name}\[{where}\] is a MagicMock, not a torch.Tensor"):
+                pg.secant_stats(*args, backend=backend)
+    with pytest.raises(TypeError, match=r"grads\[0\]\[1\] is a MagicMock, not a torch.Tensor"):
+        pg.secant_stats_multi([[g[0], mock, g[2]], g], x, r, backend=backend)
+    if backend == "cpu":  # the compiled entry points themselves, and a long list (parallel borrow)
+        with pytest.raises(TypeError, match=r"grads\[1\] is a MagicMock"):
+            _ext._C.secant_stats_direct([g[0], mock, g[2]], x, r, 1, False, 0.0, 0)
+        with pytest.raises(TypeError, match=r"refs\[2\] is a MagicMock"):
+            _ext._C.triton_inputs(g, x, [r[0], r[1], mock], 1, False)
+        G, X, R = make_lists([3] * 5000, seed=41)
+        X[4321] = mock
+        with pytest.raises(TypeError, match=r"params\[4321\] is a MagicMock"):
+            pg.secant_stats(G, X, R, backend="cpu")
+
+
+def test_direct_entry_checks_lengths_before_naming_entries():
+    """num_grads > 1 with no params: a length error (naming an entry divided by len(params),
+    zero: the process died of SIGFPE); K out of range, non-list arguments: clean errors."""
+    _needs_ext()
+    C = _ext._C
+    with pytest.raises(ValueError, match=r"matching lengths, got 1 grads \(expected num_grads \* len\(params\) = 0\), 0 params"):
+        C.secant_stats_direct([None], [], [], 2, False, 0.0, 1)
+    with pytest.raises(ValueError, match=r"matching lengths"):
+        C.secant_stats_direct([None], [], [], 2, False, 0.0, 2)
+    with pytest.raises(ValueError, match=r"matching lengths"):
+        C.triton_inputs([None], [], [], 2, False)
+    with pytest.raises(ValueError, match=r"needs at least one tensor"):
+        C.secant_stats_direct([], [], [], 3, False, 0.0, 1)
+    g, x, r = make_lists([4, 6], seed=42)
+    with pytest.raises(ValueError, match=r"num_grads must be >= 1, got 0"):
+        C.secant_stats_direct(g, x, r, 0, False, 0.0, 1)
+    with pytest.raises(ValueError, match=r"num_grads must be at most"):
+        C.secant_stats_direct(g, x, r, 2**62, False, 0.0, 1)
+    with pytest.raises(ValueError, match=r"num_grads must be at most"):
+        torch.ops.pathgeom.secant_stats_multi(g, x, r, 2**62)
+    with pytest.raises(ValueError, match=r"num_vecs must be between 1 and 8, got 9"):
+        C.secant_stats_direct(g * 9, x, r, 9, False, 0.0, 2)
+    with pytest.raises(TypeError, match=r"params must be a list, got tuple"):
+        C.secant_stats_direct(g, tuple(x), r, 1, False, 0.0, 0)
+    with pytest.raises(ValueError, match=r"mode must be 0, 1 or 2"):
+        C.secant_stats_direct(g, x, r, 1, False, 0.0, 3)
+    with pytest.raises(ValueError, match=r"no compiled kernel for tensors on meta \(params\[0\] is on meta\)"):
+        C.secant_stats_direct([t.to("meta") for t in g], [t.to("meta") for t in x], [t.to("meta") for t in r], 1, False, 0.0, 0)
+
+
+class _Reentrant(torch.Tensor):
+    """A tensor subclass with memory of its own whose __torch_dispatch__ (reached by the copy
+    the kernels make of a non-contiguous input) calls secant_stats again, on other lists,
+    in the middle of the outer call, on the same thread."""
+
+    nested = []  # (result, reference) of each nested call
+
+    @staticmethod
+    def __new__(cls, t):
+        return torch.Tensor._make_subclass(cls, t)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        g, x, r = make_lists([3, 5000, 7] * 4, seed=43 + len(cls.nested))
+        cls.nested.append((pg.secant_stats(g, x, r, backend="cpu", per_tensor=True),
+                           pg.reference_secant_stats(g, x, r, per_tensor=True)))
+
+        with torch._C._DisableTorchDispatch():
+            return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("T", [40, 3000])
+def test_reentrant_call_from_torch_dispatch(T):
+    """The kept per-thread tables of the direct entry point and of the CPU pass are not
+    shared with a call made in the middle of theirs (Python code run by a check or a copy):
+    the outer and the nested results both equal the fp64 reference."""
+    _needs_ext()
+    g, x, r = make_lists([9, 70, 4100] * (T // 3) + [12] * (T % 3), seed=44)
+    want = pg.reference_secant_stats(g, x, r, per_tensor=True)
+    for pos in (0, 1, 2):
+        for where in (0, T // 2, T - 1):
+            args = [list(g), list(x), list(r)]
+            t = args[pos][where]
+            strided = torch.empty(2 * t.numel(), dtype=t.dtype)[::2].copy_(t)  # not contiguous
+            args[pos][where] = _Reentrant(strided)
+            _Reentrant.nested.clear()
+            out = pg.secant_stats(*args, backend="cpu", per_tensor=True)
+            assert _Reentrant.nested, "the copy did not reach __torch_dispatch__"
+            assert_stats_close(out, want)
+            for res, ref in _Reentrant.nested:
+                assert_stats_close(res, ref)
+            _Reentrant.nested.clear()
+            out = _ext._C.triton_inputs(*args, 1, False)  # the Triton host tables, same checks
+            assert _Reentrant.nested
+            assert out[1].tolist() == [t.numel() for t in x]
+    # the multi and Gram kernels, and the dispatcher's op, with the subclass
+    args = [list(g), list(x), list(r)]
+    args[1][1] = _Reentrant(torch.empty(2 * x[1].numel())[::2].copy_(x[1]))
+    assert_stats_close(pg.secant_stats_multi([args[0], args[0]], args[1], args[2], backend="cpu")[1],
+                       pg.reference_secant_stats(g, x, r))
+    gram = pg.secant_gram([args[0]], args[1], args[2], backend="cpu")  # [[<g,g>, <g,d>], [<d,g>, <d,d>]]
+    assert_stats_close(torch.stack([gram[0, 1], gram[0, 0], gram[1, 1]]), pg.reference_secant_stats(g, x, r))
+
+
+def _gil_probe(call):
+    """(exception raised by call(), whether another Python thread ran during the call). With
+    a long switch interval, the other thread runs only when the call releases the GIL."""
+    import threading
+    import time
+
+    count = [0]
+    stop = threading.Event()
+    started = threading.Event()
+
+    def spin():
+        started.set()
+        while not stop.is_set():
+            count[0] += 1
+            time.sleep(0)  # releases the GIL at once
+
+    interval = sys.getswitchinterval()
+    th = threading.Thread(target=spin)
+    th.start()
+    started.wait()
+    sys.setswitchinterval(100.0)
+    try:
+        time.sleep(0.01)
+        c0 = count[0]
+        err = None
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            err = e
+        ran = count[0] != c0
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        th.join()
+    return err, ran
+
+
+def test_bad_input_is_refused_before_the_gil_is_released():
+    """Every check of the direct entry point runs with the GIL held: a bad entry anywhere in
+    a long list raises before any GIL-free work (another Python thread never runs during the
+    call), while a good call releases the GIL for its kernels (the probe does see that)."""
+    _needs_ext()
+    T = 6000
+    g, x, r = make_lists([200] * T, seed=45)
+    err, ran = _gil_probe(lambda: pg.secant_stats(g, x, r, backend="cpu"))
+    assert err is None and ran, "the probe cannot see the GIL released during the kernels"
+    late = T - 5
+    bad_inputs = [  # the bad inputs of test_bad_inputs_name_the_offender, late in a long list
+        ((g, x, r[:-1]), ValueError),
+        ((g[:late] + [torch.randn(5)] + g[late + 1:], x, r), ValueError),
+        ((g, x, r[:late] + [torch.randn(2, 3)] + r[late + 1:]), ValueError),
+        ((g, x[:late] + [torch.ones(200, dtype=torch.long)] + x[late + 1:], r), TypeError),
+        ((g[:late] + [torch.randn(200, dtype=torch.complex64)] + g[late + 1:], x, r), TypeError),
+        ((g, x, r[:late] + [[1.0] * 6] + r[late + 1:]), TypeError),
+        ((g[:late] + [None] + g[late + 1:], x, r), ValueError),
+        ((g[:late] + [torch.randn(200).to_sparse()] + g[late + 1:], x, r), ValueError),
+        ((g, x, r[:late] + [torch.randn(200, device="meta")] + r[late + 1:]), ValueError),
+        ((g, x, r[:late] + [torch.randn(200, dtype=torch.float64).to(torch.bool)] + r[late + 1:]), TypeError),
+    ]
+    for args, exc in bad_inputs:
+        for multi in (0, 1):
+            err, ran = _gil_probe(lambda: _ext._C.secant_stats_direct(*args, 1, False, 0.0, multi))
+            assert isinstance(err, exc), err
+            assert not ran, f"the GIL was released before {err!r} was raised"
+    K2 = [g, g[:late] + [g[late].double()] + g[late + 1:]]
+    err, ran = _gil_probe(lambda: pg.secant_stats_multi(K2, x, r, backend="cpu"))
+    assert isinstance(err, TypeError) and "share a dtype" in str(err) and not ran
+
+
+@pytest.mark.slow
+def test_compile_with_requires_grad_inputs_does_not_warn():
+    """Inputs that require grad (parameters) in a compiled step: no 'autograd kernel was not
+    registered' warning; the op's output is marked non-differentiable, and the rest of the
+    loss back-propagates."""
+    import warnings
+
+    g, x, r = make_lists([33, 70000, 3], seed=46)
+    params = [torch.nn.Parameter(t.clone()) for t in x]
+    grads = [t.clone().requires_grad_() for t in g]
+
+    def step(grads, params, refs):
+        s = torch.ops.pathgeom.secant_stats(grads, params, refs)
+        m = torch.ops.pathgeom.secant_stats_multi(grads + grads, params, refs, 2)
+        q = torch.ops.pathgeom.secant_gram(grads, params, refs, 1)
+        return s[0] / s[2] + m[1, 0] + q[0, 1] + sum((p**2).sum() for p in params)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager = step(grads, params, r)
+        compiled = torch.compile(step, fullgraph=True)(grads, params, r)
+        compiled.backward()
+        pub = torch.compile(lambda a, b, c: pg.secant_stats(a, b, c), fullgraph=True)(grads, params, r)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "autograd kernel was not registered" in m], messages
+    assert not pub.requires_grad and not torch.ops.pathgeom.secant_stats(grads, params, r).requires_grad
+    for p in params:  # d/dp of sum p^2 only
+        torch.testing.assert_close(p.grad, 2 * p.detach())
+    ref = pg.reference_secant_stats(g, x, r)
+    assert math.isclose(compiled.item(), eager.item(), rel_tol=1e-9)
+    assert_stats_close(pub, ref)
+    with pytest.raises(RuntimeError, match=r"does not require grad"):
+        torch.ops.pathgeom.secant_stats(grads, params, r).sum().backward()
