@@ -251,7 +251,7 @@ def _cmd_compare(args) -> int:
     except CompareError as exc:
         raise UsageError(str(exc)) from exc
     for r in result["runs"]:
-        print(f"{r['label']}: D={_g(r['numel'], 12)}, mu {_g(r['mu'])}, L {_g(r['L'])}, eta_opt = mu/L^2 {_g(r['eta_opt'])}, "
+        print(f"{r['label']}: D={r['numel'] or 0:,}, mu {_g(r['mu'])}, L {_g(r['L'])}, eta_opt = mu/L^2 {_g(r['eta_opt'])}, "
               f"final loss {_g(r['final_train_loss'], 4)}")
     print(f"wrote {os.path.join(args.out, 'compare.json')}, compare.md, compare.png")
     return 0

@@ -212,7 +212,7 @@ def run_entry(path: str, summary: dict, records: list[dict], first_settings: dic
         "eb_median": _q50(block, "eb"),
         "lr": lr,
         "lr_comparable_to_eta_star": summary.get("lr_comparable_to_eta_star", True),
-        "lr_over_eta_opt": lr["peak"] / eta_opt if lr and eta_opt else None,
+        "lr_over_eta_opt": lr["peak"] / eta_opt if lr and eta_opt and eta_opt > 0 else None,  # mu <= 0: no eta_opt
         "factor_at_peak_lr": factor(lr["peak"], mu, L) if lr else None,
         "factor_at_median_lr": factor(lr["median"], mu, L) if lr else None,
         "step_per_unit_gradient": step,
@@ -324,10 +324,10 @@ def sentences(result: dict) -> list[str]:
             out.append(f"{r['label']}: no learning rate recorded.")
             continue
         s = f"{r['label']}: the learning rate used (peak {_g(lr['peak'])}) is "
-        if r["lr_over_eta_opt"] is None:
-            s += "not comparable to eta_opt (mu or L undefined)"
-        elif r["eta_opt"] <= 0:
+        if r["eta_opt"] is not None and r["eta_opt"] <= 0:
             s += f"against eta_opt = {_g(r['eta_opt'])} <= 0 (mu <= 0: no step size is guaranteed to contract)"
+        elif r["lr_over_eta_opt"] is None:
+            s += "not comparable to eta_opt (mu or L undefined)"
         else:
             s += f"{_g(r['lr_over_eta_opt'])} x eta_opt = {_g(r['eta_opt'])}"
         f = r["factor_at_peak_lr"]
