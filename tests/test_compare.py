@@ -13,7 +13,7 @@ import torch
 from pathgeom_fast import cli, compare, report
 
 TINY = ["--steps", "14", "--probe-every", "2", "--probe-batches", "1", "--batch-size", "16", "--lags", "none",
-        "--snapshot-every", "0", "--no-cross-seed", "--no-x0-reference", "--quiet", "--threads", "1"]
+        "--snapshot-every", "2", "--no-cross-seed", "--no-x0-reference", "--quiet", "--threads", "1"]
 RUNS = {
     "cnn": ["--task", "cnn", "--width", "4"],
     "cnn-nobn": ["--task", "cnn", "--width", "4", "--no-batchnorm"],
@@ -160,3 +160,27 @@ def test_bad_run_folders_are_one_line_errors(runs, tmp_path, capsys):
     assert "is not valid JSON" in capsys.readouterr().err
     assert cli.main(["compare", str(dirs[0]), "--labels", "a", "b", "--out", str(tmp_path / "o")]) == 2
     assert "2 labels for 1 runs" in capsys.readouterr().err
+
+
+def test_an_analyze_folder_compares_beside_a_demo_run(runs, tmp_path, monkeypatch):
+    """pathgeom analyze's output (no config, no minibatch rows, lr from the checkpoints) reads too."""
+    dirs, _, _ = runs
+    an = tmp_path / "an"
+    (tmp_path / "cnn4.py").write_text("from pathgeom_fast import tasks\n\n\ndef model():\n"
+                                      "    return tasks.TASK_SPECS['cnn'].model({'width': 4})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["analyze", str(dirs[0] / "snapshots"), "--model", "cnn4:model", "--data",
+                     "pathgeom_fast.tasks:digits_data", "--out", str(an), "--probe-batches", "1", "--quiet", "--device",
+                     "cpu"]) == 0
+    res = compare.compare_runs([str(dirs[0]), str(an)], str(tmp_path / "c"))
+    r, s = res["runs"][1], json.loads((an / "summary.json").read_text())
+    assert r["task"] == "analyze" and r["numel"] == s["numel"] and r["final_train_loss"] is None
+    assert r["mu"] == s["overall"]["full"]["mu"] and r["L"] == s["overall"]["full"]["L"]
+    assert r["eta_opt"] == pytest.approx(r["mu"] / r["L"] ** 2, rel=1e-12)
+    full = sorted((x for x in report.read_csv(str(an / "records.csv")) if x["kind"] == "full"), key=lambda x: x["step"])
+    assert r["lr"]["peak"] == pytest.approx(max(x["lr"] for x in full if x["step"] < s["overall_steps_below"]))
+    gaps = [(full[i + 1]["c"] / full[i]["c"]) ** (1 / (full[i + 1]["step"] - full[i]["step"])) for i in range(len(full) - 1)
+            if full[i + 1]["step"] < s["overall_steps_below"]]
+    assert r["median_contraction"] == pytest.approx(float(np.median(gaps)), rel=1e-9)
+    assert r["cos_median"] is None  # no minibatch rows in an analysis
+    assert "| an | analyze |" in (tmp_path / "c" / "compare.md").read_text()
