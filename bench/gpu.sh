@@ -5,7 +5,10 @@
 #
 # 1. device, driver and versions        -> OUT/gpu-device.txt
 # 2. rebuild the extension (CUDA)       -> OUT/gpu-build.log
-# 3. the extension's error paths, each in a subprocess -> OUT/gpu-error-paths.txt; every GPU
+# 3. the extension's error paths, each in a subprocess -> OUT/gpu-error-paths.txt; the
+#    sequence that once crashed here (test_bad_inputs_name_the_offender and the error probes)
+#    in one process under gdb, so that a crash leaves its native backtrace
+#                                       -> OUT/gpu-crash-probe.txt; every GPU
 #    test (CUDA kernel, compiled Triton, plans, >2^31 elements, opcheck/compile)
 #                                       -> OUT/gpu-tests.log
 # 4. the GPU benchmark table            -> OUT/gpu-bench.txt, gpu-bench.json
@@ -54,6 +57,31 @@ step() {  # step NAME LOGFILE COMMAND...
 step build "$OUT/gpu-build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
 step version "$OUT/gpu-version.txt" $PY -m pathgeom_fast.cli --version
 step error-paths "$OUT/gpu-error-paths.txt" $PY bench/error_paths.py
+# One process, no xdist, under gdb when the machine has it (else faulthandler's Python stack):
+# a crash stops at the faulting native frame and `bt` writes it to the log. Bounded to 300 s.
+crash_probe() {
+  local py_cmds=("$PY" -X faulthandler -m pytest -p no:cacheprovider -q -x
+                 "tests/test_ops.py::test_bad_inputs_name_the_offender"
+                 "tests/test_ops.py::test_tensor_like_objects_are_refused"
+                 "tests/test_ops.py::test_direct_entry_checks_lengths_before_naming_entries")
+  local probes=("$PY" -X faulthandler bench/error_paths.py --in-process)
+  if command -v gdb >/dev/null 2>&1; then
+    # py-bt (the Python stack at the crash) where the interpreter's gdb helpers are installed
+    local gdb=(gdb -q -batch -return-child-result -iex "set auto-load safe-path /" -ex "set pagination off"
+               -ex "set confirm off" -ex "handle SIGPIPE nostop noprint pass" -ex run -ex bt
+               -ex "info threads" -ex py-bt --args)
+  else
+    echo "(gdb not found: Python stacks only, from faulthandler)"
+    local gdb=()
+  fi
+  timeout 300 "${gdb[@]}" "${py_cmds[@]}"; local rc_tests=$?
+  timeout 300 "${gdb[@]}" "${probes[@]}"; local rc_probes=$?
+  echo "crash-probe: tests exit $rc_tests, probes exit $rc_probes"
+  [ "$rc_tests" = 0 ] && [ "$rc_probes" = 0 ]
+}
+export -f crash_probe
+export PY
+step crash-probe "$OUT/gpu-crash-probe.txt" bash -c crash_probe
 # pytest-xdist when present: a crashing test then fails alone instead of ending the step
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step tests "$OUT/gpu-tests.log" $PY -m pytest "${XDIST[@]}" tests/test_ops_cuda.py tests/test_ops.py tests/test_triton_kernels.py \
