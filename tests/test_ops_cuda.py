@@ -161,3 +161,33 @@ def test_over_2_31_elements():
         ref += torch.stack([(gi * d).sum(), (gi * gi).sum(), (d * d).sum()])
     for backend in GPU_BACKENDS:
         assert_stats_close(pg.secant_stats([g], [x], [r], backend=backend), ref, what=backend)
+
+
+def test_cuda_direct_entry_checks_with_the_gil_and_reentrant_copies():
+    """The direct entry point on CUDA tensors: a tensor-like mock and a bad entry late in a
+    long list raise with the GIL held (no other Python thread runs during the call); a tensor
+    subclass whose __torch_dispatch__ calls the op again, reached by the copy of a
+    non-contiguous input, gives the reference result."""
+    if "cuda" not in GPU_BACKENDS:
+        pytest.skip(f"the CUDA kernels are not built: {_ext.load_error()}")
+    import unittest.mock
+
+    from test_ops import _gil_probe, _Reentrant
+
+    T = 3000
+    g, x, r = make_lists([200] * T, device="cuda", seed=22)
+    with pytest.raises(TypeError, match=r"grads\[7\] is a MagicMock"):
+        pg.secant_stats(g[:7] + [unittest.mock.MagicMock(spec=torch.Tensor)] + g[8:], x, r, backend="cuda")
+    bad = r[:T - 2] + [torch.randn(200, device="cuda").to(torch.int32)] + r[T - 1:]
+    err, ran = _gil_probe(lambda: _ext._C.secant_stats_direct(g, x, bad, 1, False, 0.0, 0))
+    assert isinstance(err, TypeError) and f"refs[{T - 2}]" in str(err), err
+    assert not ran, "the GIL was released before the error was raised"
+    strided = torch.empty(400, device="cuda")[::2].copy_(x[5])
+    args = [list(g), list(x), list(r)]
+    args[1][5] = _Reentrant(strided)
+    _Reentrant.nested.clear()
+    out = pg.secant_stats(*args, backend="cuda", per_tensor=True)
+    assert _Reentrant.nested, "the copy did not reach __torch_dispatch__"
+    assert_stats_close(out.cpu(), pg.reference_secant_stats(g, x, r, per_tensor=True).cpu())
+    for res, ref in _Reentrant.nested:
+        assert_stats_close(res, ref)
