@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser(
         "demo",
-        help="the paper's two-run protocol on a small workload on CPU (--task mlp|cnn|wide-mlp|lm), with findings.md",
+        help="the paper's two-run protocol on a small workload on CPU (--task mlp|cnn|resnet|wide-mlp|lm), with findings.md",
         description="Run 1 trains and keeps x*; with --cross-seed a second run 1 from seed+1 gives another end point "
         "x*'; run 2 replays run 1's path and measures, every step, the training gradient (before clipping) and the "
         "optimizer's update, every --probe-every steps K fixed probe minibatches and the full-batch gradient (their "

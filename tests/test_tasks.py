@@ -1,4 +1,4 @@
-"""The demo's presets (--task mlp|cnn|wide-mlp|lm) end to end with tiny sizes, and the new
+"""The demo's presets (--task mlp|cnn|resnet|wide-mlp|lm) end to end with tiny sizes, and the new
 measurements (Adam with coupled L2 and clipping measured before clipping, the weight-decay
 variants, the x_0 and cross-seed references, the step-size summary) against an fp64
 recomputation from flattened copies."""
