@@ -1,4 +1,4 @@
-"""The ``pathgeom`` command line: demo, analyze, bench."""
+"""The ``pathgeom`` command line: demo, analyze, bench, compare, sweep."""
 
 from __future__ import annotations
 
