@@ -175,6 +175,104 @@ def refusals(world):
     return out
 
 
+# ------------------------------------------------------------------------------------------
+# Hugging Face Trainer with TrainingArguments(deepspeed=...)
+# ------------------------------------------------------------------------------------------
+
+HF_STEPS, HF_BATCH, HF_ACCUM, HF_CLIP = 4, 4, 2, 0.5
+
+
+def hf_data():
+    ids = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": t, "labels": t} for t in ids]
+
+
+def hf_trainer(out_dir, stage=None):
+    """A 1-layer GPT-2 Trainer: accumulation 2, clipping that bites; DeepSpeed ZeRO ``stage`` or none."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    ds = None
+    if stage is not None:
+        ds = {
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        }
+        if stage == 3:
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=HF_BATCH, gradient_accumulation_steps=HF_ACCUM,
+        max_steps=HF_STEPS, max_grad_norm=HF_CLIP, learning_rate=3e-3, logging_steps=2, report_to=[],
+        save_strategy="no", use_cpu=stage is None, disable_tqdm=True, seed=0, deepspeed=ds,
+        optim="adamw_torch",
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16))
+    return Trainer(model=model, args=args, train_dataset=hf_data())
+
+
+def hf_capture(trainer):
+    """A callback capturing, independently of the measurer, the full fp32 master weights and
+    the full pre-clip gradient at each boundary (DeepSpeed's own APIs) and the weights after."""
+    from transformers import TrainerCallback
+
+    cap = {"x": [], "g": [], "x_next": [], "norm": []}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            engine = trainer.deepspeed
+            backward, step = engine.backward, engine.step  # the measurer's hooks: capture after them
+
+            def backward_and_capture(loss, *a, **k):
+                out = backward(loss, *a, **k)
+                if engine.is_gradient_accumulation_boundary():
+                    cap["x"].append(torch.cat(full_fp32(engine)))
+                    cap["g"].append(torch.cat(full_grad(engine)))
+                return out
+
+            def step_and_capture(*a, **k):
+                boundary = engine.is_gradient_accumulation_boundary()
+                out = step(*a, **k)
+                if boundary:
+                    cap["x_next"].append(torch.cat(full_fp32(engine)))
+                    cap["norm"].append(float(engine.get_global_grad_norm()))
+                return out
+
+            engine.backward, engine.step = backward_and_capture, step_and_capture
+
+    trainer.add_callback(Capture())
+    return cap
+
+
+def hf_worker(rank, world, out_dir):
+    from pathgeom_fast.integrations.hf import PathGeometryCallback
+
+    os.environ.update(LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    results = {}
+    for stage in STAGES:
+        xstar = os.path.join(out_dir, f"hf_stage{stage}_xstar.safetensors")
+        trainer = hf_trainer(os.path.join(out_dir, f"hf{stage}-run1"), stage)
+        PathGeometryCallback.record_reference(trainer, xstar)
+        trainer.train()
+        trainer = hf_trainer(os.path.join(out_dir, f"hf{stage}-run2"), stage)
+        cb = PathGeometryCallback.attach(trainer, reference=xstar, every=1)
+        cap = hf_capture(trainer)
+        trainer.train()
+        cap["log"] = trainer.state.log_history
+        cap["xstar"] = xstar
+        cap["ratio"] = cb.final_distance_ratio
+        cap["names"] = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+        results[stage] = cap
+    try:
+        trainer = hf_trainer(os.path.join(out_dir, "hf-probe"), 2)
+        PathGeometryCallback.attach(trainer, reference=xstar, every=1, probe_batches=[hf_data()[:4]], probe_every=1)
+        results["probe_refusal"] = "accepted"
+    except ValueError as exc:
+        results["probe_refusal"] = str(exc)
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, f"hf_world{world}.pt"))
+
+
 def worker(rank, world, out_dir):
     os.environ["LOCAL_RANK"] = str(rank)
     results = {stage: run_stage(rank, world, stage, out_dir) for stage in STAGES}
@@ -189,4 +287,4 @@ if __name__ == "__main__":
     from dist_workers import launch
 
     out_dir, world = sys.argv[1], int(sys.argv[2])
-    launch(worker, world, out_dir)
+    launch(hf_worker if sys.argv[3:] == ["hf"] else worker, world, out_dir)

@@ -362,6 +362,7 @@ class DeepSpeedMeasurer(StepMeasurer):
         """After ``engine.backward(loss)`` (called by the hook): add this micro-batch's loss and,
         at an accumulation boundary, measure optimizer step ``engine.global_steps``."""
         eng = self.engine
+        self._just_measured = False
         if loss is not None:
             part = loss.detach().float().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
             if not scaled:
@@ -376,15 +377,18 @@ class DeepSpeedMeasurer(StepMeasurer):
 
     def after_engine_step(self) -> None:
         """After ``engine.step()`` at a boundary (called by the hook): the update rows."""
-        self.after_step()
+        self._just_measured = self.after_step()
 
     #: a callable giving the loss of the step at the boundary instead of the one added up here
     loss_override = None
 
+    _just_measured = False
+
     @property
     def measured_now(self) -> bool:
-        """Whether the optimizer step just taken (or being taken) was measured."""
-        return self.measured
+        """True from the ``engine.step()`` that completed a measured optimizer step until the next
+        ``engine.backward``: ``engine.step(); if geo.measured_now: log(geo.scalars())``."""
+        return self._just_measured
 
     # -- StepMeasurer's pieces, for partitions ----------------------------------------------
 
@@ -453,3 +457,45 @@ class DeepSpeedMeasurer(StepMeasurer):
     def finish(self, model=None) -> float | None:
         """End of training, on every rank (see :meth:`StepMeasurer.finish`)."""
         return super().finish(self.engine.module if model is None else model)
+
+
+# ------------------------------------------------------------------------------------------
+# Hugging Face Trainer (TrainingArguments(deepspeed=...))
+# ------------------------------------------------------------------------------------------
+
+_HF_UNSUPPORTED = ("probe_batches", "full_batch", "probe_every", "snapshot_dir", "snapshot_every", "loss_fn")
+
+
+def hf_check(trainer, reference, kwargs) -> None:
+    """At ``PathGeometryCallback.attach`` under DeepSpeed, before any step: the arguments the
+    DeepSpeed measurer cannot honour are refused, and the reference is checked key by key
+    against the model (by ``ds_shape`` where ZeRO-3 has partitioned it already)."""
+    bad = [k for k in _HF_UNSUPPORTED if kwargs.get(k)]
+    if bad:
+        raise ValueError(
+            f"PathGeometryCallback under DeepSpeed: {', '.join(bad)} not supported (the gradients of extra batches "
+            "would go through the engine's reduction; snapshots of a partitioned model); measure the training steps, "
+            "and probes with pathgeom analyze afterwards"
+        )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    twin = _shape_twin(model)
+    for name, r in StepMeasurer(reference, 1, expected_losses=None, record_to=kwargs.get("record_to")).refs.items():
+        if isinstance(r, str):
+            match_keys(twin, open_checkpoint(r).info(), f"file {r}", role="reference")
+        else:
+            r.check_matches(twin)
+
+
+def hf_measurer(trainer, reference, every, kwargs, framework: str) -> DeepSpeedMeasurer:
+    """The measurer of a Trainer's DeepSpeed engine (``trainer.deepspeed``, built by
+    ``Trainer.train`` before ``on_train_begin``): the engine's ``backward`` and ``step`` are
+    hooked, so the Trainer's clipping (a no-op there, after DeepSpeed's own step) is not."""
+    engine = getattr(trainer, "deepspeed", None) or trainer.model_wrapped
+    kwargs = {k: v for k, v in kwargs.items() if k not in _HF_UNSUPPORTED and k not in ("grad_clipping",)}
+    m = DeepSpeedMeasurer(engine, reference, every, **kwargs)
+    m.framework = framework
+    m.loss_definition = (
+        "transformers.Trainer: the sum over the optimizer step's micro-batches of what training_step returns "
+        "(the mean over the micro-batches)"
+    )
+    return m

@@ -30,6 +30,15 @@ in that log call.
 effective batch, once per optimizer step. fp16 training with a GradScaler is refused (its
 gradients are still scaled there); bf16 and fp32 work.
 
+**DeepSpeed** (``TrainingArguments(deepspeed=...)``, ZeRO 1, 2, 3): Accelerate runs
+``engine.backward`` and ``engine.step`` (which clips) inside ``training_step``, and the
+gradients live in ZeRO's partitions, so the callback hooks the engine instead (in
+``on_train_begin``, once the Trainer has built it) with
+:class:`~pathgeom_fast.integrations.deepspeed.DeepSpeedMeasurer`: each rank's partitions,
+before DeepSpeed clips, one all-reduce; same scalars, same loss of a step. What it refuses
+(fp16, bf16, offload, probes, ...) is refused in ``attach``, or for the engine's settings in
+``on_train_begin``, before any step.
+
 **The loss of a step** (recorded by run 1, compared by run 2) is the sum over the optimizer
 step's micro-batches of what ``Trainer.training_step`` returns: each micro-batch's loss divided
 by the number of accumulation steps (or normalised by the number of target tokens when the
@@ -105,6 +114,8 @@ class PathGeometryCallback(TrainerCallback):
         )
         self.trainer = None
         self._step_loss = None
+        self._init_args = (reference, every, dict(kwargs))
+        self._deepspeed = False  # True: measured by a DeepSpeedMeasurer hooked on the engine
 
     @classmethod
     def attach(cls, trainer, reference=None, every: int = 1, **kwargs) -> "PathGeometryCallback":
@@ -133,7 +144,13 @@ class PathGeometryCallback(TrainerCallback):
         if self.trainer is not None:
             raise RuntimeError("this PathGeometryCallback is already bound to a trainer")
         m = self.measurer
-        m.check_model(unwrap_model(trainer.accelerator.unwrap_model(trainer.model)))
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            from .deepspeed import hf_check
+
+            hf_check(trainer, self._init_args[0], self._init_args[2])
+            self._deepspeed = True
+        else:
+            m.check_model(unwrap_model(trainer.accelerator.unwrap_model(trainer.model)))
         m.probe_batches = [_collate(trainer, b) for b in m.probe_batches]
         if m.full_batch is not None:
             m.full_batch = [_collate(trainer, b) for b in m.full_batch]
@@ -160,6 +177,8 @@ class PathGeometryCallback(TrainerCallback):
         trainer.training_step = training_step_and_keep_loss
 
     def _measure(self) -> None:
+        if self._deepspeed:
+            return  # measured inside engine.backward, before DeepSpeed's step clipped
         tr = self.trainer
         if getattr(tr.accelerator, "scaler", None) is not None:
             raise RuntimeError(
@@ -175,6 +194,11 @@ class PathGeometryCallback(TrainerCallback):
                 "PathGeometryCallback must be attached with PathGeometryCallback.attach(trainer, reference=...) "
                 "or PathGeometryCallback.record_reference(trainer, path)"
             )
+        engine = getattr(self.trainer, "deepspeed", None)
+        if self._deepspeed and getattr(self.measurer, "engine", None) is not engine:
+            from .deepspeed import hf_measurer
+
+            self.measurer = hf_measurer(self.trainer, *self._init_args, framework="PathGeometryCallback (transformers.Trainer + DeepSpeed)")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._measure()  # no clipping configured: nothing measured yet this step
