@@ -203,7 +203,7 @@ def hf_trainer(out_dir, stage=None):
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=HF_BATCH, gradient_accumulation_steps=HF_ACCUM,
         max_steps=HF_STEPS, max_grad_norm=HF_CLIP, learning_rate=3e-3, logging_steps=2, report_to=[],
-        save_strategy="no", use_cpu=stage is None, disable_tqdm=True, seed=0, deepspeed=ds,
+        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, deepspeed=ds,
         optim="adamw_torch",
     )
     torch.manual_seed(0)
@@ -244,10 +244,28 @@ def hf_capture(trainer):
     return cap
 
 
+def hf_plain_worker(rank, world, out_dir):
+    """The same Trainer runs without DeepSpeed (DDP over the same gloo processes), measured
+    against the x* each DeepSpeed stage recorded."""
+    from pathgeom_fast.integrations.hf import PathGeometryCallback
+
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    results = {}
+    for stage in STAGES:
+        trainer = hf_trainer(os.path.join(out_dir, f"hfplain{stage}"), None)
+        PathGeometryCallback.attach(trainer, reference=os.path.join(out_dir, f"hf_stage{stage}_xstar.safetensors"), every=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a replay of another engine's run: rounding-level drift is expected
+            trainer.train()
+        results[stage] = trainer.state.log_history
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, f"hf_plain_world{world}.pt"))
+
+
 def hf_worker(rank, world, out_dir):
     from pathgeom_fast.integrations.hf import PathGeometryCallback
 
-    os.environ.update(LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     results = {}
     for stage in STAGES:
         xstar = os.path.join(out_dir, f"hf_stage{stage}_xstar.safetensors")
@@ -287,4 +305,5 @@ if __name__ == "__main__":
     from dist_workers import launch
 
     out_dir, world = sys.argv[1], int(sys.argv[2])
-    launch(hf_worker if sys.argv[3:] == ["hf"] else worker, world, out_dir)
+    mode = sys.argv[3] if len(sys.argv) > 3 else ""
+    launch({"hf": hf_worker, "hf-plain": hf_plain_worker}.get(mode, worker), world, out_dir)

@@ -205,27 +205,35 @@ def test_unsupported_engines_are_refused_before_any_step(runs):
 @pytest.fixture(scope="module")
 def hf_runs(tmp_path_factory):
     pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("deepspeed-hf")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "deepspeed_workers.py"), str(out), "1", "hf"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return torch.load(out / "hf_world1.pt", weights_only=False)
+    results = {}
+    # world 2: the Trainer with DeepSpeed, then without it (DDP) in another pair of processes
+    for world, modes in ((1, ["hf"]), (2, ["hf", "hf-plain"])):
+        out = tmp_path_factory.mktemp(f"deepspeed-hf{world}")
+        for mode in modes:
+            proc = subprocess.run(
+                [sys.executable, os.path.join(HERE, "deepspeed_workers.py"), str(out), str(world), mode],
+                env=env, capture_output=True, text=True, timeout=300,
+            )
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        results[world] = torch.load(out / f"hf_world{world}.pt", weights_only=False)
+        if world == 2:
+            results[world]["plain"] = torch.load(out / "hf_plain_world2.pt", weights_only=False)
+    return results
 
 
 def pathgeom_entries(log):
     return [h for h in log if any(k.startswith("pathgeom/") and k != "pathgeom/final_distance_ratio" for k in h)]
 
 
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", W.STAGES)
-def test_hf_trainer_deepspeed_logs_the_run_without_deepspeed(hf_runs, stage, tmp_path):
+def test_hf_trainer_deepspeed_logs_the_run_without_deepspeed(hf_runs, stage, world, tmp_path):
     from safetensors.torch import load_file
 
     from pathgeom_fast.integrations.hf import PathGeometryCallback
 
-    res = hf_runs[stage]
+    res = hf_runs[world][stage]
     sd = load_file(res["xstar"])
     r = flat([sd[n] for n in res["names"]])
     got = pathgeom_entries(res["log"])
@@ -240,22 +248,26 @@ def test_hf_trainer_deepspeed_logs_the_run_without_deepspeed(hf_runs, stage, tmp
         d = res["x"][t] - r
         assert math.isclose(h["pathgeom/eb"] * math.sqrt(float(d @ d)), res["norm"][t], rel_tol=1e-6)  # pre-clip
     assert max(res["norm"]) > W.HF_CLIP
-    # the same Trainer run without DeepSpeed, measured by the same callback against the same x*
-    trainer = W.hf_trainer(str(tmp_path / "plain"), None)
-    PathGeometryCallback.attach(trainer, reference=res["xstar"], every=1)
-    trainer.train()
-    plain = pathgeom_entries(trainer.state.log_history)
+    # the same Trainer run without DeepSpeed (world 2: DDP), measured by the same callback against the same x*
+    if world == 1:
+        trainer = W.hf_trainer(str(tmp_path / "plain"), None)
+        PathGeometryCallback.attach(trainer, reference=res["xstar"], every=1)
+        trainer.train()
+        plain_log = trainer.state.log_history
+    else:
+        plain_log = hf_runs[world]["plain"][stage]
+    plain = pathgeom_entries(plain_log)
     assert [h["step"] for h in plain] == [h["step"] for h in got]
     for h_ds, h_plain in zip(got, plain):
         for k in ("rsi", "eb", "cos", "eta_star", "update_rsi", "update_eb", "update_cos"):
             a, b = h_ds[f"pathgeom/{k}"], h_plain[f"pathgeom/{k}"]
             assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4), (stage, h_ds["step"], k, a, b)
     own = [(h["step"], h["loss"], h["grad_norm"]) for h in res["log"] if "loss" in h and "grad_norm" in h]
-    plain_own = [(h["step"], h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
+    plain_own = [(h["step"], h["loss"], h["grad_norm"]) for h in plain_log if "loss" in h and "grad_norm" in h]
     assert len(own) == len(plain_own) == 2
     for (s1, l1, n1), (s2, l2, n2) in zip(own, plain_own):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4) and n1 == pytest.approx(n2, rel=1e-4)
 
 
 def test_hf_trainer_deepspeed_refuses_probes_in_attach(hf_runs):
-    assert "probe_batches" in hf_runs["probe_refusal"] and "DeepSpeed" in hf_runs["probe_refusal"]
+    assert "probe_batches" in hf_runs[1]["probe_refusal"] and "DeepSpeed" in hf_runs[1]["probe_refusal"]
