@@ -321,17 +321,33 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def pin_mmap_threshold() -> None:
     """Make glibc serve every allocation of 64 KiB or more with fresh pages (mmap), so that
     the peak resident set shows each call's temporaries instead of reused heap pages. Used
     only for the memory pass, after the timings."""
-    import ctypes
-
+    libc = _libc()
     try:
-        libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
+    except AttributeError:
+        pass
+
+
+def _trim_heap() -> None:
+    """Give the free heap pages back (glibc malloc_trim), so that a call reusing heap memory
+    freed by an earlier call faults fresh pages in and its temporaries count."""
+    try:
+        _libc().malloc_trim(0)
+    except AttributeError:
         pass
 
 
@@ -344,6 +360,7 @@ def peak_extra_bytes(fn, args, device) -> int | None:
         fn(*args)
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM, the peak resident set

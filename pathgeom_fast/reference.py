@@ -124,13 +124,19 @@ def reference_secant_gram(vec_lists, params, refs, *, per_tensor: bool = False) 
 # torch.sum (a cascade sum, whose error does not grow with the chunk's length; a BLAS dot was
 # off by 5e-6 of b on constant inputs), partials combined in fp64 in a fixed order. Tensors
 # under SMALL elements are packed (flatten_dense_tensors) into groups of up to CHUNK elements,
-# so that 10^4 small tensors cost ~40 rounds of ops, not 10^4. Extra memory: a few chunk
-# buffers (CHUNK elements each, K + 2 for secant_gram) and the partials, whatever the size of
-# the list; non-contiguous tensors are read in memory order when the tensors of a position
-# share their strides, else copied one chunk at a time.
+# so that 10^4 small tensors cost a few hundred rounds of ops, not 10^4. Extra memory: a few
+# chunk buffers (CHUNK elements each, K + 2 for secant_gram) and the partials, whatever the
+# size of the list; non-contiguous tensors are read in memory order when the tensors of a
+# position share their strides, else copied one chunk at a time.
+#
+# CHUNK is under torch's intra-op grain size (32768 elements), so every op runs on the calling
+# thread: no parallel region per op. On a loaded machine (2 cores, load average 5-9) each
+# parallel region of the 256K-element chunks first tried waited for a descheduled thread,
+# which made the backend 2-7x slower than the per-tensor loop; with serial ops it is faster
+# than the loop there, and its result does not depend on torch's thread count.
 
-CHUNK = 1 << 18  # elements per chunk (1 MiB in fp32): the chunk buffers stay in the L2 caches
-SMALL = 1 << 15  # tensors under this many elements are packed into groups
+CHUNK = 32000  # elements per chunk: under at::internal::GRAIN_SIZE (32768), one thread per op
+SMALL = 8000  # tensors under this many elements are packed into groups
 
 
 def _memory_order_views(ts: list[Tensor]) -> list[Tensor] | None:
@@ -282,7 +288,8 @@ def _pair_sums_impl(vecs, params, refs, K: int, products, P: int, per_tensor: bo
     if not per_tensor:
         if not parts:
             return torch.zeros(1, P, dtype=torch.float64, device=device)
-        return torch.stack(parts).sum(0, keepdim=True)
+        # in chunk order, one thread (cumsum is a sequential scan): the same bits whatever the thread count
+        return torch.stack(parts).cumsum(0)[-1:]
     rows = torch.zeros(T, P, dtype=torch.float64, device=device)
     if parts:
         vals = torch.cat([v.view(-1, P) for v in parts])

@@ -26,7 +26,7 @@ DTYPES = [
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 4096 elements, tensors under 512 packed: every path at test sizes."""
+    """Chunks of 4096 elements, tensors under 512 packed: more chunk and group boundaries."""
     monkeypatch.setattr(reference, "CHUNK", 1 << 12)
     monkeypatch.setattr(reference, "SMALL", 1 << 9)
 
@@ -143,3 +143,18 @@ def test_parameters_that_require_grad(small_chunks):
     out = pg.secant_stats(pg.grads_of(model), model, refs, backend="torch", per_tensor=True)
     assert not out.requires_grad
     assert_stats_close(out, pg.reference_secant_stats(pg.grads_of(model), list(model.parameters()), refs, per_tensor=True))
+
+
+def test_same_bits_whatever_the_thread_count():
+    """Chunks under torch's intra-op grain size run each op on one thread, and the partials are
+    added in chunk order: the thread count does not change the result."""
+    g, x, r = make_lists([200_000, 70001, 5000, 300] * 3, seed=10)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = pg.secant_stats(g, x, r, backend="torch"), pg.secant_stats(g, x, r, backend="torch", per_tensor=True)
+        torch.set_num_threads(1)
+        one = pg.secant_stats(g, x, r, backend="torch"), pg.secant_stats(g, x, r, backend="torch", per_tensor=True)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
