@@ -260,19 +260,26 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListN
     }
     // const_data_ptr: reading never materialises a copy-on-write storage.
     // A tensor with no memory of its own (a wrapper subclass, a functorch wrapper) cannot be
-    // read here: its data access throws, reported as a TypeError naming it.
+    // read here: its data access throws or gives a null pointer, reported as a TypeError.
+    auto data_of = [&](const at::Tensor& t, Which w, int64_t j) -> const void* {
+      const void* ptr = nullptr;
+      std::string why = "no data pointer";
+      try {
+        ptr = t.const_data_ptr();
+      } catch (const c10::Error& e) {
+        why = e.what_without_backtrace();
+      }
+      TORCH_CHECK_TYPE(ptr != nullptr, op, ": ", name(w, j), " (", describe(t),
+                       ") has no memory this kernel can read (", why, "); pass plain tensors");
+      return ptr;
+    };
     auto ptr_of = [&](const at::Tensor& t, Which w, int64_t j) -> const void* {
       if (n == 0) return nullptr;
-      try {
-        if (all_contig || same_dense || t.is_contiguous()) return t.const_data_ptr();
-        at::Tensor c = t.contiguous();
-        const void* ptr = c.const_data_ptr();
-        p.keepalive.push_back(std::move(c));
-        return ptr;
-      } catch (const c10::Error& e) {
-        TORCH_CHECK_TYPE(false, op, ": ", name(w, j), " (", describe(t), ") has no memory this kernel can read (",
-                         e.what_without_backtrace(), "); pass plain tensors");
-      }
+      if (all_contig || same_dense || t.is_contiguous()) return data_of(t, w, j);
+      at::Tensor c = t.contiguous();
+      const void* ptr = data_of(c, w, j);
+      p.keepalive.push_back(std::move(c));
+      return ptr;
     };
     for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = ptr_of(*grads[k * T + i], kGrad, k * T + i);
     p.x[i] = ptr_of(x, kParam, i);
@@ -352,8 +359,12 @@ bool fast_position(const Inputs& in, int64_t i, Prepared& p) {
   p.g_dt[i] = g_dt;
   p.x[i] = n ? x->data() : nullptr;
   p.r[i] = n ? r->data() : nullptr;
-  for (int64_t k = 0; k < K; ++k) p.g[i * K + k] = n ? in.grad_impls[k * T + i]->data() : nullptr;
-  return true;
+  bool readable = n == 0 || (p.x[i] != nullptr && p.r[i] != nullptr);
+  for (int64_t k = 0; k < K; ++k) {
+    p.g[i * K + k] = n ? in.grad_impls[k * T + i]->data() : nullptr;
+    readable = readable && (n == 0 || p.g[i * K + k] != nullptr);
+  }
+  return readable;  // else prepare_inputs names the tensor without memory
 }
 
 // Runs worker(next) on each intra-op thread (one call inline when a single thread would do);

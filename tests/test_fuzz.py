@@ -30,7 +30,7 @@ FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 BAD_DTYPES = ["int64", "int32", "uint8", "bool", "complex64"]
 LAYOUTS = ["contig", "transposed", "strided", "offset", "expanded", "permuted3"]
 KINDS = ["plain", "plain", "plain", "param", "subclass", "dispatch"]
-BAD_KINDS = ["none", "mock", "int", "list", "dtype", "meta", "numel", "kdtype"]
+BAD_KINDS = ["none", "mock", "int", "list", "dtype", "meta", "numel", "kdtype", "wrapper"]
 # api -> what it runs; "pg" also picks a backend
 APIS = ["pg", "pg", "pg", "direct", "dispatcher", "triton_inputs"]
 CASE_TIMEOUT_S = 120
@@ -70,6 +70,23 @@ def _worker() -> None:  # pragma: no cover - runs in a subprocess
             with torch._C._DisableTorchDispatch():
                 return func(*args, **(kwargs or {}))
 
+    class Wrapper(torch.Tensor):
+        """A wrapper subclass: no memory of its own, its data in an inner tensor."""
+
+        @staticmethod
+        def __new__(cls, inner):
+            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            tree_map = torch.utils._pytree.tree_map
+            out = func(*tree_map(lambda v: v.inner if isinstance(v, Wrapper) else v, args),
+                       **tree_map(lambda v: v.inner if isinstance(v, Wrapper) else v, kwargs or {}))
+            return tree_map(lambda v: Wrapper(v) if isinstance(v, torch.Tensor) else v, out)
+
     def make_base(n: int, dtype, gen) -> torch.Tensor:
         return (torch.randn(n, generator=gen, dtype=torch.float64) + 0.25).to(dtype)
 
@@ -90,6 +107,8 @@ def _worker() -> None:  # pragma: no cover - runs in a subprocess
             return base, None
         if bad == "meta":
             return torch.empty(n, device="meta"), None
+        if bad == "wrapper":  # the compiled kernels cannot read it (n > 0)
+            return Wrapper(make_base(max(n, 1), dtype, gen)), None
         if bad == "numel":
             n = n + spec.get("delta", 1)
         base = make_base(n, dtype, gen)
@@ -417,6 +436,8 @@ def cases(draw) -> dict:
         bad = draw(st.sampled_from(BAD_KINDS))
         if api == "dispatcher" and bad in ("none", "mock", "int", "list", "meta"):
             bad = "dtype"  # the dispatcher's own argument parser refuses non-tensors, naming no index
+        if bad == "wrapper" and not (api in ("direct", "triton_inputs") or (api == "pg" and backend in ("cpu", "auto"))):
+            bad = "dtype"  # the torch backend (and the dispatcher) compute through its __torch_dispatch__
         lst = draw(st.sampled_from(lists))
         i = draw(st.integers(0, T - 1))
         if bad == "kdtype":

@@ -665,3 +665,38 @@ def test_compile_with_requires_grad_inputs_does_not_warn():
     assert_stats_close(pub, ref)
     with pytest.raises(RuntimeError, match=r"does not require grad"):
         torch.ops.pathgeom.secant_stats(grads, params, r).sum().backward()
+
+
+def test_wrapper_subclass_without_memory_is_named():
+    """A wrapper tensor subclass (no memory of its own: its data lives in an inner tensor)
+    cannot be read by the compiled kernels: a TypeError naming it, not a RuntimeError from
+    deep inside; the pure-torch backend computes through its __torch_dispatch__."""
+    _needs_ext()
+    from torch.utils._pytree import tree_map
+
+    class Wrapper(torch.Tensor):
+        @staticmethod
+        def __new__(cls, inner):
+            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            def unwrap(v):
+                return v.inner if isinstance(v, Wrapper) else v
+
+            out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+            return tree_map(lambda v: Wrapper(v) if isinstance(v, torch.Tensor) else v, out)
+
+    g, x, r = make_lists([4, 6, 8], seed=47)
+    for where, strided in ((1, False), (2, True)):
+        t = torch.empty(16)[::2].copy_(r[2]) if strided else r[where]
+        bad = list(r)
+        bad[where] = Wrapper(t)
+        with pytest.raises(TypeError, match=rf"refs\[{where}\] \(shape \[\d+\], torch.float32, cpu\) has no memory"):
+            pg.secant_stats(g, x, bad, backend="cpu")
+        out = pg.secant_stats(g, x, bad, backend="torch")
+        assert_stats_close(torch.as_tensor(out.inner if isinstance(out, Wrapper) else out),
+                           pg.reference_secant_stats(g, x, r))
