@@ -567,13 +567,19 @@ class PathTracker:
 
     def _update_tolerance(self, name: str, ref: Reference, a: Tensor, b: Tensor, c: Tensor, c_next: Tensor) -> Tensor:
         """How far ||x_{t+1} - x*||^2 may be from c - 2a + b by rounding alone: the ops' error on
-        a, b, c (and c_next), and x_{t+1} rounded to the parameters' dtype (<= eps/2 |x_{t+1}|
-        per element, so <= eps ||x_{t+1} - x*|| ||x_{t+1}|| on c_next)."""
+        a, b, c (and c_next), and x_{t+1} rounded to the parameters' dtype. That rounding moves
+        x_{t+1} by delta, |delta_i| <= eps/2 |x_{t+1,i}|, so c - 2a + b = ||x_{t+1} - x* + delta||^2
+        is off by 2 <x_{t+1} - x*, delta> + ||delta||^2 <= eps dn n + (eps n / 2)^2 with
+        dn = ||x_{t+1} - x*|| and n = ||x_{t+1}|| <= dn + ||x*||. The second term is what is left
+        when a replay's last step lands exactly on x* (dn = 0) with a tiny step; both are doubled
+        here for margin."""
         if name not in self._ref_norms:
             self._ref_norms[name] = secant_stats(ref.tensors, ref.tensors, ref.tensors, **self.kw)[1].sqrt()
         dn = c_next.clamp(min=0).sqrt()
+        n = dn + self._ref_norms[name]
         sizes = c + c_next + b + 2 * (b * c).clamp(min=0).sqrt()
-        return 4 * self._kernel_eps * sizes + 2 * self._param_eps * dn * (dn + self._ref_norms[name]) + 1e-300
+        rounding = 2 * self._param_eps * dn * n + (self._param_eps * n) ** 2
+        return 4 * self._kernel_eps * sizes + rounding + 1e-300
 
     def _update_hint(self, pend: dict) -> str:
         """What, seen from here, may have changed between measure() and the step."""

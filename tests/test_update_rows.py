@@ -1,5 +1,6 @@
 """Update rows against the realised step x_t - x_{t+1}, recomputed in fp64 from torch.cat copies."""
 
+import math
 import warnings
 
 import pytest
@@ -47,13 +48,14 @@ MODES = {"sgd": "sgd", "sgd_wd": "sgd", "momentum": "momentum", "momentum_wd_dam
          "adamw": "copy"}
 
 
-def _run(opt_kw, dtype, clip=None, grad_none=False, steps=6, api="tracker", tmp_path=None, seed=0, inside=None):
+def _run(opt_kw, dtype, clip=None, grad_none=False, steps=6, api="tracker", tmp_path=None, seed=0, inside=None, xstar=None):
     torch.manual_seed(seed)
     model = TwoPath().to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     X, Y = torch.randn(96, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (96,), generator=gen)
     names = [n for n, _ in model.named_parameters()]
-    xstar = Reference(names, [p.detach() + 0.5 * torch.randn_like(p) for p in model.parameters()])
+    if xstar is None:
+        xstar = Reference(names, [p.detach() + 0.5 * torch.randn_like(p) for p in model.parameters()])
     opt_kw = dict(opt_kw)
     opt = opt_kw.pop("cls", torch.optim.SGD)(model.parameters(), **opt_kw)
     if api == "tracker":
@@ -101,6 +103,31 @@ def test_update_rows_equal_the_realised_step_fp64(opt_name, grad_none, clip):
         warnings.simplefilter("error")  # the identities must hold: no mismatch warning, no fallback
         tracker, realised, r = _run(OPTIMIZERS[opt_name], torch.float64, clip=clip, grad_none=grad_none)
         _check(tracker, realised, r, rel=1e-6)
+    assert tracker.update_mode == MODES[opt_name]
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum"])
+def test_replay_whose_last_step_lands_on_xstar_is_not_a_mismatch(opt_name):
+    """The protocol's own case: x* is the end of the same path, so the last step lands exactly on
+    x* (||x_T - x*||^2 = 0) while tiny fp32 steps (a schedule's last learning rates) make c, a, b
+    tiny: the rounding of x_{t+1} to fp32 (relative to ||x||, not to the step) must be allowed for."""
+    kw = dict(OPTIMIZERS[opt_name], lr=1e-6)
+    _, realised, _ = _run(kw, torch.float32, steps=4)  # run 1
+    final = realised[-1][2]
+    model = TwoPath()
+    names, tensors, i = [n for n, _ in model.named_parameters()], [], 0
+    for p in model.parameters():
+        tensors.append(final[i : i + p.numel()].reshape(p.shape).float())
+        i += p.numel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the check runs when rows are read: no mismatch reported
+        tracker, realised2, r = _run(kw, torch.float32, steps=4, xstar=Reference(names, tensors))  # run 2
+        rows = [row for row in tracker.records if row["kind"] == "update"]
+    assert float(realised2[-1][2].sub(r).abs().max()) == 0.0  # the replay ends exactly at x*
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    for row in rows:  # a mismatch would have left a, b and the ratios NaN
+        assert all(map(math.isfinite, (row["a"], row["b"], row["c"], row["rsi"]))), row
+    assert rows[-1]["cos"] == pytest.approx(1.0, abs=0.05)  # the last step goes straight to x*
     assert tracker.update_mode == MODES[opt_name]
 
 
