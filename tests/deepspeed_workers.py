@@ -70,8 +70,9 @@ def full_grad(engine):
     return [safe_get_full_grad(p).detach().double().reshape(-1).clone() for p in engine.module.parameters()]
 
 
-def train(engine, rank, world, geo=None, capture=False):
+def train(engine, rank, world, geo=None, capture=False, dtype=torch.float32):
     X, Y = data()
+    X = X.to(dtype)
     per = MICRO // world
     out = {"x": [], "g": [], "x_next": [], "norm": [], "scalars": [], "losses": []}
     for i in range(STEPS * ACCUM):
@@ -141,6 +142,11 @@ def run_stage(rank, world, stage, out_dir):
     res["losses"] = geo.losses
     if rank == 0 and stage == 1:
         res["summary"] = geo.write_report(os.path.join(out_dir, f"world{world}_report"))
+    # bf16 weights, fp32 master weights, against the fp32 run's x*
+    engine = make_engine(stage, world, bf16={"enabled": True})
+    geo_bf16 = DeepSpeedMeasurer(engine, reference=xstar, every=1)
+    res["bf16"] = train(engine, rank, world, geo_bf16, capture=True, dtype=torch.bfloat16)
+    geo_bf16.finish()
     # every: 2 measures steps 0 and 2 only
     engine = make_engine(stage, world)
     geo2 = DeepSpeedMeasurer(engine, reference=xstar, every=2)
@@ -155,15 +161,18 @@ def refusals(world):
 
     out = {}
     cases = {
-        "bf16": dict(stage=2, bf16={"enabled": True}),
+        "fp16": dict(stage=2, fp16_flag=True),
         "offload": dict(stage=2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}},
                         zero_force_ds_cpu_optimizer=False),
         "stage0": dict(stage=0),
     }
     for name, kw in cases.items():
         stage = kw.pop("stage")
+        fp16 = kw.pop("fp16_flag", False)
         try:
             engine = make_engine(stage, world, **kw)
+            if fp16:  # DeepSpeed's CPU accelerator has no fp16: an engine that says it trains in fp16
+                engine.fp16_enabled = lambda: True
         except Exception as exc:  # this DeepSpeed build cannot even set it up here
             out[name] = f"setup failed: {type(exc).__name__}: {exc}"
             continue

@@ -45,9 +45,11 @@ micro-batches of the loss given to ``engine.backward`` divided by the accumulati
 mean over the micro-batches); when the caller passes ``scale_wrt_gas=False`` (the Hugging Face
 Trainer does, having divided the loss itself) the loss given is added as it is.
 
+**Precision.** fp32 and bf16 (bf16 weights with fp32 master weights; the gradient pieces are
+read in the dtype ZeRO accumulates them in, bf16 or fp32, as the optimizer reads them).
+
 **Refused before any step**, with a message: fp16 (dynamic or static loss scaling: the
-partitions hold scaled gradients and a skipped step would be measured), bf16 (not tested
-here), ZeRO stage 0 (no partitions: the plain :class:`~.common.StepMeasurer` measures
+partitions hold scaled gradients and a skipped step would be measured), ZeRO stage 0 (no partitions: the plain :class:`~.common.StepMeasurer` measures
 ``.grad``), CPU/NVMe offload of optimizer or parameters, ZeRO++ hierarchical partitions,
 MiCS, pipeline or model parallelism (an ``mpu``), and probe batches / full batch (their
 gradients would go through the engine's reduction); an optimizer that is not one of
@@ -113,8 +115,6 @@ def refuse_unsupported(engine) -> None:
     if engine.fp16_enabled():
         why = ("fp16 with loss scaling: ZeRO's partitions hold the scaled gradient until engine.step() unscales it, "
                "and an overflowing step is skipped; train in fp32 to measure")
-    elif engine.bfloat16_enabled():
-        why = "bf16 is not supported yet (its master weights and accumulation buffers are laid out differently); train in fp32"
     elif stage == 0:
         why = ("ZeRO stage 0 has no partitions: the gradients are in .grad; measure with "
                "pathgeom_fast.integrations.StepMeasurer after engine.backward() and before engine.step()")
@@ -371,16 +371,11 @@ class DeepSpeedMeasurer(StepMeasurer):
         if not eng.is_gradient_accumulation_boundary():
             return
         loss_t, self._step_loss = self._step_loss, None
-        if self.loss_override is not None:
-            loss_t = self.loss_override()
         self.before_step(eng.module, eng.optimizer, int(eng.global_steps), loss_t)
 
     def after_engine_step(self) -> None:
         """After ``engine.step()`` at a boundary (called by the hook): the update rows."""
         self._just_measured = self.after_step()
-
-    #: a callable giving the loss of the step at the boundary instead of the one added up here
-    loss_override = None
 
     _just_measured = False
 
