@@ -4,6 +4,9 @@
   (``StepMeasurer.recorder(path)`` in run 1, ``StepMeasurer(reference=path)`` in run 2).
 * ``pathgeom_fast.integrations.hf.PathGeometryCallback``: Hugging Face ``Trainer``.
 * ``pathgeom_fast.integrations.lightning.PathGeometryCallback``: Lightning ``Trainer``.
+* ``pathgeom_fast.integrations.deepspeed.DeepSpeedMeasurer``: DeepSpeed ZeRO 1-3 engines (each
+  rank's own partitions, before DeepSpeed clips); the Hugging Face callback uses it under
+  ``TrainingArguments(deepspeed=...)``.
 """
 
 from .common import StepMeasurer

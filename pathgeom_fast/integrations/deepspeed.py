@@ -59,8 +59,6 @@ DeepSpeed's ZeRO optimizers.
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 
@@ -114,7 +112,7 @@ def refuse_unsupported(engine) -> None:
     stage = _zero_stage(engine)
     if engine.fp16_enabled():
         why = ("fp16 with loss scaling: ZeRO's partitions hold the scaled gradient until engine.step() unscales it, "
-               "and an overflowing step is skipped; train in fp32 to measure")
+               "and an overflowing step is skipped; train in fp32 or bf16 to measure")
     elif stage == 0:
         why = ("ZeRO stage 0 has no partitions: the gradients are in .grad; measure with "
                "pathgeom_fast.integrations.StepMeasurer after engine.backward() and before engine.step()")
