@@ -600,11 +600,11 @@ def torch_backend_lines(rows: list[dict]) -> list[str]:
 # The sizes of the default run and of --quick (options given on the command line win).
 PRESETS = {
     "default": {"size": 10**8, "small_n": 10_000, "multi_k": 8, "multi_size": 2 * 10**7, "repeats": 5, "gram_k": 2},
-    "quick": {"size": 10**7, "small_n": 2_000, "multi_k": 4, "multi_size": 2 * 10**6, "repeats": 3, "gram_k": 2},
+    "quick": {"size": 5 * 10**6, "small_n": 2_000, "multi_k": 4, "multi_size": 10**6, "repeats": 3, "gram_k": 2},
 }
-# Measured with `/usr/bin/time -v pathgeom bench [--quick]` on the 2-core CPU of
-# bench/results/cpu-2026-12-05.txt (wall time, maximum resident set).
-COST = {"default": "about 6 minutes and 5 GB of memory", "quick": "about 40 s and 0.6 GB"}
+# Measured with `/usr/bin/time -v pathgeom bench [--quick]` on the shared 2-core CPU of
+# bench/results/cpu-torch-backend-2026-12-05.txt (wall time, maximum resident set; load average 3-7).
+COST = {"default": "about 12 minutes and 5.7 GB of memory", "quick": "about 50 s and 1 GB"}
 DESCRIPTION = (
     "Times the fused op (each backend: on the CPU the compiled kernel and the pure-torch fallback) against naive "
     "PyTorch, a per-tensor loop, foreach ops, torch.compile and the bandwidth limit, after checking each against "

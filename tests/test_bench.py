@@ -94,7 +94,7 @@ def test_quick_preset_fills_only_the_sizes_left_unset():
     assert (args.size, args.small_n, args.multi_k, args.multi_size, args.repeats) == (10**8, 10_000, 8, 2 * 10**7, 5)
     assert not args.no_compile and not args.quick
     args = parse("--quick")
-    assert (args.size, args.small_n, args.multi_k, args.multi_size, args.repeats) == (10**7, 2000, 4, 2 * 10**6, 3)
+    assert (args.size, args.small_n, args.multi_k, args.multi_size, args.repeats) == (5 * 10**6, 2000, 4, 10**6, 3)
     assert args.no_compile  # torch.compile's first call alone takes longer than the quick run
     args = parse("--quick", "--size", "5000", "--repeats", "7")
     assert (args.size, args.small_n, args.repeats) == (5000, 2000, 7)
