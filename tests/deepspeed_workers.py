@@ -147,6 +147,14 @@ def run_stage(rank, world, stage, out_dir):
     geo_bf16 = DeepSpeedMeasurer(engine, reference=xstar, every=1)
     res["bf16"] = train(engine, rank, world, geo_bf16, capture=True, dtype=torch.bfloat16)
     geo_bf16.finish()
+    # CPU offload of the optimizer (ZeRO-3: and of the parameters)
+    zero = {"stage": stage, "offload_optimizer": {"device": "cpu"}}
+    if stage == 3:
+        zero.update(offload_param={"device": "cpu"}, stage3_param_persistence_threshold=0)
+    engine = make_engine(stage, world, zero_optimization=zero, zero_force_ds_cpu_optimizer=False)
+    geo_off = DeepSpeedMeasurer(engine, reference=xstar, every=1)
+    res["offload"] = train(engine, rank, world, geo_off, capture=True)
+    geo_off.finish()
     # every: 2 measures steps 0 and 2 only
     engine = make_engine(stage, world)
     geo2 = DeepSpeedMeasurer(engine, reference=xstar, every=2)
@@ -162,17 +170,20 @@ def refusals(world):
     out = {}
     cases = {
         "fp16": dict(stage=2, fp16_flag=True),
-        "offload": dict(stage=2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}},
-                        zero_force_ds_cpu_optimizer=False),
+        "nvme": dict(stage=2, nvme_flag=True),
         "stage0": dict(stage=0),
     }
     for name, kw in cases.items():
         stage = kw.pop("stage")
-        fp16 = kw.pop("fp16_flag", False)
+        fp16, nvme = kw.pop("fp16_flag", False), kw.pop("nvme_flag", False)
         try:
             engine = make_engine(stage, world, **kw)
             if fp16:  # DeepSpeed's CPU accelerator has no fp16: an engine that says it trains in fp16
                 engine.fp16_enabled = lambda: True
+            if nvme:  # no NVMe here either: an engine whose config says the optimizer state is on NVMe
+                import types
+
+                engine.zero_offload_optimizer = lambda: types.SimpleNamespace(device="nvme")
         except Exception as exc:  # this DeepSpeed build cannot even set it up here
             out[name] = f"setup failed: {type(exc).__name__}: {exc}"
             continue

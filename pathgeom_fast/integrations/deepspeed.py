@@ -48,12 +48,17 @@ Trainer does, having divided the loss itself) the loss given is added as it is.
 **Precision.** fp32 and bf16 (bf16 weights with fp32 master weights; the gradient pieces are
 read in the dtype ZeRO accumulates them in, bf16 or fp32, as the optimizer reads them).
 
+**CPU offload** (``offload_optimizer`` / ``offload_param`` with ``device: cpu``): the pieces are
+then ZeRO's CPU buffers, read where they are; the process group must be able to all-reduce CPU
+tensors (gloo, or ``cpu:gloo,cuda:nccl`` beside NCCL).
+
 **Refused before any step**, with a message: fp16 (dynamic or static loss scaling: the
-partitions hold scaled gradients and a skipped step would be measured), ZeRO stage 0 (no partitions: the plain :class:`~.common.StepMeasurer` measures
-``.grad``), CPU/NVMe offload of optimizer or parameters, ZeRO++ hierarchical partitions,
-MiCS, pipeline or model parallelism (an ``mpu``), and probe batches / full batch (their
-gradients would go through the engine's reduction); an optimizer that is not one of
-DeepSpeed's ZeRO optimizers.
+partitions hold scaled gradients and a skipped step would be measured), ZeRO stage 0 (no
+partitions: the plain :class:`~.common.StepMeasurer` measures ``.grad``), NVMe offload, CPU
+offload over a group that cannot reduce CPU tensors, ZeRO++ hierarchical partitions, MiCS,
+pipeline or model parallelism (an ``mpu``), MoE groups reduced over other groups, probe
+batches / full batch / snapshots (their gradients would go through the engine's reduction);
+an optimizer that is not one of DeepSpeed's ZeRO optimizers.
 """
 
 from __future__ import annotations
@@ -96,9 +101,22 @@ def _group_rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
-def _offloaded(cfg) -> bool:
+def _offloaded(cfg) -> str | None:
+    """'cpu' or 'nvme' for an offload section of the ZeRO config, None when nothing is offloaded."""
     device = getattr(cfg, "device", None) if cfg is not None else None
-    return device is not None and str(getattr(device, "value", device)) != "none"
+    device = None if device is None else str(getattr(device, "value", device))
+    return None if device in (None, "none") else device
+
+
+def _backend(engine) -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend(_dp_group(engine)))
+
+
+def _reduces_cpu_tensors(engine) -> bool:
+    backend = _backend(engine)
+    return "gloo" in backend or "mpi" in backend
 
 
 def refuse_unsupported(engine) -> None:
@@ -118,18 +136,23 @@ def refuse_unsupported(engine) -> None:
                "pathgeom_fast.integrations.StepMeasurer after engine.backward() and before engine.step()")
     elif stage not in (1, 2, 3):
         why = f"unknown ZeRO stage {stage}"
-    elif any(_offloaded(c) for c in (engine.zero_offload_optimizer(), engine.zero_offload_param())):
-        why = "CPU/NVMe offload: the fp32 master weights and gradients live in offloaded buffers this does not read"
+    elif not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+        why = f"the engine's optimizer is a {type(engine.optimizer).__name__}, not one of DeepSpeed's ZeRO optimizers"
+    elif any(_offloaded(c) == "nvme" for c in (engine.zero_offload_optimizer(), engine.zero_offload_param())):
+        why = "NVMe offload: the fp32 master weights and gradients are swapped out to files between uses"
+    elif _offloaded(engine.zero_offload_optimizer()) == "cpu" and not _reduces_cpu_tensors(engine):
+        why = (f"CPU offload over a process group whose backend ({_backend(engine)}) cannot all-reduce CPU tensors: "
+               "the master weights and gradients are on the CPU; initialise the process group with a CPU backend too, "
+               "e.g. backend='cpu:gloo,cuda:nccl'")
     elif getattr(engine, "mpu", None) is not None or type(engine).__name__ == "PipelineEngine":
         why = "model or pipeline parallelism: the data-parallel group does not hold the whole model"
     elif stage == 3 and (getattr(engine, "zero_hpz_partition_size", lambda: 1)() or 1) > 1:
         why = "ZeRO++ hierarchical partitions (zero_hpz_partition_size > 1)"
     elif stage == 3 and (getattr(engine._config, "mics_shard_size", -1) or -1) > 0:
         why = "MiCS sharding"
-    elif not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
-        why = f"the engine's optimizer is a {type(engine.optimizer).__name__}, not one of DeepSpeed's ZeRO optimizers"
     if why is not None:
         raise ValueError(f"DeepSpeedMeasurer cannot measure this engine: {why}")
+    _dp_group(engine)  # parameter groups reduced over different groups (MoE): refused here too
 
 
 def local_partitions(engine) -> list[tuple[str, int, int, Tensor | None, Tensor | None]]:
@@ -173,6 +196,14 @@ def local_partitions(engine) -> list[tuple[str, int, int, Tensor | None, Tensor 
     return out
 
 
+def master_device(engine) -> torch.device:
+    """Where ZeRO keeps this rank's fp32 master partition (the accelerator, or the CPU with
+    optimizer offload)."""
+    opt = engine.optimizer
+    flat = opt.fp32_partitioned_groups_flat if _zero_stage(engine) == 3 else opt.single_partition_of_fp32_groups
+    return flat[0].device
+
+
 def _full_shapes(engine) -> dict[str, tuple[torch.Size, torch.dtype]]:
     return {n: (getattr(p, "ds_shape", p.shape), p.dtype) for n, p in trainable(engine.module)}
 
@@ -205,14 +236,16 @@ def _shape_twin(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _reference_slices(engine, twin, spec, name: str, parts) -> Reference:
-    """x* of this rank's pieces (fp32, flat), as a Reference over the local holder's names."""
+    """x* of this rank's pieces (fp32, flat, on the master weights' device), as a Reference over
+    the local holder's names."""
+    device = master_device(engine)
     slices = []
     if isinstance(spec, Reference):
         by_name = dict(zip(spec.names, spec.tensors))
         for (pname, start, n, _, _) in parts:
             if pname not in by_name:
                 raise CheckpointError(f"reference {spec.source or spec.name} has no tensor for {pname!r}")
-            slices.append(by_name[pname].detach().reshape(-1)[start : start + n].to(torch.float32).clone())
+            slices.append(by_name[pname].detach().reshape(-1)[start : start + n].to(device, torch.float32).clone())
         source = spec.source or spec.name
     else:
         ck = open_checkpoint(spec)
@@ -220,12 +253,12 @@ def _reference_slices(engine, twin, spec, name: str, parts) -> Reference:
         shapes = _full_shapes(engine)
         for (pname, start, n, _, _) in parts:
             if n == 0:
-                slices.append(torch.empty(0, dtype=torch.float32))
+                slices.append(torch.empty(0, dtype=torch.float32, device=device))
                 continue
             key = km.keys[pname]
             full = torch.empty(shapes[pname][0], dtype=torch.float32)
             ck.reader.read({key: full})  # one parameter at a time
-            slices.append(full.reshape(-1)[start : start + n].clone())
+            slices.append(full.reshape(-1)[start : start + n].to(device, copy=True))
             del full
         ck.reader.release()
         source = spec
@@ -235,10 +268,10 @@ def _reference_slices(engine, twin, spec, name: str, parts) -> Reference:
 class _Pieces(torch.nn.Module):
     """This rank's fp32 master pieces as parameters (aliases of ZeRO's buffers, no copy)."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, device):
         super().__init__()
         for i, (_, _, n, w, _) in enumerate(parts):
-            t = w.detach() if w is not None else torch.empty(0, dtype=torch.float32)
+            t = w.detach() if w is not None else torch.empty(0, dtype=torch.float32, device=device)
             self.register_parameter(f"p{i}", torch.nn.Parameter(t, requires_grad=True))
 
 
@@ -247,7 +280,7 @@ class _ZeroTracker(PathTracker):
 
     def __init__(self, engine, parts, refs, **kwargs):
         self.engine = engine
-        self.pieces = _Pieces(parts)
+        self.pieces = _Pieces(parts, master_device(engine))
         super().__init__(self.pieces, refs, **kwargs)
         self.names = [n for n, *_ in parts]  # per-tensor rows under the module's names
         self._local_grads: list[Tensor] | None = None
