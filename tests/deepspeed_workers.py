@@ -74,7 +74,7 @@ def train(engine, rank, world, geo=None, capture=False, dtype=torch.float32):
     X, Y = data()
     X = X.to(dtype)
     per = MICRO // world
-    out = {"x": [], "g": [], "x_next": [], "norm": [], "scalars": [], "losses": []}
+    out = {"x": [], "g": [], "x_next": [], "norm": [], "scalars": [], "losses": [], "scale": []}
     for i in range(STEPS * ACCUM):
         lo = i * MICRO + rank * per
         loss = torch.nn.functional.cross_entropy(engine(X[lo : lo + per]), Y[lo : lo + per])
@@ -82,7 +82,8 @@ def train(engine, rank, world, geo=None, capture=False, dtype=torch.float32):
         boundary = engine.is_gradient_accumulation_boundary()
         if capture and boundary:
             out["x"].append(torch.cat(full_fp32(engine)))
-            out["g"].append(torch.cat(full_grad(engine)))
+            out["g"].append(torch.cat(full_grad(engine)))  # as DeepSpeed holds it: times the loss scale in fp16
+            out["scale"].append(float(engine.optimizer.loss_scale))
         engine.step()
         if boundary:
             if capture:
@@ -147,6 +148,12 @@ def run_stage(rank, world, stage, out_dir):
     geo_bf16 = DeepSpeedMeasurer(engine, reference=xstar, every=1)
     res["bf16"] = train(engine, rank, world, geo_bf16, capture=True, dtype=torch.bfloat16)
     geo_bf16.finish()
+    # fp16 with dynamic loss scaling (2^8 to start)
+    engine = make_engine(stage, world, fp16={"enabled": True, "initial_scale_power": 8})
+    geo_fp16 = DeepSpeedMeasurer(engine, reference=xstar, every=1, weight_decay=WD)
+    res["fp16"] = train(engine, rank, world, geo_fp16, capture=True, dtype=torch.float16)
+    res["fp16"]["skipped"] = int(engine.skipped_steps)
+    geo_fp16.finish()
     # CPU offload of the optimizer (ZeRO-3: and of the parameters)
     zero = {"stage": stage, "offload_optimizer": {"device": "cpu"}}
     if stage == 3:
@@ -169,17 +176,14 @@ def refusals(world):
 
     out = {}
     cases = {
-        "fp16": dict(stage=2, fp16_flag=True),
         "nvme": dict(stage=2, nvme_flag=True),
         "stage0": dict(stage=0),
     }
     for name, kw in cases.items():
         stage = kw.pop("stage")
-        fp16, nvme = kw.pop("fp16_flag", False), kw.pop("nvme_flag", False)
+        nvme = kw.pop("nvme_flag", False)
         try:
             engine = make_engine(stage, world, **kw)
-            if fp16:  # DeepSpeed's CPU accelerator has no fp16: an engine that says it trains in fp16
-                engine.fp16_enabled = lambda: True
             if nvme:  # no NVMe here either: an engine whose config says the optimizer state is on NVMe
                 import types
 

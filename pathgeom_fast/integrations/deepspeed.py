@@ -45,15 +45,18 @@ micro-batches of the loss given to ``engine.backward`` divided by the accumulati
 mean over the micro-batches); when the caller passes ``scale_wrt_gas=False`` (the Hugging Face
 Trainer does, having divided the loss itself) the loss given is added as it is.
 
-**Precision.** fp32 and bf16 (bf16 weights with fp32 master weights; the gradient pieces are
-read in the dtype ZeRO accumulates them in, bf16 or fp32, as the optimizer reads them).
+**Precision.** fp32, bf16 and fp16 (fp32 master weights; the gradient pieces are read in the
+dtype ZeRO accumulates them in, as the optimizer reads them). With fp16 the pieces hold the
+gradient times the loss scale S of that step (``engine.optimizer.loss_scale``, read before
+``engine.step()`` changes it): a and b are divided by S and S^2 after the pass (weight-decay
+rows: the decay multiplied by S in it), so nothing is copied. A step DeepSpeed skips because
+the scaled gradient overflowed is logged with its non-finite gradient rows and a zero update.
 
 **CPU offload** (``offload_optimizer`` / ``offload_param`` with ``device: cpu``): the pieces are
 then ZeRO's CPU buffers, read where they are; the process group must be able to all-reduce CPU
 tensors (gloo, or ``cpu:gloo,cuda:nccl`` beside NCCL).
 
-**Refused before any step**, with a message: fp16 (dynamic or static loss scaling: the
-partitions hold scaled gradients and a skipped step would be measured), ZeRO stage 0 (no
+**Refused before any step**, with a message: ZeRO stage 0 (no
 partitions: the plain :class:`~.common.StepMeasurer` measures ``.grad``), NVMe offload, CPU
 offload over a group that cannot reduce CPU tensors, ZeRO++ hierarchical partitions, MiCS,
 pipeline or model parallelism (an ``mpu``), MoE groups reduced over other groups, probe
@@ -128,10 +131,7 @@ def refuse_unsupported(engine) -> None:
         raise ImportError("pathgeom_fast.integrations.deepspeed needs deepspeed: pip install 'deepspeed>=0.19'") from exc
     why = None
     stage = _zero_stage(engine)
-    if engine.fp16_enabled():
-        why = ("fp16 with loss scaling: ZeRO's partitions hold the scaled gradient until engine.step() unscales it, "
-               "and an overflowing step is skipped; train in fp32 or bf16 to measure")
-    elif stage == 0:
+    if stage == 0:
         why = ("ZeRO stage 0 has no partitions: the gradients are in .grad; measure with "
                "pathgeom_fast.integrations.StepMeasurer after engine.backward() and before engine.step()")
     elif stage not in (1, 2, 3):
@@ -286,7 +286,9 @@ class _ZeroTracker(PathTracker):
         self._local_grads: list[Tensor] | None = None
 
     def refresh(self, parts) -> None:
-        """Point the pieces at ZeRO's current buffers; keep the gradients of this step."""
+        """Point the pieces at ZeRO's current buffers; keep the gradients of this step and the
+        loss scale they carry (fp16; 1 otherwise)."""
+        self._scale = float(self.engine.optimizer.loss_scale)
         grads = []
         for p, (name, _, n, w, g) in zip(self.params, parts):
             if w is not None and (w.data_ptr() != p.data_ptr() or w.shape != p.shape):
@@ -298,6 +300,18 @@ class _ZeroTracker(PathTracker):
                 )
             grads.append(g if g is not None else torch.zeros_like(p))
         self._local_grads = grads
+
+    _scale = 1.0
+
+    @torch.no_grad()
+    def _stats(self, grads, ref, *, weight_decay: float = 0.0, per_tensor: bool = False, idx=None) -> Tensor:
+        """The statistics of g = (scaled gradient) / S without a copy: those of the scaled
+        gradient (with weight decay times S) with a divided by S and b by S^2."""
+        S = self._scale
+        if S == 1.0:
+            return super()._stats(grads, ref, weight_decay=weight_decay, per_tensor=per_tensor, idx=idx)
+        s = super()._stats(grads, ref, weight_decay=weight_decay * S, per_tensor=per_tensor, idx=idx)
+        return s * s.new_tensor([1.0 / S, 1.0 / (S * S), 1.0])
 
     def _grads(self, step: int) -> list[Tensor]:
         if self._local_grads is None:

@@ -36,7 +36,7 @@ gradients live in ZeRO's partitions, so the callback hooks the engine instead (i
 ``on_train_begin``, once the Trainer has built it) with
 :class:`~pathgeom_fast.integrations.deepspeed.DeepSpeedMeasurer`: each rank's partitions,
 before DeepSpeed clips, one all-reduce; same scalars, same loss of a step. What it refuses
-(fp16, offload, probes, ...) is refused in ``attach``, or for the engine's settings in
+(NVMe offload, probes, ...) is refused in ``attach``, or for the engine's settings in
 ``on_train_begin``, before any step.
 
 **The loss of a step** (recorded by run 1, compared by run 2) is the sum over the optimizer
