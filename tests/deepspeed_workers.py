@@ -154,6 +154,12 @@ def run_stage(rank, world, stage, out_dir):
     res["fp16"] = train(engine, rank, world, geo_fp16, capture=True, dtype=torch.float16)
     res["fp16"]["skipped"] = int(engine.skipped_steps)
     geo_fp16.finish()
+    if stage == 2:  # a loss scale so large that every step overflows and is skipped
+        engine = make_engine(stage, world, fp16={"enabled": True, "initial_scale_power": 30})
+        geo_ovf = DeepSpeedMeasurer(engine, reference=xstar, every=1)
+        res["fp16_overflow"] = train(engine, rank, world, geo_ovf, capture=True, dtype=torch.float16)
+        res["fp16_overflow"]["skipped"] = int(engine.skipped_steps)
+        res["fp16_overflow"]["records"] = geo_ovf.records
     # CPU offload of the optimizer (ZeRO-3: and of the parameters)
     zero = {"stage": stage, "offload_optimizer": {"device": "cpu"}}
     if stage == 3:

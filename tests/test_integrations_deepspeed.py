@@ -158,6 +158,18 @@ def test_zero_fp16_unscales_the_gradient(runs, stage, world):
 
 
 @pytest.mark.parametrize("world", [1, 2])
+def test_zero_fp16_overflowing_steps_are_logged_as_skipped(runs, world):
+    res = runs[world][2]["fp16_overflow"]
+    assert res["skipped"] == W.STEPS  # DeepSpeed skipped every step
+    assert all(torch.equal(x, xn) for x, xn in zip(res["x"], res["x_next"]))
+    rows = {(r["step"], r["kind"]): r for r in res["records"]}
+    for t in range(W.STEPS):
+        g, u = rows[(t, "minibatch")], rows[(t, "update")]
+        assert not math.isfinite(g["b"]), g  # the overflowed gradient, not a number that looks right
+        assert u["a"] == 0.0 and u["b"] == 0.0 and u["c"] > 0, u  # no step was taken
+
+
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", W.STAGES)
 def test_zero_cpu_offload_against_fp64_and_plain_torch(runs, plain, stage, world):
     res = runs[world][stage]["offload"]
