@@ -603,8 +603,9 @@ PRESETS = {
     "quick": {"size": 5 * 10**6, "small_n": 2_000, "multi_k": 4, "multi_size": 10**6, "repeats": 3, "gram_k": 2},
 }
 # Measured with `/usr/bin/time -v pathgeom bench [--quick]` on the shared 2-core CPU of
-# bench/results/cpu-torch-backend-2026-12-05.txt (wall time, maximum resident set; load average 3-7).
-COST = {"default": "about 12 minutes and 5.7 GB of memory", "quick": "about 50 s and 1 GB"}
+# bench/results/cpu-torch-backend-2026-12-05.txt (wall time, maximum resident set; load average 3-4,
+# so less on an idle machine): 5 min 31 s and 4.5 GB; --quick 47 s and 1.0 GB.
+COST = {"default": "about 6 minutes and 4.5 GB of memory", "quick": "about 50 s and 1 GB"}
 DESCRIPTION = (
     "Times the fused op (each backend: on the CPU the compiled kernel and the pure-torch fallback) against naive "
     "PyTorch, a per-tensor loop, foreach ops, torch.compile and the bandwidth limit, after checking each against "
