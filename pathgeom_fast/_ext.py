@@ -84,9 +84,9 @@ def load_error() -> str | None:
 
 
 # The cost of the fallback: the torch backend against the compiled CPU kernel, side by side on
-# a 2-core CPU (bench/results/cpu-torch-backend-2026-12-05.txt: 2.8x on a 10^8-element list,
-# 3.4x on 10^4 tensors of 10^3 elements).
-FALLBACK_COST = "~3x slower"
+# an idle 2-core CPU (bench/results/cpu-torch-backend-2026-12-05b.txt: 2.1-3.0x the time on
+# lists of large tensors, 15x on 10^4 tensors of 10^3 elements).
+FALLBACK_COST = "2-15x slower"
 
 
 class FallbackWarning(UserWarning):

@@ -26,9 +26,11 @@ DTYPES = [
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 4096 elements, tensors under 512 packed: more chunk and group boundaries."""
+    """Chunks of 4096 elements, tensors under 512 packed, batched-Gram chunks of 3000 elements
+    (not a multiple of its rows of 256: a partial row at every chunk's end): more boundaries."""
     monkeypatch.setattr(reference, "CHUNK", 1 << 12)
     monkeypatch.setattr(reference, "SMALL", 1 << 9)
+    monkeypatch.setattr(reference, "BIG_CHUNK", 3000)
 
 
 def gram_error(out, ref):
@@ -59,7 +61,8 @@ def test_chunks_and_groups_match_the_oracle(small_chunks, dtypes, K):
 
 def test_constant_inputs_stay_within_the_error_target():
     """Equal terms make rounding errors add up in one direction: a BLAS dot over chunks of 64K
-    elements was off by 5e-6 of b here; the cascade sums stay within 1e-6."""
+    elements was off by 5e-6 of b here; dots over rows of 256 elements summed in fp64 (and the
+    packed groups' cascade sums) stay within 1e-6."""
     n = 1_500_000
     g, x, r = [torch.full((n,), 0.001)], [torch.full((n,), 1.1)], [torch.full((n,), 1.0)]
     assert_stats_close(pg.secant_stats(g, x, r, backend="torch"), pg.reference_secant_stats(g, x, r))
