@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one call a session with a GPU runs first:
+# The one call to run first on a machine with a GPU:
 #
 #   bash bench/gpu.sh [OUT_DIR]        (default bench/results/gpu-<date>)
 #

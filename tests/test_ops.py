@@ -219,7 +219,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_ten_million_mixed_list_cpu_kernel():
-    """Done-when of the core issue: 10^7 mixed elements within 1e-6 sqrt(bc) of fp64."""
+    """The error target at scale: 10^7 mixed elements within 1e-6 sqrt(bc) of fp64."""
     if "cpu" not in CPU_BACKENDS:
         pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
     sizes = [3_000_000, 2_500_000, 1_999_999, 1_000_003, 1_000_000, 500_000, 1_000_000, 7, 1]
