@@ -134,9 +134,12 @@ def _cmd_demo(args) -> int:
         return 0
     print(report.format_table(summary))
     print(backend_note(cfg.device, cfg.backend))
+    ratio = summary["replay_final_distance_ratio"]
+    replay = (f"replay ended {ratio:.1e} of the initial distance from x*" if math.isfinite(float(ratio))
+              else f"replay distance ratio {ratio}: not a replay (the run went non-finite)")
     print(
         f"final train loss {summary['final_train_loss']:.4f}, accuracy {summary['final_train_accuracy']:.3f}; "
-        f"replay ended {summary['replay_final_distance_ratio']:.1e} of the initial distance from x*; "
+        f"{replay}; "
         f"{time.perf_counter() - t0:.1f} s in all ({summary['threads']} CPU thread(s); load average "
         + (f"{summary['load_average_at_start']:.2f}" if summary["load_average_at_start"] is not None else "unknown")
         + " at the start)"

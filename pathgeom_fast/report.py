@@ -395,11 +395,13 @@ def plot(records: list[dict], summary: dict, path: str, title: str = "") -> None
             _symlog_limits(ax, body_values(*pairs), np.concatenate(scale) if scale else [])
             ax.set_title("RSI along the path (symmetric log scale)")
         else:
-            ax.set_yscale("log")
             v = body_values(*pairs)
-            v = v[v > 0]
+            v = v[np.isfinite(v) & (v > 0)]
             if v.size:
+                ax.set_yscale("log")
                 ax.set_ylim(np.percentile(v, 0.5) / 1.5, np.percentile(v, 99.5) * 1.5)
+            else:  # a run that went non-finite: nothing a log scale could show
+                ax.text(0.5, 0.5, "no finite EB in the body of the path", transform=ax.transAxes, ha="center")
             ax.set_title("EB along the path")
         legend(ax)
 

@@ -149,3 +149,19 @@ def test_fallback_is_shown_by_demo_and_version(tmp_path):
     res = subprocess.run([sys.executable, "-c", _NO_EXTENSION + "cli.main(['--version'])"], capture_output=True, text=True)
     assert "extension: not loaded" in res.stdout and "backend='auto' runs: torch on CPU tensors" in res.stdout
     assert "fallback: CPU tensors run the torch backend" in res.stdout
+
+
+def test_a_run_that_goes_non_finite_is_reported_not_crashed(tmp_path, capsys):
+    """lr 1e4 blows the MLP up to NaN: the demo still writes every file (the EB panel has nothing
+    a log scale could show), says the replay ratio is not a number, and gives no verdict."""
+    out = tmp_path / "nan"
+    rc = cli.main(["demo", "--out", str(out), "--steps", "20", "--lr", "1e4", "--no-cross-seed", "--probe-every", "10",
+                   "--probe-batches", "2"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "final train loss nan" in text and "not a replay (the run went non-finite)" in text
+    for name in ("records.csv", "summary.json", "geometry.png", "findings.md"):
+        assert (out / name).stat().st_size > 0, name
+    findings = (out / "findings.md").read_text()
+    assert "**holds**" not in findings and "**does not hold here**" not in findings and "**no verdict**" in findings
+    assert "not a replay (NaN)" in findings
