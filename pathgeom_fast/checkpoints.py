@@ -10,7 +10,9 @@ One module that the tracker, the snapshot recorder, the framework integrations a
   Trainer output directories and ``save_pretrained`` folders (single or sharded safetensors,
   ``pytorch_model.bin``), Lightning ``.ckpt`` and ``torch.save`` files (``torch.load`` with
   ``weights_only=True`` only: a file that would run pickled code is refused), and
-  ``torch.distributed.checkpoint`` folders (FSDP2 runs; each rank reads only its shards);
+  ``torch.distributed.checkpoint`` folders (FSDP2 runs; each rank reads only its shards),
+  DeepSpeed ZeRO ``save_checkpoint`` folders (the fp32 master weights, merged by deepspeed's
+  ``zero_to_fp32`` from files read weights_only with an allow-list of DeepSpeed's plain types);
   their keys are matched to a model's names across wrapper and attribute prefixes
   (:func:`match_keys`);
 * :class:`Reference`: x* aligned parameter by parameter with a model, checked when it is
@@ -290,8 +292,8 @@ class Reference:
     def from_file(cls, model: torch.nn.Module, path: str, *, name: str = "xstar", key_prefix: str | None = None) -> "Reference":
         """x* from a checkpoint of any supported format (:func:`open_checkpoint`: our safetensors
         snapshots, Hugging Face folders and files, Lightning ``.ckpt``, ``torch.save`` state
-        dicts read with weights_only=True, ``torch.distributed.checkpoint`` folders), checked
-        against the model first; key prefixes are matched as in :func:`match_keys`.
+        dicts read with weights_only=True, ``torch.distributed.checkpoint`` folders, DeepSpeed
+        ``save_checkpoint`` folders: their fp32 master weights), checked against the model first; key prefixes are matched as in :func:`match_keys`.
 
         For a sharded model (DTensor parameters, e.g. FSDP2) each rank reads only its own
         slice of each tensor.
@@ -706,6 +708,205 @@ class _DCPReader(_Reader):
             raise CheckpointError(f"{self.source}: reading failed ({str(exc).strip().splitlines()[0][:300]})") from exc
 
 
+# DeepSpeed ``engine.save_checkpoint(dir)``: ``dir/latest`` names the tag folder
+# (``global_stepN``) holding ``*_model_states.pt`` (the module's state dict, parameter shapes;
+# under ZeRO-3 the parameters there are empty placeholders) and ``*_optim_states.pt`` (each
+# rank's partition of the fp32 master weights). x* is the fp32 master weights, merged by
+# DeepSpeed's own offline reader (``deepspeed.utils.zero_to_fp32``). DeepSpeed loads these files
+# with ``weights_only=False``; here they are loaded with ``weights_only=True`` and an allow-list
+# of the few DeepSpeed types they hold (plain data: the loss scaler's settings, the ZeRO stage
+# enum, fragment addresses), so a file holding anything else is refused, never executed.
+_DS_STATE_FILE = re.compile(r"^(?:zero_pp_rank_\d+_)?(?:mp_rank_\d+_)?(model|optim)_states\.pt$")
+
+
+def _ds_state_files(folder: str, kind: str) -> list[str]:
+    """The ``*_{kind}_states.pt`` files of a DeepSpeed tag folder, in rank order."""
+    def rank_order(name):
+        return [int(c) if c.isdigit() else c for c in re.split(r"(\d+)", name)]
+
+    names = [n for n in _listdir(folder) if (m := _DS_STATE_FILE.match(n)) and m.group(1) == kind]
+    return [os.path.join(folder, n) for n in sorted(names, key=rank_order)]
+
+
+def _is_deepspeed_tag(folder: str) -> bool:
+    """A folder written by DeepSpeed's ``save_checkpoint`` for one tag (e.g. ``global_step100``)."""
+    return os.path.isdir(folder) and bool(_ds_state_files(folder, "model"))
+
+
+def _deepspeed_latest(folder: str) -> str | None:
+    """The tag folder named by ``folder/latest`` (DeepSpeed's checkpoint root), or None when
+    ``folder`` has no ``latest`` file; an error naming both when that tag folder is absent."""
+    latest = os.path.join(folder, "latest")
+    if not os.path.isfile(latest):
+        return None
+    try:
+        with open(latest) as f:
+            tag = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {latest} ({exc})") from exc
+    path = os.path.join(folder, tag)
+    if not tag or not _is_deepspeed_tag(path):
+        raise CheckpointError(
+            f"{latest} names the DeepSpeed checkpoint {tag!r}, but {path} is not a DeepSpeed checkpoint folder "
+            f"(no *_model_states.pt in it); pass one of the global_step* folders of {folder}"
+        )
+    return path
+
+
+def _deepspeed_allowed_types() -> list:
+    """The DeepSpeed types a ZeRO checkpoint's files pickle (all plain data)."""
+    import importlib
+
+    out = []
+    for module, name in (
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ):
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that type is not allowed
+            continue
+    return out
+
+
+class _DeepSpeedReader(_Reader):
+    """A DeepSpeed ZeRO (stage 1, 2 or 3) checkpoint folder ``global_stepN``: the fp32 master
+    weights (and the module's buffers and frozen parameters), merged from every rank's partition
+    with DeepSpeed's ``zero_to_fp32``; needs deepspeed."""
+
+    def __init__(self, path: str, source: str):
+        super().__init__(source)
+        self.path = path
+        self._flat: dict[str, Tensor] | None = None
+
+    def files(self) -> set[str]:
+        return {os.path.realpath(self.path)}
+
+    def _zero_to_fp32(self):
+        try:
+            from deepspeed.utils import zero_to_fp32
+        except ImportError as exc:
+            raise CheckpointError(
+                f"{self.path} is a DeepSpeed checkpoint; reading its fp32 master weights needs deepspeed "
+                f"(pip install 'pathgeom-fast[deepspeed]'): {exc}"
+            ) from None
+        return zero_to_fp32
+
+    def _load(self, path: str):
+        with torch.serialization.safe_globals(_deepspeed_allowed_types()):
+            return _torch_load(path)
+
+    def optimizer_lr(self) -> float | None:
+        """The first param group's lr in rank 0's optimizer state; None without deepspeed or one."""
+        files = _ds_state_files(self.path, "optim")
+        try:
+            self._zero_to_fp32()
+            osd = self._load(files[0])["optimizer_state_dict"] if files else None
+        except (CheckpointError, KeyError, TypeError):
+            return None
+        if not isinstance(osd, Mapping):
+            return None
+        return _optimizer_lr(osd.get("base_optimizer_state", osd.get("optimizer_state_dict")))
+
+    def _contents(self) -> dict[str, Tensor]:
+        if self._flat is not None:
+            return self._flat
+        import contextlib
+        import inspect
+        import io
+
+        z = self._zero_to_fp32()
+        from deepspeed.checkpoint import constants as C
+
+        models = []
+        for path in _ds_state_files(self.path, "model"):
+            sd = self._load(path)
+            if not isinstance(sd, Mapping) or C.BUFFER_NAMES not in sd or C.PARAM_SHAPES not in sd:
+                raise CheckpointError(f"{path} is not a DeepSpeed model states file (no {C.PARAM_SHAPES!r})")
+            check = getattr(z, "_raise_if_autoep_zero3_partitioned_state", None)
+            if check is not None:
+                try:
+                    check(sd)
+                except NotImplementedError as exc:
+                    raise CheckpointError(f"{path}: {exc}") from None
+            module = sd.get("module") or {}
+            models.append(z.zero_model_state(
+                buffers={k: v.float() if v.is_floating_point() else v for k, v in module.items() if k in sd[C.BUFFER_NAMES]},
+                param_shapes=sd[C.PARAM_SHAPES],
+                shared_params=[[k, v] for k, v in (sd.get("shared_params") or {}).items()],
+                ds_version=sd.get(C.DS_VERSION),
+                frozen_param_shapes=sd.get(C.FROZEN_PARAM_SHAPES),
+                frozen_param_fragments=sd.get(C.FROZEN_PARAM_FRAGMENTS),
+            ))
+        optim_files = _ds_state_files(self.path, "optim")
+        if not optim_files:
+            raise CheckpointError(
+                f"{self.path} has DeepSpeed model states but no *_optim_states.pt files, which hold the fp32 "
+                "master weights (saved without the optimizer state?)"
+            )
+        flat_groups, first = [], None
+        for path in optim_files:
+            osd = self._load(path).get("optimizer_state_dict")
+            if not isinstance(osd, Mapping) or C.ZERO_STAGE not in osd:
+                raise CheckpointError(f"{path} is not a DeepSpeed ZeRO optimizer states file (no {C.ZERO_STAGE!r})")
+            first = first or osd
+            key = C.SINGLE_PARTITION_OF_FP32_GROUPS if int(osd[C.ZERO_STAGE]) <= 2 else C.FP32_FLAT_GROUPS
+            flat_groups.append(osd[key])
+        stage = int(first[C.ZERO_STAGE])
+        world = first[C.PARTITION_COUNT]
+        world = max(world) if isinstance(world, (list, tuple)) else int(world)
+        if world != len(optim_files):
+            raise CheckpointError(
+                f"{self.path} holds {len(optim_files)} *_optim_states.pt file(s) but the run had {world} ranks: "
+                "a rank's partition of the fp32 master weights is missing"
+            )
+        if stage not in (1, 2, 3):
+            raise CheckpointError(f"{self.path}: unknown ZeRO stage {stage}")
+        try:
+            # DeepSpeed prints what it merges, and a progress bar
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                if stage <= 2:
+                    merge = z._get_fp32_state_dict_from_zero2_checkpoint
+                    args = [world, flat_groups, models, False]
+                    if "param_alignment_paddings" in inspect.signature(merge).parameters:
+                        args.append(first.get(getattr(C, "PARAM_ALIGNMENT_PADDINGS", "param_alignment_paddings")))
+                    state = merge(*args)
+                else:
+                    state = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, models, False)
+                flat = z.to_torch_tensor(state)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{self.source}: DeepSpeed's zero_to_fp32 could not merge it ({msg})") from exc
+        if not flat:
+            raise CheckpointError(f"{self.source} holds no tensors")
+        self._flat = dict(flat)
+        return self._flat
+
+    def model_step(self) -> int | None:
+        """``global_steps`` of the first model states file (read weights_only, without deepspeed)."""
+        files = _ds_state_files(self.path, "model")
+        try:
+            sd = self._load(files[0]) if files else None
+        except CheckpointError:
+            return None
+        return _as_int(sd.get("global_steps")) if isinstance(sd, Mapping) else None
+
+    def info(self):
+        return {k: (v.dtype, list(v.shape)) for k, v in self._contents().items()}
+
+    def read(self, targets):
+        flat = self._contents()
+        for k, t in targets.items():
+            _copy_into(t, flat[k])
+
+    def release(self):
+        self._flat = None
+
+
 # ------------------------------------------------------------------------------------------
 # Matching a checkpoint's keys to a model's names
 # ------------------------------------------------------------------------------------------
@@ -887,7 +1088,7 @@ def match_keys(
 class Checkpoint:
     """One checkpoint of a run: ``step``, ``lr`` (the learning rate of the optimizer step taken
     from this point, as in PathTracker rows; None when the checkpoint does not tell), ``path``,
-    ``format`` ("snapshot", "safetensors", "hf", "lightning", "torch", "dcp"), ``config_dir``
+    ``format`` ("snapshot", "safetensors", "hf", "lightning", "torch", "dcp", "deepspeed"), ``config_dir``
     (a folder with a Hugging Face ``config.json`` describing the model, or None) and ``reader``
     (the loader of its tensors)."""
 
@@ -1087,8 +1288,11 @@ def _lr_from_log_history(run_dirs: Sequence[str], step: int) -> float | None:
 
 
 def _folder_checkpoint(folder: str) -> Checkpoint | None:
-    """The checkpoint a folder is (DCP, or Hugging Face ``save_pretrained``/Trainer weights), or None."""
+    """The checkpoint a folder is (DCP, DeepSpeed ``global_stepN``, or Hugging Face
+    ``save_pretrained``/Trainer weights), or None."""
     src = f"checkpoint {folder}"
+    if _is_deepspeed_tag(folder):
+        return _deepspeed_checkpoint(folder)
     config_dir = folder if os.path.isfile(os.path.join(folder, "config.json")) else None
     if os.path.isfile(os.path.join(folder, ".metadata")):
         reader = _DCPReader(folder, src)
@@ -1122,6 +1326,16 @@ def _folder_checkpoint(folder: str) -> Checkpoint | None:
         reader = _DCPReader(os.path.join(folder, subs[0]), src)
     step, lr = _hf_step_lr(folder)
     return Checkpoint(folder, "hf", reader, step, lr, config_dir)
+
+
+def _deepspeed_checkpoint(folder: str) -> Checkpoint:
+    """A DeepSpeed tag folder: step from its name (``global_stepN``; else the ``global_steps`` it
+    saved), lr from rank 0's optimizer state (None without deepspeed)."""
+    reader = _DeepSpeedReader(folder, f"DeepSpeed checkpoint {folder}")
+    step = step_from_name(folder)
+    if step is None:
+        step = reader.model_step()
+    return Checkpoint(folder, "deepspeed", reader, step, reader.optimizer_lr(), None)
 
 
 def _listdir(folder: str) -> list[str]:
@@ -1170,10 +1384,12 @@ def _child_candidates(folder: str) -> tuple[list[str], list[str]]:
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, ".metadata")) or any(
                 os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHT_INDEXES + HF_WEIGHT_FILES
-            ) or any(d.startswith("pytorch_model_fsdp") for d in _listdir(path)):
+            ) or any(d.startswith("pytorch_model_fsdp") for d in _listdir(path)) or (
+                _is_deepspeed_tag(path) and not _folder_checkpoint_name_only(folder)  # not beside HF weights
+            ):
                 dirs.append(path)
         elif name.endswith(TORCH_SUFFIXES + (".safetensors",)) and not name.startswith("."):
-            if _NOT_WEIGHTS.match(name) or name in HF_WEIGHT_FILES or _HF_SHARD.search(name):
+            if _NOT_WEIGHTS.match(name) or _DS_STATE_FILE.match(name) or name in HF_WEIGHT_FILES or _HF_SHARD.search(name):
                 continue  # optimizer/scheduler/RNG state, or the folder's own HF weights
             files.append(path)
     return files, dirs
@@ -1198,7 +1414,7 @@ def _search_below(folder: str, depth: int = 3) -> list[str]:
 def _folder_checkpoint_name_only(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, ".metadata")) or any(
         os.path.isfile(os.path.join(folder, f)) for f in HF_WEIGHT_INDEXES + HF_WEIGHT_FILES
-    )
+    ) or _is_deepspeed_tag(folder)
 
 
 def trajectory_path(reference_path: str) -> str:
@@ -1209,17 +1425,22 @@ def trajectory_path(reference_path: str) -> str:
 
 def open_checkpoint(path: str) -> Checkpoint:
     """One checkpoint, any supported format: a file (safetensors, torch.save, Lightning ``.ckpt``)
-    or a folder (DCP, Hugging Face ``save_pretrained`` / Trainer ``checkpoint-N``)."""
+    or a folder (DCP, Hugging Face ``save_pretrained`` / Trainer ``checkpoint-N``, DeepSpeed
+    ``global_stepN``, or the DeepSpeed folder above it: the tag its ``latest`` file names)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     if os.path.isfile(path):
-        if os.path.basename(path) == ".metadata":
-            return open_checkpoint(os.path.dirname(os.path.abspath(path)))
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.basename(path) == ".metadata" or (_DS_STATE_FILE.match(os.path.basename(path)) and _is_deepspeed_tag(parent)):
+            return open_checkpoint(parent)
         return _file_checkpoint(path)
     own = _folder_checkpoint(path)
     if own is not None:
         return own
+    latest = _deepspeed_latest(path)
+    if latest is not None:
+        return _deepspeed_checkpoint(latest)
     run = open_run(path)
     if len(run.checkpoints) == 1:
         return run.checkpoints[0]
@@ -1238,7 +1459,8 @@ def open_run(path: str) -> Run:
     ``checkpoint-N`` folder (``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors``
     with its index, or ``pytorch_model.bin``); a folder of Lightning ``.ckpt`` or
     ``torch.save`` files; a ``torch.distributed.checkpoint`` folder or a folder of them; or
-    one file. When ``path`` holds none of these but exactly one folder below it does (e.g.
+    one file; a DeepSpeed ``save_checkpoint`` folder (its ``global_stepN`` folders) or one
+    ``global_stepN`` folder. When ``path`` holds none of these but exactly one folder below it does (e.g.
     ``lightning_logs/version_0/checkpoints``), that folder is used.
 
     Steps come from the checkpoint (snapshot metadata, Lightning's ``global_step``, a
@@ -1269,7 +1491,8 @@ def open_run(path: str) -> Run:
             )
         raise FileNotFoundError(
             f"no checkpoints in {path} (looked for step_*.safetensors snapshots, Hugging Face checkpoint folders, "
-            "*.ckpt/*.pt/*.pth/*.bin/*.safetensors files and torch.distributed.checkpoint folders)"
+            "*.ckpt/*.pt/*.pth/*.bin/*.safetensors files, torch.distributed.checkpoint folders and DeepSpeed "
+            "global_step* folders)"
         )
     cks = [_file_checkpoint(f) for f in files] + [c for c in (_folder_checkpoint(d) for d in dirs) if c is not None]
     if own is not None:
