@@ -471,7 +471,7 @@ def _torch_load(path: str):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))  # not allowed; blocked
         if m is None:  # not a pickle of allowed types at all: a corrupt or foreign file
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
             raise CheckpointError(
@@ -716,7 +716,7 @@ class _DCPReader(_Reader):
 # with ``weights_only=False``; here they are loaded with ``weights_only=True`` and an allow-list
 # of the few DeepSpeed types they hold (plain data: the loss scaler's settings, the ZeRO stage
 # enum, fragment addresses), so a file holding anything else is refused, never executed.
-_DS_STATE_FILE = re.compile(r"^(?:zero_pp_rank_\d+_)?(?:mp_rank_\d+_)?(model|optim)_states\.pt$")
+_DS_STATE_FILE = re.compile(r"^(?:bf16_)?(?:zero_pp_rank_\d+_)?(?:mp_rank_\d+_)?(model|optim)_states\.pt$")
 
 
 def _ds_state_files(folder: str, kind: str) -> list[str]:

@@ -337,3 +337,53 @@ if __name__ == "__main__":
     out_dir, world = sys.argv[1], int(sys.argv[2])
     mode = sys.argv[3] if len(sys.argv) > 3 else ""
     launch({"hf": hf_worker, "hf-plain": hf_plain_worker}.get(mode, worker), world, out_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# engine.save_checkpoint folders, for tests/test_checkpoints_deepspeed.py
+# ------------------------------------------------------------------------------------------
+
+SAVE_STEPS = 2  # optimizer steps, a checkpoint after each
+
+
+def full_fp32_named(engine):
+    """{name: full fp32 master weight} by DeepSpeed's own ``safe_get_full_fp32_param`` (a
+    collective under ZeRO-3: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def save_worker(rank, world, out_dir, cases):
+    """For each (stage, precision) in ``cases``: SAVE_STEPS optimizer steps, saving
+    ``OUT/world{W}_stage{S}[_bf16]/global_stepN`` after each; rank 0 saves the fp32 master weights
+    captured at each save, the module's weights and the optimizer's lr to
+    ``OUT/saved_world{W}.pt``."""
+    os.environ["LOCAL_RANK"] = str(rank)
+    X, Y = data()
+    per = MICRO // world
+    captures = {}
+    for stage, precision in cases:
+        extra = {"bf16": {"enabled": True}} if precision == "bf16" else {}
+        engine = make_engine(stage, world, **extra)
+        name = f"world{world}_stage{stage}" + (f"_{precision}" if precision != "fp32" else "")
+        ckpt = os.path.join(out_dir, name)
+        cap = {"dir": ckpt, "fp32": {}, "module": {}, "lr": {}}
+        i = 0
+        while len(cap["fp32"]) < SAVE_STEPS:
+            lo = i * MICRO + rank * per
+            x = X[lo : lo + per].to(torch.bfloat16 if precision == "bf16" else torch.float32)
+            engine.backward(torch.nn.functional.cross_entropy(engine(x), Y[lo : lo + per]))
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            i += 1
+            if boundary:
+                step = engine.global_steps
+                engine.save_checkpoint(ckpt)
+                cap["fp32"][step] = full_fp32_named(engine)
+                if stage < 3:
+                    cap["module"][step] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+                cap["lr"][step] = float(engine.optimizer.param_groups[0]["lr"])
+        captures[(stage, precision)] = cap
+    if rank == 0:
+        torch.save(captures, os.path.join(out_dir, f"saved_world{world}.pt"))
