@@ -227,7 +227,7 @@ def model_from_hf_config(config_dir: str) -> torch.nn.Module:
     except ImportError as exc:
         raise AnalysisError(
             f"{config_dir}/config.json describes a Hugging Face model, and building it needs transformers "
-            "(pip install 'pathgeom_fast[hf]'); or pass --model module:function"
+            "(pip install transformers, or from the checkout pip install --no-build-isolation '.[hf]'); or pass --model module:function"
         ) from exc
     try:
         config = transformers.AutoConfig.from_pretrained(config_dir, local_files_only=True)

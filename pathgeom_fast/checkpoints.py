@@ -790,7 +790,7 @@ class _DeepSpeedReader(_Reader):
         except ImportError as exc:
             raise CheckpointError(
                 f"{self.path} is a DeepSpeed checkpoint; reading its fp32 master weights needs deepspeed "
-                f"(pip install 'pathgeom-fast[deepspeed]'): {exc}"
+                f"(pip install deepspeed, or from the checkout pip install --no-build-isolation '.[deepspeed]'): {exc}"
             ) from None
         return zero_to_fp32
 

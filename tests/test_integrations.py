@@ -314,5 +314,5 @@ def test_missing_framework_names_the_extra(monkeypatch, module, extra, package):
     monkeypatch.setitem(sys.modules, package, None)
     if package == "lightning":
         monkeypatch.setitem(sys.modules, "pytorch_lightning", None)
-    with pytest.raises(ImportError, match=rf"pip install 'pathgeom_fast\[{extra}\]'"):
+    with pytest.raises(ImportError, match=rf"pip install --no-build-isolation '\.\[{extra}\]'"):
         importlib.import_module(f"pathgeom_fast.integrations.{module}")

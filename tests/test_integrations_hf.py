@@ -16,7 +16,7 @@ import pytest
 import torch
 from integ_helpers import PreClipCapture, Warnings, assert_metrics, flat, geo, grad_of, perturbed_reference, probe_summary
 
-transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install 'pathgeom_fast[hf]'")
+transformers = pytest.importorskip("transformers", reason="install the hf extra: pip install --no-build-isolation '.[hf]'")
 
 from pathgeom_fast import report  # noqa: E402
 from pathgeom_fast.checkpoints import CheckpointError, load_snapshot  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from integ_helpers import Warnings, assert_metrics, flat, geo, grad_of, perturbed_reference, probe_summary
 
-pl = pytest.importorskip("lightning.pytorch", reason="install the lightning extra: pip install 'pathgeom_fast[lightning]'")
+pl = pytest.importorskip("lightning.pytorch", reason="install the lightning extra: pip install --no-build-isolation '.[lightning]'")
 
 from lightning.pytorch.loggers import Logger  # noqa: E402
 

@@ -72,7 +72,7 @@ try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "pathgeom_fast.integrations.hf needs transformers: pip install 'pathgeom_fast[hf]'"
+        "pathgeom_fast.integrations.hf needs transformers: pip install transformers accelerate (or, from the checkout, pip install --no-build-isolation '.[hf]')"
     ) from exc
 
 from collections.abc import Mapping

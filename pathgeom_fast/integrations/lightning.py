@@ -50,7 +50,7 @@ except ImportError:
         import pytorch_lightning as pl
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "pathgeom_fast.integrations.lightning needs lightning: pip install 'pathgeom_fast[lightning]'"
+            "pathgeom_fast.integrations.lightning needs lightning: pip install lightning (or, from the checkout, pip install --no-build-isolation '.[lightning]')"
         ) from exc
 
 from collections.abc import Mapping
