@@ -410,7 +410,7 @@ def test_help_shows_defaults_without_contradicting_flags(capsys):
             cli.main([cmd, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: False)" not in text and "(default: None)" not in text, cmd
-        assert "(default: 32)" in text if cmd == "analyze" else "(default: 100000000)" in text
+        assert "(default: 32)" in text if cmd == "analyze" else "(default: 1e+08; --quick: 5e+06)" in text
     assert "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)" in text
 
 

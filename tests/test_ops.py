@@ -647,7 +647,7 @@ def test_compile_with_requires_grad_inputs_does_not_warn():
         s = torch.ops.pathgeom.secant_stats(grads, params, refs)
         m = torch.ops.pathgeom.secant_stats_multi(grads + grads, params, refs, 2)
         q = torch.ops.pathgeom.secant_gram(grads, params, refs, 1)
-        return s[0] / s[2] + m[1, 0] + q[0, 1] + sum((p**2).sum() for p in params)
+        return s[0] / s[2] + m[1, 0] + q[0, 1] + sum((p.double() ** 2).sum() for p in params)  # fp64: no fp32 sum order
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
