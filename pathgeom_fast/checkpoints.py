@@ -532,7 +532,28 @@ def _optimizer_lr(opt) -> float | None:
     return None
 
 
-class _TorchReader(_Reader):
+class _InMemoryReader(_Reader):
+    """A reader whose whole contents are loaded at once as {name: tensor} by ``_contents()``
+    (cached in ``_flat`` between ``info()`` and ``read()``)."""
+
+    _flat: dict[str, Tensor] | None = None
+
+    def _contents(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def info(self):
+        return {k: (v.dtype, list(v.shape)) for k, v in self._contents().items()}
+
+    def read(self, targets):
+        flat = self._contents()
+        for k, t in targets.items():
+            _copy_into(t, flat[k])
+
+    def release(self):
+        self._flat = None
+
+
+class _TorchReader(_InMemoryReader):
     """Files written by torch.save: a state dict, a Lightning ``.ckpt``, or a container of them
     (e.g. ``{"model": ..., "optimizer": ..., "step": ...}``, whose nested keys are flattened with
     dots, so that ``model.`` is a key prefix like any other). Read with weights_only=True only."""
@@ -577,17 +598,6 @@ class _TorchReader(_Reader):
             raise CheckpointError(f"{self.source} holds no tensors")
         self._flat = flat
         return flat
-
-    def info(self):
-        return {k: (v.dtype, list(v.shape)) for k, v in self._contents().items()}
-
-    def read(self, targets):
-        flat = self._contents()
-        for k, t in targets.items():
-            _copy_into(t, flat[k])
-
-    def release(self):
-        self._flat = None
 
 
 class _DCPMetadataUnpickler:
@@ -771,7 +781,7 @@ def _deepspeed_allowed_types() -> list:
     return out
 
 
-class _DeepSpeedReader(_Reader):
+class _DeepSpeedReader(_InMemoryReader):
     """A DeepSpeed ZeRO (stage 1, 2 or 3) checkpoint folder ``global_stepN``: the fp32 master
     weights (and the module's buffers and frozen parameters), merged from every rank's partition
     with DeepSpeed's ``zero_to_fp32``; needs deepspeed."""
@@ -894,17 +904,6 @@ class _DeepSpeedReader(_Reader):
         except CheckpointError:
             return None
         return _as_int(sd.get("global_steps")) if isinstance(sd, Mapping) else None
-
-    def info(self):
-        return {k: (v.dtype, list(v.shape)) for k, v in self._contents().items()}
-
-    def read(self, targets):
-        flat = self._contents()
-        for k, t in targets.items():
-            _copy_into(t, flat[k])
-
-    def release(self):
-        self._flat = None
 
 
 # ------------------------------------------------------------------------------------------
