@@ -70,22 +70,7 @@ def _worker() -> None:  # pragma: no cover - runs in a subprocess
             with torch._C._DisableTorchDispatch():
                 return func(*args, **(kwargs or {}))
 
-    class Wrapper(torch.Tensor):
-        """A wrapper subclass: no memory of its own, its data in an inner tensor."""
-
-        @staticmethod
-        def __new__(cls, inner):
-            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        @classmethod
-        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-            tree_map = torch.utils._pytree.tree_map
-            out = func(*tree_map(lambda v: v.inner if isinstance(v, Wrapper) else v, args),
-                       **tree_map(lambda v: v.inner if isinstance(v, Wrapper) else v, kwargs or {}))
-            return tree_map(lambda v: Wrapper(v) if isinstance(v, torch.Tensor) else v, out)
+    from utils import WrapperTensor as Wrapper  # a wrapper subclass: no memory of its own
 
     def make_base(n: int, dtype, gen) -> torch.Tensor:
         return (torch.randn(n, generator=gen, dtype=torch.float64) + 0.25).to(dtype)

@@ -11,7 +11,7 @@ import torch
 import pathgeom_fast as pg
 from pathgeom_fast import _ext
 
-from utils import ALL_DTYPES, assert_stats_close, backends_for, make_lists, ref_multi
+from utils import ALL_DTYPES, WrapperTensor, assert_stats_close, backends_for, make_lists, ref_multi
 
 CPU_BACKENDS = backends_for("cpu")
 ODD_SIZES = [1, 3, 1023, 65537, 0, 8, 70001]
@@ -672,31 +672,13 @@ def test_wrapper_subclass_without_memory_is_named():
     cannot be read by the compiled kernels: a TypeError naming it, not a RuntimeError from
     deep inside; the pure-torch backend computes through its __torch_dispatch__."""
     _needs_ext()
-    from torch.utils._pytree import tree_map
-
-    class Wrapper(torch.Tensor):
-        @staticmethod
-        def __new__(cls, inner):
-            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        @classmethod
-        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-            def unwrap(v):
-                return v.inner if isinstance(v, Wrapper) else v
-
-            out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
-            return tree_map(lambda v: Wrapper(v) if isinstance(v, torch.Tensor) else v, out)
-
     g, x, r = make_lists([4, 6, 8], seed=47)
     for where, strided in ((1, False), (2, True)):
         t = torch.empty(16)[::2].copy_(r[2]) if strided else r[where]
         bad = list(r)
-        bad[where] = Wrapper(t)
+        bad[where] = WrapperTensor(t)
         with pytest.raises(TypeError, match=rf"refs\[{where}\] \(shape \[\d+\], torch.float32, cpu\) has no memory"):
             pg.secant_stats(g, x, bad, backend="cpu")
         out = pg.secant_stats(g, x, bad, backend="torch")
-        assert_stats_close(torch.as_tensor(out.inner if isinstance(out, Wrapper) else out),
+        assert_stats_close(torch.as_tensor(out.inner if isinstance(out, WrapperTensor) else out),
                            pg.reference_secant_stats(g, x, r))

@@ -63,3 +63,25 @@ def ref_multi(grads_lists, params, refs, per_tensor=False, weight_decay=0.0):
 
 def sqrt(x):
     return math.sqrt(x)
+
+
+class WrapperTensor(torch.Tensor):
+    """A wrapper subclass: no memory of its own (a null data pointer), its data in an inner
+    tensor that every op reaches through __torch_dispatch__."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        tree_map = torch.utils._pytree.tree_map
+
+        def unwrap(v):
+            return v.inner if isinstance(v, WrapperTensor) else v
+
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        return tree_map(lambda v: WrapperTensor(v) if isinstance(v, torch.Tensor) else v, out)
