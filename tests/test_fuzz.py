@@ -70,6 +70,9 @@ def _worker() -> None:  # pragma: no cover - runs in a subprocess
             with torch._C._DisableTorchDispatch():
                 return func(*args, **(kwargs or {}))
 
+    # tests/ by name: the sanitizer run sets PYTHONSAFEPATH, which keeps the script's own folder
+    # off sys.path (tests/ holds no pathgeom_fast, so the sanitized build still wins)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from utils import WrapperTensor as Wrapper  # a wrapper subclass: no memory of its own
 
     def make_base(n: int, dtype, gen) -> torch.Tensor:
