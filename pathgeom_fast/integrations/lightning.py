@@ -39,6 +39,19 @@ batches (``probe_batches``, ``full_batch``, ``probe_every``) are moved to the mo
 the default loss is the model's own ``.loss`` for dict batches, cross-entropy for
 ``(inputs, targets)``; pass ``loss_fn(module, batch)`` otherwise. All arguments:
 :class:`~pathgeom_fast.integrations.common.StepMeasurer`.
+
+**Sharded models** (``ModelParallelStrategy``: FSDP2 ``fully_shard`` and/or tensor parallel
+applied in ``configure_model``; it runs on CPU with gloo too). The callback sees the DTensor
+parameters and gradients, before clipping as above. Every rank computes the statistics on its
+local shards and sums them over the ranks with one all-reduce of a few numbers per computation,
+so every rank holds the same scalars; the loggers are written on rank 0 alone. Run 1 gathers
+each parameter (``full_tensor()``, a collective on every rank) and rank 0 writes the whole x*
+to one safetensors file; run 2 reads only each rank's slice of it. A Lightning distributed
+checkpoint folder (``save_distributed_checkpoint=True``) also works as a reference. Refused in
+``on_fit_start``, before any step: trainable parameters that mix DTensors and plain tensors, or
+DTensors on different device meshes (the plain ones are one copy per rank, which one reduction
+over the ranks cannot add up right; pathgeom's ops reduce over one mesh). See
+docs/lightning-fsdp2.md.
 """
 
 from __future__ import annotations
@@ -57,6 +70,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..checkpoints import trainable
+from ..distributed import is_dtensor
 from .common import StepMeasurer
 
 
@@ -66,6 +81,34 @@ def _loss_of(outputs):
     if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
         return outputs["loss"]
     return None
+
+
+def _check_sharding(module) -> None:
+    """Refuse trainable parameters that one reduction cannot add up right: DTensors next to
+    plain tensors (each rank's plain copy would be counted once per rank, or not at all), or
+    DTensors on different device meshes."""
+    named = trainable(module)
+    sharded = [(n, p) for n, p in named if is_dtensor(p)]
+    if not sharded:
+        return
+    if len(sharded) != len(named):
+        plain = next(n for n, p in named if not is_dtensor(p))
+        raise ValueError(
+            f"PathGeometryCallback: {len(sharded)} of the module's {len(named)} trainable parameters are DTensors "
+            f"(first {sharded[0][0]!r}) and the others plain tensors (first {plain!r}): each rank holds its own "
+            "copy of a plain parameter, and one sum over the ranks cannot count those once while adding up the "
+            "shards. Make every trainable parameter a DTensor in configure_model (fully_shard the root module "
+            "too, or parallelize every layer that has parameters)"
+        )
+    mesh = sharded[0][1].device_mesh
+    other = next(((n, p) for n, p in sharded if p.device_mesh != mesh), None)
+    if other is not None:
+        raise ValueError(
+            f"PathGeometryCallback: parameter {other[0]!r} lives on {other[1].device_mesh} but {sharded[0][0]!r} on "
+            f"{mesh}: pathgeom's ops reduce the statistics over one device mesh; shard every trainable parameter "
+            "on the same mesh (with FSDP2 + tensor parallel: tensor-parallelize every layer that has parameters "
+            "before fully_shard, so that all of them end on the 2-D mesh)"
+        )
 
 
 class PathGeometryCallback(pl.Callback):
@@ -108,7 +151,8 @@ class PathGeometryCallback(pl.Callback):
                 f"{len(trainer.optimizers)} optimizers. Use pathgeom_fast.integrations.StepMeasurer in the training step "
                 "(before_step(model, optimizer, step, loss) / after_step()) instead"
             )
-        self.measurer.check_model(pl_module)  # before any training step
+        _check_sharding(pl_module)  # ModelParallelStrategy: before any training step
+        self.measurer.check_model(pl_module)
         self.measurer.grad_clipping = bool(trainer.gradient_clip_val)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
