@@ -7,6 +7,8 @@
 * ``pathgeom_fast.integrations.deepspeed.DeepSpeedMeasurer``: DeepSpeed ZeRO 1-3 engines (each
   rank's own partitions, before DeepSpeed clips); the Hugging Face callback uses it under
   ``TrainingArguments(deepspeed=...)``.
+* ``pathgeom_fast.integrations.torchtitan.PathGeometryMetricsProcessor``: torchtitan (its
+  ``config.metrics``; measures the logged steps before torchtitan's ``clip_grad_norm_``).
 """
 
 from .common import StepMeasurer
