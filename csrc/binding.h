@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "plan.h"
 #include "secant_core.h"
 
 namespace pathgeom {
@@ -82,6 +83,19 @@ extern RowsFn cuda_rows_fn;
 // with the GIL held, then launches without it). Set by ops_cuda.cpp when built.
 using PreparedRowsFn = at::Tensor (*)(const Prepared& p, int64_t K, bool per_tensor, double weight_decay);
 extern PreparedRowsFn cuda_prepared_rows_fn;
+
+// The host side of a CUDA call, up to the copy and the launches: the plan of the checked
+// inputs (tensors grouped by dtype combination) and the layout of its device table
+// (plan.h). Compiled into every build, so that its cost is measured on CPU tensors too
+// (pathgeom_fast._C.cuda_host_work, `pathgeom bench --cases host`).
+struct CudaHostTable {
+  CudaPlan plan;
+  std::vector<CudaTableLaunch> layout;
+  int64_t words = 0;  // table size in int64 words
+};
+CudaHostTable cuda_host_table(const Prepared& p, int64_t K);
+// Writes the table of `t` into words[0 .. t.words).
+void cuda_host_fill(const Prepared& p, const CudaHostTable& t, int64_t* words);
 
 // "list[j]" for one list, "list[k][i]" for K lists of T tensors back to back.
 std::string grad_name(int64_t j, int64_t T, int64_t K, const ListNames& names = kGradNames);

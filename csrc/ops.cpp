@@ -99,7 +99,17 @@ void prefetch_object(const void* p) {
   __builtin_prefetch(c + kBytes - 1);
 }
 
-void prefetch_impl(const c10::TensorImpl* t) { prefetch_object<sizeof(c10::TensorImpl)>(t); }
+// Of a TensorImpl, the checks read the storage pointer (near its start) and the fields at its
+// end (storage offset, numel, dtype, device, flags, dispatch keys; with torch 2.14, bytes
+// 144-175 of 176); sizes and strides only for non-contiguous tensors, which are rare. Fetching
+// just those lines leaves the CPU's few outstanding-miss slots to the other objects (on 10^4
+// positions, all lines of every object: the prefetches themselves stall on full fill buffers).
+void prefetch_impl(const c10::TensorImpl* t) {
+  const char* c = reinterpret_cast<const char*>(t);
+  __builtin_prefetch(c + 16);
+  __builtin_prefetch(c + sizeof(c10::TensorImpl) - 32);
+  __builtin_prefetch(c + sizeof(c10::TensorImpl) - 1);
+}
 
 // An undefined tensor's impl is the UndefinedTensorImpl singleton, which has no storage.
 const c10::StorageImpl* storage_of(const c10::TensorImpl* t) {
@@ -286,6 +296,23 @@ Prepared prepare_inputs(const char* op, const Inputs& in, int64_t K, const ListN
     p.r[i] = ptr_of(r, kRef, i);
   }
   return p;
+}
+
+CudaHostTable cuda_host_table(const Prepared& p, int64_t K) {
+  const int64_t T = p.T;
+  std::vector<int32_t> keys(T);  // one kernel specialisation per dtype combination
+  for (int64_t t = 0; t < T; ++t) {
+    keys[t] = (static_cast<int32_t>(p.g_dt[t]) * kNumDTypes + static_cast<int32_t>(p.x_dt[t])) * kNumDTypes +
+              static_cast<int32_t>(p.r_dt[t]);
+  }
+  CudaHostTable t;
+  t.plan = plan_cuda(p.numel.data(), keys.data(), T, K);
+  t.words = cuda_table_layout(t.plan, K, t.layout);
+  return t;
+}
+
+void cuda_host_fill(const Prepared& p, const CudaHostTable& t, int64_t* words) {
+  cuda_table_fill(t.plan, t.layout, p.K, p.numel.data(), p.g.data(), p.x.data(), p.r.data(), words);
 }
 
 at::Tensor shape_output(const at::Tensor& rows, int64_t K, bool per_tensor, bool multi) {
@@ -885,11 +912,10 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
                       dev.is_cuda() ? " (pathgeom_fast._C was built without CUDA)" : "");
   }
   // Checks (and contiguous copies) with the GIL held; they raise bad input here.
+  // The parallel check pass serves every device (it reads metadata only).
   CpuTablesLease tables;  // destroyed after the GIL is back (it holds the copies)
-  Prepared cuda_prepared;
   const bool on_cpu = dev.is_cpu();
-  if (on_cpu) cpu_check(op, in, K, names, tables.get());
-  else cuda_prepared = prepare_inputs(op, in, K, names);
+  cpu_check(op, in, K, names, tables.get());
   const CpuKernel kernel = gram ? gram_kernel_of(K) : CpuKernel{3 * K, &cpu_chunk_partials, wd};
   // The kernels without the GIL. An error there (out of memory, a failed launch) is carried
   // out as an exception_ptr and rethrown once the GIL is back, so that no exception unwinds
@@ -903,7 +929,7 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
         out = gram_shape(cpu_compute(K, per_tensor, kernel, tables.get()), K, per_tensor);
       } else {
         at::Tensor rows = on_cpu ? cpu_compute(K, per_tensor, kernel, tables.get()).view({-1, K, 3})
-                                 : cuda_prepared_rows_fn(cuda_prepared, K, per_tensor, wd);
+                                 : cuda_prepared_rows_fn(tables.get().p, K, per_tensor, wd);
         out = shape_output(rows, K, per_tensor, multi);
       }
     } catch (...) {
@@ -915,14 +941,33 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// triton_inputs(lists, params, refs, K, gram) -> (addrs, numels, codes, copies)
+// A 64-bit digest of n words (four independent multiply-xor lanes: ~1 cycle a word). The
+// Triton backend keys its caches by it and compares the full contents on a hit, so a
+// collision costs a rebuild, never a wrong table.
+uint64_t digest(const int64_t* w, int64_t n, uint64_t seed) {
+  constexpr uint64_t kMul = 0x9e3779b97f4a7c15ull;
+  uint64_t h[4] = {seed ^ 0x243f6a8885a308d3ull, seed ^ 0x13198a2e03707344ull, seed ^ 0xa4093822299f31d0ull,
+                   seed ^ 0x082efa98ec4e6c89ull};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int l = 0; l < 4; ++l) h[l] = (h[l] ^ static_cast<uint64_t>(w[i + l])) * kMul;
+  }
+  for (; i < n; ++i) h[0] = (h[0] ^ static_cast<uint64_t>(w[i])) * kMul;
+  uint64_t out = static_cast<uint64_t>(n);
+  for (uint64_t v : h) out = (out ^ (v >> 29) ^ v) * kMul;
+  return out ^ (out >> 32);
+}
+
+// triton_inputs(lists, params, refs, K, gram) -> (addrs, numels, keys, copies, digests)
 // The host side of the Triton backends (pathgeom_fast.triton_kernels.prepare), without
-// per-tensor Python work: the checks and messages of the compiled kernels (prepare_inputs)
-// and the tables of the launch plan. addrs: int64 [(K + 2) T], the data addresses of the K
-// lists back to back (list k's tensor i at k T + i), then params, then refs (0 for empty
-// tensors); numels: int64 [T]; codes: int64 [3 T], dtype codes (float16 0, bfloat16 1,
-// float32 2, float64 3) of list 0, params and refs; copies: the contiguous copies made of
-// non-contiguous inputs, to be kept alive until the launches are queued.
+// per-tensor Python work: the checks and messages of the compiled kernels (the parallel check
+// pass) and the tables of the launch plan. addrs: int64 [(K + 2) T], the data addresses of the
+// K lists back to back (list k's tensor i at k T + i), then params, then refs (0 for empty
+// tensors); numels: int64 [T]; keys: int64 [T], the kernel specialisation of each tensor
+// (triton_kernels.group_key: dtypes of list 0, params and refs, and whether all K + 2
+// addresses are 16-byte aligned); copies: the contiguous copies made of non-contiguous inputs,
+// to be kept alive until the launches are queued; digests: (of numels and keys, of addrs),
+// Python ints, for the caches.
 PyObject* triton_inputs(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *g, *x, *r;
@@ -937,30 +982,107 @@ PyObject* triton_inputs(PyObject* /*self*/, PyObject* args) {
   InputsLease lease;
   Inputs& in = lease.get();
   borrow_checked(g, x, r, T, K, names, in);
-  const Prepared p = prepare_inputs(op, in, K, names);
+  // The parallel check pass of the CPU kernels (any device: it reads metadata only).
+  CpuTablesLease tables;
+  cpu_check(op, in, K, names, tables.get());
+  const Prepared& p = tables.get().p;
   at::Tensor addrs = at::empty({(K + 2) * T}, at::dtype(at::kLong));
-  at::Tensor numels = at::empty({T}, at::dtype(at::kLong));
-  at::Tensor codes = at::empty({3 * T}, at::dtype(at::kLong));
+  at::Tensor numels = at::empty({2 * T}, at::dtype(at::kLong));  // numels, then keys
   int64_t* a = addrs.data_ptr<int64_t>();
   int64_t* n = numels.data_ptr<int64_t>();
-  int64_t* c = codes.data_ptr<int64_t>();
+  int64_t* key = n + T;
   auto address = [](const void* ptr) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr)); };
   for (int64_t i = 0; i < T; ++i) {
-    for (int64_t k = 0; k < K; ++k) a[k * T + i] = address(p.g[i * K + k]);
-    a[K * T + i] = address(p.x[i]);
-    a[(K + 1) * T + i] = address(p.r[i]);
+    int64_t misaligned = 0;
+    for (int64_t k = 0; k < K; ++k) misaligned |= a[k * T + i] = address(p.g[i * K + k]);
+    misaligned |= a[K * T + i] = address(p.x[i]);
+    misaligned |= a[(K + 1) * T + i] = address(p.r[i]);
     n[i] = p.numel[i];
-    c[i] = static_cast<int64_t>(p.g_dt[i]);
-    c[T + i] = static_cast<int64_t>(p.x_dt[i]);
-    c[2 * T + i] = static_cast<int64_t>(p.r_dt[i]);
+    key[i] = ((static_cast<int64_t>(p.g_dt[i]) * 4 + static_cast<int64_t>(p.x_dt[i])) * 4 +
+              static_cast<int64_t>(p.r_dt[i])) * 2 + ((misaligned & 15) == 0);
   }
+  const uint64_t plan_digest = digest(n, 2 * T, static_cast<uint64_t>(K));
+  const uint64_t addr_digest = digest(a, (K + 2) * T, plan_digest);
   PyObject* copies = PyList_New(static_cast<Py_ssize_t>(p.keepalive.size()));
   if (copies == nullptr) return nullptr;
   for (size_t j = 0; j < p.keepalive.size(); ++j) {
     PyList_SET_ITEM(copies, static_cast<Py_ssize_t>(j), THPVariable_Wrap(p.keepalive[j]));
   }
-  return Py_BuildValue("(NNNN)", THPVariable_Wrap(std::move(addrs)), THPVariable_Wrap(std::move(numels)),
-                       THPVariable_Wrap(std::move(codes)), copies);
+  return Py_BuildValue("(NNNN(KK))", THPVariable_Wrap(std::move(addrs)), THPVariable_Wrap(numels.narrow(0, 0, T)),
+                       THPVariable_Wrap(numels.narrow(0, T, T)), copies,
+                       static_cast<unsigned long long>(plan_digest), static_cast<unsigned long long>(addr_digest));
+  END_HANDLE_TH_ERRORS
+}
+
+// cuda_host_work(grads, params, refs, K, describe)
+//     -> None | (table, launches, passes, total_chunks, copies)
+// The host work of one call of the CUDA kernels (everything the direct entry point does before
+// the copy of the table and the launches: borrowing, the check pass, the plan and the table),
+// on tensors of any device, so that its cost is measured without a GPU. With `describe`, also
+// returns the table (int64 CPU tensor, as the device would receive it), its layout, and the
+// contiguous copies of non-contiguous inputs whose addresses it holds (for tests).
+PyObject* cuda_host_work(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *g, *x, *r;
+  long long K;
+  int describe;
+  if (!PyArg_ParseTuple(args, "OOOLp", &g, &x, &r, &K, &describe)) return nullptr;
+  const char* op = K == 1 ? "secant_stats" : "secant_stats_multi";
+  const int64_t T = check_lists(op, g, x, r, K, kGradNames);
+  InputsLease lease;
+  Inputs& in = lease.get();
+  borrow_checked(g, x, r, T, K, kGradNames, in);
+  CpuTablesLease tables;
+  cpu_check(op, in, K, kGradNames, tables.get());
+  const Prepared& p = tables.get().p;
+  const CudaHostTable t = cuda_host_table(p, K);
+  at::Tensor words = at::empty({t.words}, at::dtype(at::kLong));
+  cuda_host_fill(p, t, words.data_ptr<int64_t>());
+  if (!describe) Py_RETURN_NONE;
+  PyObject* launches = PyList_New(static_cast<Py_ssize_t>(t.layout.size()));
+  if (launches == nullptr) return nullptr;
+  for (size_t l = 0; l < t.layout.size(); ++l) {
+    const CudaTableLaunch& L = t.layout[l];
+    PyObject* item = Py_BuildValue("{s:i,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "key", t.plan.launches[l].key,
+                                  "chunk_offset", static_cast<long long>(t.plan.launches[l].chunk_offset),
+                                  "ntensors", static_cast<long long>(L.ntensors), "nblocks",
+                                  static_cast<long long>(L.nblocks), "chunk_start", static_cast<long long>(L.base),
+                                  "numel", static_cast<long long>(L.numel_at()), "tensor_index",
+                                  static_cast<long long>(L.tensor_index_at()), "block_tensor",
+                                  static_cast<long long>(L.block_tensor_at()), "ptrs",
+                                  static_cast<long long>(L.ptrs_at()));
+    if (item == nullptr) {
+      Py_DECREF(launches);
+      return nullptr;
+    }
+    PyList_SET_ITEM(launches, static_cast<Py_ssize_t>(l), item);
+  }
+  PyObject* passes = PyList_New(static_cast<Py_ssize_t>(t.plan.passes.size()));
+  if (passes == nullptr) {
+    Py_DECREF(launches);
+    return nullptr;
+  }
+  for (size_t q = 0; q < t.plan.passes.size(); ++q) {
+    PyObject* item = Py_BuildValue("(LL)", static_cast<long long>(t.plan.passes[q].first),
+                                   static_cast<long long>(t.plan.passes[q].second));
+    if (item == nullptr) {
+      Py_DECREF(launches);
+      Py_DECREF(passes);
+      return nullptr;
+    }
+    PyList_SET_ITEM(passes, static_cast<Py_ssize_t>(q), item);
+  }
+  PyObject* copies = PyList_New(static_cast<Py_ssize_t>(p.keepalive.size()));
+  if (copies == nullptr) {
+    Py_DECREF(launches);
+    Py_DECREF(passes);
+    return nullptr;
+  }
+  for (size_t j = 0; j < p.keepalive.size(); ++j) {
+    PyList_SET_ITEM(copies, static_cast<Py_ssize_t>(j), THPVariable_Wrap(p.keepalive[j]));
+  }
+  return Py_BuildValue("(NNNLN)", THPVariable_Wrap(std::move(words)), launches, passes,
+                       static_cast<long long>(t.plan.total_chunks), copies);
   END_HANDLE_TH_ERRORS
 }
 
@@ -970,8 +1092,11 @@ PyMethodDef methods[] = {
     {"secant_stats_direct", direct, METH_VARARGS,
      "secant_stats_direct(grads, params, refs, num_grads, per_tensor, weight_decay, multi)"},
     {"triton_inputs", triton_inputs, METH_VARARGS,
-     "triton_inputs(lists, params, refs, K, gram) -> (addrs, numels, codes, copies): checked "
-     "inputs of the Triton backends"},
+     "triton_inputs(lists, params, refs, K, gram) -> (addrs, numels, keys, copies, digests): "
+     "checked inputs of the Triton backends"},
+    {"cuda_host_work", cuda_host_work, METH_VARARGS,
+     "cuda_host_work(grads, params, refs, K, describe): the CUDA backend's host work, up to the "
+     "launches, on tensors of any device; with describe, (table, launches, passes, total_chunks, copies)"},
     {"cpu_isa", isa, METH_NOARGS, "instruction set of the CPU kernel"},
     PATHGEOM_PLAN_METHODS,
     {nullptr, nullptr, 0, nullptr}};

@@ -1,6 +1,5 @@
-// Torch binding of the CUDA kernels: groups tensors by dtype combination, fills the
-// kernel-argument tables, launches on the current stream under a device guard, and checks
-// every launch.
+// Torch binding of the CUDA kernels: the call's tensor tables copied to the device once,
+// launches on the current stream under a device guard, every launch checked.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -17,7 +16,14 @@ void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "pathgeom: CUDA launch of ", what, " failed: ", cuda_error_string(err));
 }
 
-// The rows of inputs checked by prepare_inputs.
+// The rows of inputs checked by prepare_inputs / cpu_check.
+//
+// Host work: the plan and one table (cuda_host_table, shared with the CPU-measurable
+// _C.cuda_host_work), written into pinned memory and copied to the device with one
+// asynchronous copy on the current stream; then one partials launch per dtype combination and
+// pass (one for the usual call), and one finalisation launch. No synchronisation. Under CUDA
+// graph capture, torch's pinned-memory allocator keeps a block allocated during capture out of
+// reuse, so the graph's copy node reads the same table at every replay.
 at::Tensor cuda_prepared_rows(const Prepared& p, int64_t K, bool per_tensor, double wd) {
   const int64_t T = p.T;
   const int32_t W = static_cast<int32_t>(3 * K);
@@ -25,45 +31,38 @@ at::Tensor cuda_prepared_rows(const Prepared& p, int64_t K, bool per_tensor, dou
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const auto dopts = at::TensorOptions().dtype(at::kDouble).device(p.device);
 
-  // Group first, then launch: one kernel specialisation per dtype combination. The plan
-  // (plan.h: launches within the argument-size caps, passes of <= 8 gradient lists, row
-  // layout) is torch-free and unit-tested on CPU.
-  std::vector<int32_t> keys(T);
-  for (int64_t t = 0; t < T; ++t) {
-    keys[t] = (static_cast<int32_t>(p.g_dt[t]) * kNumDTypes + static_cast<int32_t>(p.x_dt[t])) * kNumDTypes +
-              static_cast<int32_t>(p.r_dt[t]);
-  }
-  const CudaPlan plan = plan_cuda(p.numel.data(), keys.data(), T, K);
+  const CudaHostTable table = cuda_host_table(p, K);
+  const CudaPlan& plan = table.plan;
+  at::Tensor rows = at::empty({per_tensor ? T : 1, K, 3}, dopts);
+  if (table.words == 0) return rows.zero_();  // no tensors
+  at::Tensor host = at::empty({table.words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  cuda_host_fill(p, table, host.data_ptr<int64_t>());
+  at::Tensor words = at::empty({table.words}, at::TensorOptions().dtype(at::kLong).device(p.device));
+  words.copy_(host, /*non_blocking=*/true);
+  const int64_t* dev = words.const_data_ptr<int64_t>();
   at::Tensor partials = at::empty({plan.total_chunks, W}, dopts);
   double* part = partials.data_ptr<double>();
-  at::Tensor rows = at::empty({per_tensor ? T : 1, K, 3}, dopts);
 
-  CudaLaunch L{};
-  for (const CudaPlanLaunch& pl : plan.launches) {
+  for (size_t l = 0; l < plan.launches.size(); ++l) {
+    const CudaPlanLaunch& pl = plan.launches[l];
+    const CudaTableLaunch& tl = table.layout[l];
     const DType gd = static_cast<DType>(pl.key / (kNumDTypes * kNumDTypes));
     const DType xd = static_cast<DType>(pl.key / kNumDTypes % kNumDTypes);
     const DType rd = static_cast<DType>(pl.key % kNumDTypes);
-    const int64_t nt = static_cast<int64_t>(pl.tensors.size());
-    L.ntensors = static_cast<int32_t>(nt);
+    CudaLaunch L{};
+    L.chunk_start = dev + tl.base;
+    L.numel = dev + tl.numel_at();
+    L.tensor_index = dev + tl.tensor_index_at();
+    L.block_tensor = dev + tl.block_tensor_at();
+    L.ptrs = dev + tl.ptrs_at();
+    L.ntensors = static_cast<int32_t>(tl.ntensors);
     L.K = static_cast<int32_t>(K);
+    L.nblocks = tl.nblocks;
     L.chunk_offset = pl.chunk_offset;
     L.weight_decay = wd;
-    for (int64_t j = 0; j < nt; ++j) {
-      const int64_t t = pl.tensors[j];
-      L.numel[j] = p.numel[t];
-      L.tensor_index[j] = static_cast<int32_t>(t);
-    }
-    for (int64_t j = 0; j <= nt; ++j) L.chunk_start[j] = pl.chunk_start[j];
     for (const auto& pass : plan.passes) {
       L.k0 = static_cast<int32_t>(pass.first);
       L.kcount = static_cast<int32_t>(pass.second);
-      for (int64_t j = 0; j < nt; ++j) {
-        const int64_t t = pl.tensors[j];
-        const void** row = L.ptrs + j * (L.kcount + 2);
-        for (int32_t k = 0; k < L.kcount; ++k) row[k] = p.g[t * K + L.k0 + k];
-        row[L.kcount] = p.x[t];
-        row[L.kcount + 1] = p.r[t];
-      }
       check_launch(cuda_launch_partials(gd, xd, rd, L, part, stream), "partials_kernel");
     }
     if (per_tensor) {  // every pass of this launch has written its rows (stream order)

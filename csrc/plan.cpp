@@ -2,6 +2,7 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -52,6 +53,46 @@ CudaPlan plan_cuda(const int64_t* numel, const int32_t* key, int64_t T, int64_t 
     }
   }
   return plan;
+}
+
+int64_t cuda_table_layout(const CudaPlan& plan, int64_t K, std::vector<CudaTableLaunch>& out) {
+  out.resize(plan.launches.size());
+  int64_t words = 0;
+  for (size_t l = 0; l < plan.launches.size(); ++l) {
+    const CudaPlanLaunch& L = plan.launches[l];
+    CudaTableLaunch& t = out[l];
+    t.base = words;
+    t.ntensors = static_cast<int64_t>(L.tensors.size());
+    t.nblocks = L.chunk_start.back();
+    words = t.ptrs_at() + t.ntensors * (K + 2);
+  }
+  return words;
+}
+
+void cuda_table_fill(const CudaPlan& plan, const std::vector<CudaTableLaunch>& layout, int64_t K,
+                     const int64_t* numel, const void* const* g, const void* const* x,
+                     const void* const* r, int64_t* words) {
+  auto address = [](const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); };
+  for (size_t l = 0; l < plan.launches.size(); ++l) {
+    const CudaPlanLaunch& L = plan.launches[l];
+    const CudaTableLaunch& t = layout[l];
+    const int64_t nt = t.ntensors;
+    std::copy(L.chunk_start.begin(), L.chunk_start.end(), words + t.base);
+    int64_t* n = words + t.numel_at();
+    int64_t* index = words + t.tensor_index_at();
+    int64_t* block = words + t.block_tensor_at();
+    int64_t* ptrs = words + t.ptrs_at();
+    for (int64_t j = 0; j < nt; ++j) {
+      const int64_t pos = L.tensors[j];
+      n[j] = numel[pos];
+      index[j] = pos;
+      for (int64_t b = L.chunk_start[j]; b < L.chunk_start[j + 1]; ++b) block[b] = j;
+      int64_t* row = ptrs + j * (K + 2);
+      for (int64_t k = 0; k < K; ++k) row[k] = address(g[pos * K + k]);
+      row[K] = address(x[pos]);
+      row[K + 1] = address(r[pos]);
+    }
+  }
 }
 
 }  // namespace pathgeom

@@ -6,8 +6,9 @@
 //    each); groups in increasing key order, tensors of a group in increasing position.
 //  * Each group is cut, at tensor boundaries, into launches of at most `max_tensors` tensors
 //    and at most `max_ptrs` pointers (tensors x (widest pass + 2)), and at most `max_blocks`
-//    blocks: the tensor table travels in the kernel arguments (CudaLaunch), whose size is
-//    capped. A tensor is never split across launches.
+//    blocks (the CUDA grid limit). The tables live in device memory (cuda_table_fill below),
+//    so the default caps on tensors and pointers do not bind: one launch per dtype combination
+//    and pass. A tensor is never split across launches.
 //  * Each launch is run once per pass: the K gradient lists are read in passes of at most
 //    `max_grads_per_pass` lists (k0, kcount), every pass re-reading x and x*.
 //  * Block b of a launch reduces chunk b - chunk_start[j] of its tensor j, the largest j with
@@ -52,5 +53,34 @@ struct CudaPlan {
 // gradient lists. Throws std::invalid_argument on bad arguments.
 CudaPlan plan_cuda(const int64_t* numel, const int32_t* key, int64_t T, int64_t K,
                    const CudaPlanLimits& limits = CudaPlanLimits());
+
+// The device table of one call: every launch's tables in one int64 buffer, built on the host
+// (in pinned memory) and copied to the GPU once per call. Launch l's tables start at word
+// base[l]:
+//   chunk_start  [nt + 1]       the launch's chunk_start
+//   numel        [nt]
+//   tensor_index [nt]           position in the caller's list
+//   block_tensor [nblocks]      j of block b (the kernel reads it instead of searching)
+//   ptrs         [nt * (K + 2)] tensor j's K gradients, then x, then x*, as addresses
+// Every pass of a launch reads the same tables (the pass picks gradients k0 .. k0 + kc - 1).
+struct CudaTableLaunch {
+  int64_t base = 0;      // first word
+  int64_t ntensors = 0;
+  int64_t nblocks = 0;   // chunk_start[ntensors]
+  int64_t numel_at() const { return base + ntensors + 1; }
+  int64_t tensor_index_at() const { return base + 2 * ntensors + 1; }
+  int64_t block_tensor_at() const { return base + 3 * ntensors + 1; }
+  int64_t ptrs_at() const { return block_tensor_at() + nblocks; }
+};
+
+// The word offsets of every launch of `plan` for K gradient lists; returns the table's size in
+// words.
+int64_t cuda_table_layout(const CudaPlan& plan, int64_t K, std::vector<CudaTableLaunch>& out);
+
+// Writes the table (cuda_table_layout's size) into `words`: numel[t] and the addresses of
+// tensor t's gradients g[t * K + k], x[t] and r[t].
+void cuda_table_fill(const CudaPlan& plan, const std::vector<CudaTableLaunch>& layout, int64_t K,
+                     const int64_t* numel, const void* const* g, const void* const* x,
+                     const void* const* r, int64_t* words);
 
 }  // namespace pathgeom

@@ -65,33 +65,37 @@ const char* cpu_isa();
 // CUDA
 // ---------------------------------------------------------------------------------------
 
-// Kernel arguments are passed by value (captured safely by CUDA graphs, no host->device
-// table copy). CUDA 12.1+ allows 32 KB of kernel parameters on Volta and newer, which every
-// architecture nvcc 13 targets is; this struct is about 20 KB, hence the caps below.
-constexpr int kCudaMaxTensors = 320;   // tensors per launch
-constexpr int kCudaMaxPtrs = 1536;     // pointers per launch: tensors * (K + 2)
+// The tensor tables live in device memory (plan.h: one int64 buffer per call, copied once
+// from pinned host memory), so a launch covers any number of tensors and the host work per
+// call is one pass over the lists. The caps below only bound the grid (max_blocks) and the
+// gradient lists a pass reads (registers); the tensor and pointer caps are kept as limits of
+// the plan, large enough never to bind.
+constexpr int64_t kCudaMaxTensors = 0x7fffffff;      // tensors per launch (int32 grid index)
+constexpr int64_t kCudaMaxPtrs = int64_t(1) << 62;   // pointers per launch
 constexpr int kCudaMaxGradsPerPass = 8;  // gradient lists read per pass over x and x*
 constexpr int64_t kCudaChunk = 1 << 16;  // elements per block (multiple of 8)
 constexpr int kCudaThreads = 256;
 
+// One launch: device pointers into the call's table (plan.h, CudaTableLaunch).
 struct CudaLaunch {
-  int32_t ntensors;      // tensors in this launch
-  int32_t K;             // total gradient lists (row width of partials is 3*K)
-  int32_t k0, kcount;    // this launch reads gradients k0 .. k0+kcount-1 (kcount <= 8)
-  int64_t chunk_offset;  // global chunk index of this launch's first chunk
+  const int64_t* chunk_start;   // [ntensors + 1] local chunk prefix sums, chunk_start[0] = 0
+  const int64_t* numel;         // [ntensors]
+  const int64_t* tensor_index;  // [ntensors] position of tensor j in the caller's list
+  const int64_t* block_tensor;  // [nblocks] tensor j of block b
+  const int64_t* ptrs;          // [ntensors][K + 2]: addresses of K gradients, x, x*
+  int32_t ntensors;             // tensors in this launch
+  int32_t K;                    // total gradient lists (row width of partials is 3*K)
+  int32_t k0, kcount;           // this launch reads gradients k0 .. k0+kcount-1 (kcount <= 8)
+  int64_t nblocks;              // chunk_start[ntensors]
+  int64_t chunk_offset;         // global chunk index of this launch's first chunk
   double weight_decay;
-  // tensor j: gradients at ptrs[j*(kcount+2) + k], x at +kcount, x* at +kcount+1
-  const void* ptrs[kCudaMaxPtrs];
-  int64_t numel[kCudaMaxTensors];
-  int64_t chunk_start[kCudaMaxTensors + 1];  // local chunk prefix sums, chunk_start[0] = 0
-  int32_t tensor_index[kCudaMaxTensors];     // position of tensor j in the caller's list
 };
 
 // All return a cudaError_t as int (0 = success) so that this header stays CUDA-free.
 // `stream` is a cudaStream_t.
 
 // Writes partials[(chunk_offset + c) * 3K + 3k + {0,1,2}] for this launch's chunks and
-// k in [k0, k0 + kcount). Grid: chunk_start[ntensors] blocks.
+// k in [k0, k0 + kcount). Grid: nblocks blocks.
 int cuda_launch_partials(DType g, DType x, DType r, const CudaLaunch& launch,
                          double* partials, void* stream);
 

@@ -1,6 +1,6 @@
-// CUDA kernels, multi-tensor-apply style: the tensor table travels in the kernel arguments
-// (CudaLaunch), each block reduces one chunk of kCudaChunk elements to one fp64 partial row
-// per gradient list, and a second small kernel sums the partials in a fixed order.
+// CUDA kernels, multi-tensor-apply style: the tensor tables live in device memory (one buffer
+// per call, plan.h), each block reduces one chunk of kCudaChunk elements to one fp64 partial
+// row per gradient list, and a second small kernel sums the partials in a fixed order.
 // Torch-free: nvcc compiles this file on its own.
 #include "secant_core.h"
 
@@ -17,6 +17,14 @@ struct BFloat16 { uint16_t bits; };
 
 constexpr int kVec = 8;  // elements per thread per step: one 16-byte load for 16-bit types
 constexpr int kWarps = kCudaThreads / 32;
+// The partials kernel comes in two widths: KCMAX = 1 (one gradient list: secant_stats, the
+// usual call) and KCMAX = kCudaMaxGradsPerPass (secant_stats_multi's passes of up to 8 lists).
+// Each is compiled for the blocks per SM its registers allow without spilling: fp32
+// accumulators and KCMAX = 1, 4 blocks of 256 threads (<= 64 registers); KCMAX = 8 or fp64
+// accumulators, 2 (<= 128: the 8 gradient addresses of a pass take 16 registers beside the 17
+// accumulators). compile_check verifies that no instantiation spills.
+template <typename Acc, int KCMAX>
+constexpr int min_blocks() { return KCMAX == 1 && sizeof(Acc) == 4 ? 4 : 2; }
 
 __device__ __forceinline__ float half_bits_to_float(uint32_t h) {
   float f;
@@ -92,35 +100,39 @@ __device__ __forceinline__ double block_sum(double v, double* smem) {
   return v;
 }
 
-template <typename Acc, typename TG, typename TX, typename TR>
-__global__ void __launch_bounds__(kCudaThreads)
+template <typename Acc, typename TG, typename TX, typename TR, int KCMAX>
+__global__ void __launch_bounds__(kCudaThreads, min_blocks<Acc, KCMAX>())
 partials_kernel(const __grid_constant__ CudaLaunch L, double* __restrict__ partials) {
   __shared__ double smem[kWarps];
   const int64_t chunk = blockIdx.x;
-  // The tensor of this chunk: the largest j with chunk_start[j] <= chunk (skips empty ones).
-  int lo = 0, hi = L.ntensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (L.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
-  }
-  const int j = lo;
+  const int64_t j = L.block_tensor[chunk];  // this chunk's tensor (the host wrote it)
   const int64_t n = L.numel[j];
   const int64_t begin = (chunk - L.chunk_start[j]) * kCudaChunk;
   const int64_t end = begin + kCudaChunk < n ? begin + kCudaChunk : n;
   const int kc = L.kcount;
-  const void* const* ptrs = L.ptrs + static_cast<int64_t>(j) * (kc + 2);
-  const TX* __restrict__ x = static_cast<const TX*>(ptrs[kc]);
-  const TR* __restrict__ r = static_cast<const TR*>(ptrs[kc + 1]);
+  const int64_t* ptrs = L.ptrs + j * (L.K + 2);
+  const TX* __restrict__ x = reinterpret_cast<const TX*>(ptrs[L.K]);
+  const TR* __restrict__ r = reinterpret_cast<const TR*>(ptrs[L.K + 1]);
+  // The pass's gradient addresses, in registers (indexed at compile time only, in the unrolled
+  // loops below)
+  const void* gp[KCMAX];
+#pragma unroll
+  for (int k = 0; k < KCMAX; ++k) {
+    gp[k] = k < kc ? reinterpret_cast<const void*>(ptrs[L.k0 + k]) : nullptr;
+  }
   const Acc wd = static_cast<Acc>(L.weight_decay);
   // Without weight decay h = g exactly: 0 * x would turn an Inf in x into a NaN in b.
   const bool with_wd = L.weight_decay != 0.0;
 
-  Acc acc_a[kCudaMaxGradsPerPass], acc_b[kCudaMaxGradsPerPass], acc_c = 0;
+  Acc acc_a[KCMAX], acc_b[KCMAX], acc_c = 0;
 #pragma unroll
-  for (int k = 0; k < kCudaMaxGradsPerPass; ++k) acc_a[k] = acc_b[k] = 0;
+  for (int k = 0; k < KCMAX; ++k) acc_a[k] = acc_b[k] = 0;
 
   bool vec_ok = aligned16(x) && aligned16(r);
-  for (int k = 0; k < kc; ++k) vec_ok = vec_ok && aligned16(ptrs[k]);
+#pragma unroll
+  for (int k = 0; k < KCMAX; ++k) {
+    if (k < kc) vec_ok = vec_ok && aligned16(gp[k]);
+  }
   // begin is a multiple of kCudaChunk (a multiple of kVec), so aligned bases stay aligned.
   const int64_t vec_end = vec_ok ? begin + (end - begin) / kVec * kVec : begin;
 
@@ -135,10 +147,10 @@ partials_kernel(const __grid_constant__ CudaLaunch L, double* __restrict__ parti
       acc_c += d[e] * d[e];
     }
 #pragma unroll
-    for (int k = 0; k < kCudaMaxGradsPerPass; ++k) {
+    for (int k = 0; k < KCMAX; ++k) {
       if (k < kc) {
         Acc gv[kVec];
-        load_vec<Acc>(static_cast<const TG*>(ptrs[k]) + i, gv);
+        load_vec<Acc>(static_cast<const TG*>(gp[k]) + i, gv);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
           const Acc h = with_wd ? gv[e] + wd * xv[e] : gv[e];
@@ -154,9 +166,9 @@ partials_kernel(const __grid_constant__ CudaLaunch L, double* __restrict__ parti
     const Acc di = xi - load_one<Acc>(r, i);
     acc_c += di * di;
 #pragma unroll
-    for (int k = 0; k < kCudaMaxGradsPerPass; ++k) {
+    for (int k = 0; k < KCMAX; ++k) {
       if (k < kc) {
-        const Acc gi = load_one<Acc>(static_cast<const TG*>(ptrs[k]), i);
+        const Acc gi = load_one<Acc>(static_cast<const TG*>(gp[k]), i);
         const Acc h = with_wd ? gi + wd * xi : gi;
         acc_a[k] += h * di;
         acc_b[k] += h * h;
@@ -166,7 +178,7 @@ partials_kernel(const __grid_constant__ CudaLaunch L, double* __restrict__ parti
 
   double* row = partials + (L.chunk_offset + chunk) * (3 * static_cast<int64_t>(L.K));
 #pragma unroll
-  for (int k = 0; k < kCudaMaxGradsPerPass; ++k) {
+  for (int k = 0; k < KCMAX; ++k) {
     if (k < kc) {
       const double a = block_sum(static_cast<double>(acc_a[k]), smem);
       const double b = block_sum(static_cast<double>(acc_b[k]), smem);
@@ -226,7 +238,7 @@ void visit_dtype(DType d, F&& f) {
 
 int cuda_launch_partials(DType g, DType x, DType r, const CudaLaunch& L, double* partials,
                          void* stream) {
-  const int64_t nblocks = L.chunk_start[L.ntensors];
+  const int64_t nblocks = L.nblocks;
   if (nblocks == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   visit_dtype(g, [&](auto tg) {
@@ -238,8 +250,13 @@ int cuda_launch_partials(DType g, DType x, DType r, const CudaLaunch& L, double*
         constexpr bool any64 = std::is_same<TG, double>::value ||
                                std::is_same<TX, double>::value || std::is_same<TR, double>::value;
         using Acc = typename std::conditional<any64, double, float>::type;
-        partials_kernel<Acc, TG, TX, TR>
-            <<<static_cast<unsigned int>(nblocks), kCudaThreads, 0, s>>>(L, partials);
+        if (L.kcount == 1) {
+          partials_kernel<Acc, TG, TX, TR, 1>
+              <<<static_cast<unsigned int>(nblocks), kCudaThreads, 0, s>>>(L, partials);
+        } else {
+          partials_kernel<Acc, TG, TX, TR, kCudaMaxGradsPerPass>
+              <<<static_cast<unsigned int>(nblocks), kCudaThreads, 0, s>>>(L, partials);
+        }
       });
     });
   });

@@ -538,6 +538,15 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
         return methods
 
     selected = {n: c for n, c in all_cases.items() if not cases or any(n.startswith(p) for p in cases)}
+    host_rows = []
+    if wants_host(cases):
+        bar = Progress(progress)
+        try:
+            for T in HOST_TENSORS:
+                bar.stage(f"host_{T}")
+                host_rows += host_case(T, repeats, progress=bar)
+        finally:
+            bar.close()
     bar = Progress(progress)
     bar.add(sum(2 + len(methods_for(n, K)) for n, (_, _, K) in selected.items()))  # inputs, reference, checks
     per_case = {}
@@ -560,12 +569,64 @@ def run(device: str = "cpu", size: int = 10**8, small_n: int = 10_000, multi_k: 
             del inputs
     finally:
         bar.close()
-    rows = [r for name in selected for r in per_case[name]]
+    rows = host_rows + [r for name in selected for r in per_case[name]]
     env = environment(dev)
     env["backends"] = {b: BACKEND_NAMES.get(b, b) for b in backends}
     if not pg.extension_available():
         env["extension_error"] = pg.extension_error()
     return rows, env
+
+
+# ------------------------------------------------------------------------------------------
+# Host work of the GPU backends (`--cases host`)
+# ------------------------------------------------------------------------------------------
+
+HOST_TENSORS = (100, 10_000)
+
+
+def host_methods() -> dict[str, Callable]:
+    """The host work of each GPU backend's call, everything up to the kernel launches, on CPU
+    tensors: ``host_cuda`` is ``_C.cuda_host_work`` (borrowing the lists, the parallel check
+    pass, the plan and the device table the CUDA kernels read; the copy and the launches are
+    left out), ``host_triton`` is ``triton_kernels.host_work`` (the same checks, the cached plan
+    and argument buffer; Triton's own launcher, a constant cost per launch, is left out)."""
+    from . import _ext, triton_kernels
+
+    methods = {}
+    if pg.extension_available():
+        methods["host_cuda"] = lambda g, x, r: _ext._C.cuda_host_work(g, x, r, 1, False)
+    methods["host_triton"] = lambda g, x, r: triton_kernels.host_work(g, x, r)
+    return methods
+
+
+def host_case(tensors: int, repeats: int, numel: int = 1000, progress=None) -> list[dict]:
+    """Rows of the host work for ``tensors`` fp32 tensors of ``numel`` elements per list (K = 1):
+    median ms and ns per tensor (per position: one gradient, param and x* each), warm (calls
+    back to back: the metadata in cache, as for a call right after the optimizer step touched
+    it) and cold (after reading a buffer of twice the last-level cache)."""
+    cpu = torch.device("cpu")
+    g, x, r = make_inputs([numel] * tensors, (torch.float32,) * 3, cpu)
+    calls = {name: (fn, (g, x, r)) for name, fn in host_methods().items()}
+    warm = time_interleaved(calls, cpu, repeats, budget_s=0.3, progress=progress)
+    cold = time_interleaved(calls, cpu, repeats, flush=CacheFlush(cpu, 1 << 40), budget_s=0.3, progress=progress)
+    return [{"case": f"host_{tensors}", "method": name, "tensors": tensors, "K": 1, "ms": warm[name] * 1e3,
+             "ns_per_tensor": warm[name] / tensors * 1e9, "ms_cold": cold[name] * 1e3,
+             "ns_per_tensor_cold": cold[name] / tensors * 1e9, "threads": torch.get_num_threads()}
+            for name in calls]
+
+
+def wants_host(cases) -> bool:
+    """`--cases host` (or a prefix of it) asks for the host rows; they are not in the default run."""
+    return bool(cases) and any("host".startswith(p) for p in cases if p)
+
+
+def format_host_rows(rows: list[dict]) -> str:
+    head = f"{'case':<14}{'method':<14}{'tensors':>8}{'ms':>9}{'ns/tensor':>11}{'cold ms':>9}{'cold ns/t':>11}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r['case']:<14}{r['method']:<14}{r['tensors']:>8}{r['ms']:>9.3f}{r['ns_per_tensor']:>11.1f}"
+                   f"{r['ms_cold']:>9.3f}{r['ns_per_tensor_cold']:>11.1f}")
+    return "\n".join(out)
 
 
 BACKEND_NAMES = {"cpu": "compiled C++ kernel", "cuda": "compiled CUDA kernel", "triton": "Triton kernel",
@@ -637,7 +698,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "is built, and torch)")
     p.add_argument("--gram-k", type=int, default=None, help="K vector lists of the Gram case (multi-size elements each) "
                    f"(default: {d['gram_k']})")
-    p.add_argument("--cases", nargs="*", default=None, help="case name prefixes (large, small, multi, gram)")
+    p.add_argument("--cases", nargs="*", default=None,
+                   help="case name prefixes (large, small, multi, gram; default: all of them), or host: the host work "
+                   "of the GPU backends' calls (up to the launches) on CPU tensors, for 10^2 and 10^4 tensors, in ns "
+                   "per tensor (a few seconds; not in the default run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (--quick skips it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", default="pathgeom-bench.json", help="where to write all rows and the environment")
@@ -665,7 +729,13 @@ def main(args) -> int:
     print("backends timed: " + ", ".join(f"{b} ({what})" for b, what in env["backends"].items()))
     if "extension_error" in env:
         print(f"compiled extension not loaded: {env['extension_error']}")
-    print(format_rows(rows))
+    host = [r for r in rows if "ns_per_tensor" in r]
+    if host:
+        print(f"host work per call, CPU tensors, {torch.get_num_threads()} threads:")
+        print(format_host_rows(host))
+    timed = [r for r in rows if "ns_per_tensor" not in r]
+    if timed:
+        print(format_rows(timed))
     for line in torch_backend_lines(rows):
         print(line)
     if args.json:

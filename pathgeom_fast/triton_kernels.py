@@ -317,25 +317,11 @@ if HAVE_TRITON:
 # --------------------------------------------------------------------------------------
 
 _LOCK = threading.Lock()
-_PLANS: OrderedDict = OrderedDict()  # (numels, keys, K, per_tensor) -> TritonPlan
-_BUFFERS: OrderedDict = OrderedDict()  # (device, plan key, addresses) -> device int64 buffer
+_PLANS: OrderedDict = OrderedDict()  # (T, K, per_tensor, digest) -> (TritonPlan, (numels, keys))
+_BUFFERS: OrderedDict = OrderedDict()  # (device, *plan key, digest of addrs) -> (device int64 buffer, (addrs,))
 _CAPTURED: dict = {}  # buffers used during a CUDA graph capture: never evicted
 _MAX_PLANS = 32
 _MAX_BUFFERS = 32
-
-
-def _cached(cache: OrderedDict, key, make, limit: int):
-    with _LOCK:
-        hit = cache.get(key)
-        if hit is not None:
-            cache.move_to_end(key)
-            return hit, True
-    value = make()
-    with _LOCK:
-        cache[key] = value
-        while len(cache) > limit:
-            cache.popitem(last=False)
-    return value, False
 
 
 def _capturing(device: torch.device) -> bool:
@@ -362,19 +348,23 @@ def checks_inputs() -> bool:
 
 
 def prepare(grads, params, refs, K: int, per_tensor: bool, gram: bool = False):
-    """(plan, plan key, addresses, copies): the cached plan of this call, the K * T + 2 T input
+    """(plan, key, addresses, copies): the cached plan of this call, the key of its argument
+    buffer (digests of the sizes, group keys and addresses, with T, K and per_tensor), the K * T + 2 T input
     addresses (grads[k * T + i], then params, then refs) and the contiguous copies made of
     non-contiguous inputs (keep them alive until the launches are queued).
 
     With the compiled extension, the inputs are checked and the tables gathered in one C++ pass
-    (``_C.triton_inputs``: no per-tensor Python work, about 0.1 us per tensor); without it, in
-    Python (several us per tensor), after the caller's ``ops._validate``. ``gram`` names the
-    lists ``vecs`` in messages."""
+    (``_C.triton_inputs``: the parallel check pass of the CPU kernels, group keys and digests
+    for the caches included: no per-tensor Python work); without it, in Python (several us per
+    tensor), after the caller's ``ops._validate``. ``gram`` names the lists ``vecs`` in
+    messages."""
     T = len(params)
     if checks_inputs():
-        a, n, c, keep = _ext._C.triton_inputs(list(grads), list(params), list(refs), K, gram)
-        addrs, numel, code = a.numpy(), n.numpy(), c.numpy()
-        return _plan_of(addrs, numel, code, T, K, per_tensor) + (addrs, keep)
+        # lists as they are: a copy would touch (incref, then decref) every tensor object
+        a, n, k, keep, digests = _ext._C.triton_inputs(_as_list(grads), _as_list(params), _as_list(refs), K, gram)
+        addrs, numel, keys = a.numpy(), n.numpy(), k.numpy()
+        plan, plan_key = _plan_of(numel, keys, K, per_tensor, digests[0])
+        return plan, plan_key + (digests[1],), addrs, keep
     keep = []
 
     def addr(t: torch.Tensor) -> int:
@@ -387,17 +377,41 @@ def prepare(grads, params, refs, K: int, per_tensor: bool, gram: bool = False):
     addrs = np.fromiter((addr(t) for t in members), dtype=np.uint64, count=len(members))
     numel = np.fromiter((p.numel() for p in params), dtype=np.int64, count=T)
     code = np.fromiter((_CODE[t.dtype] for t in members[:T] + members[K * T :]), dtype=np.int64, count=3 * T)
-    return _plan_of(addrs, numel, code, T, K, per_tensor) + (addrs, keep)
-
-
-def _plan_of(addrs: np.ndarray, numel: np.ndarray, code: np.ndarray, T: int, K: int, per_tensor: bool):
-    """(plan, plan key): the cached launch plan for these tables."""
     # group key (see group_key): dtype combination (grad of list 0, param, ref) and whether all
     # K + 2 addresses of the tensor are 16-byte aligned
     aligned = ((addrs.reshape(K + 2, T) % 16) == 0).all(axis=0)
     keys = ((code[:T] * 4 + code[T : 2 * T]) * 4 + code[2 * T :]) * 2 + aligned
-    plan_key = (numel.tobytes(), keys.tobytes(), K, bool(per_tensor))
-    plan, _ = _cached(_PLANS, plan_key, lambda: _plan.plan_triton(numel, keys, K, per_tensor), _MAX_PLANS)
+    plan, plan_key = _plan_of(numel, keys, K, per_tensor, hash((numel.tobytes(), keys.tobytes())))
+    return plan, plan_key + (hash(addrs.tobytes()),), addrs, keep
+
+
+def _as_list(seq) -> list:
+    return seq if type(seq) is list else list(seq)
+
+
+def _checked_cache(cache: OrderedDict, key, content: tuple, make, limit: int):
+    """(value, hit) of ``cache`` under ``key``, a digest of ``content`` (NumPy arrays): a hit
+    must also hold equal arrays (a digest may collide: then the entry is rebuilt, never
+    misused)."""
+    with _LOCK:
+        hit = cache.get(key)
+        if hit is not None and all(np.array_equal(a, b) for a, b in zip(hit[1], content)):
+            cache.move_to_end(key)
+            return hit[0], True
+    value = make()
+    with _LOCK:
+        cache[key] = (value, content)
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    return value, False
+
+
+def _plan_of(numel: np.ndarray, keys: np.ndarray, K: int, per_tensor: bool, digest: int):
+    """(plan, plan key): the cached launch plan for these tables (``digest``: of numel and keys)."""
+    plan_key = (len(numel), K, bool(per_tensor), digest)
+    make = lambda: _plan.plan_triton(numel, keys, K, per_tensor)  # noqa: E731
+    plan, _ = _checked_cache(_PLANS, plan_key, (numel, keys), make, _MAX_PLANS)
     return plan, plan_key
 
 
@@ -423,11 +437,16 @@ def launch_setup(lists, params, refs, K: int, per_tensor: bool, gram: bool = Fal
     content, addresses included; see the module docstring on CUDA graphs) and the contiguous
     copies of non-contiguous inputs (keep them alive until the launches are queued; they may be
     freed then: the caching allocator reuses memory in stream order, after the kernels)."""
+    check_device(params[0].device)
+    return _setup(lists, params, refs, K, per_tensor, gram)
+
+
+def _setup(lists, params, refs, K: int, per_tensor: bool, gram: bool = False):
+    """launch_setup without the device check (host_work runs it on CPU tensors)."""
     device = params[0].device
-    check_device(device)
     plan, plan_key, addrs, keep = prepare(lists, params, refs, K, per_tensor, gram)
     capturing = _capturing(device)
-    buf_key = (str(device), plan_key, addrs.tobytes())
+    buf_key = (str(device),) + plan_key  # the plan key ends with the digest of the addresses
 
     def make_buffer() -> torch.Tensor:
         if capturing:
@@ -442,11 +461,24 @@ def launch_setup(lists, params, refs, K: int, per_tensor: bool, gram: bool = Fal
         # one copy from pinned memory, asynchronous: no synchronisation with the host
         return host.pin_memory().to(device, non_blocking=True)
 
-    buf, _ = _cached(_BUFFERS, buf_key, make_buffer, _MAX_BUFFERS)
+    buf, _ = _checked_cache(_BUFFERS, buf_key, (addrs,), make_buffer, _MAX_BUFFERS)
     if capturing:
         with _LOCK:
             _CAPTURED[buf_key] = buf
     return plan, buf, keep
+
+
+def host_work(grads, params, refs, K: int = 1, per_tensor: bool = False) -> None:
+    """The host work of one ``secant_stats`` call of this backend, up to the kernel launches
+    (checks, tables, cached plan and argument buffer, the partial and output tensors), on
+    tensors of any device, CPU included, without Triton's own launcher: what
+    ``pathgeom bench --cases host`` times per tensor. The inputs must be valid (with the
+    compiled extension they are checked here, as in a real call)."""
+    device = params[0].device
+    plan, buf, keep = _setup(grads, params, refs, K, per_tensor)
+    torch.empty(plan.total_rows, K, 3, dtype=torch.float64, device=device)
+    torch.empty(plan.nsegments, K, 3, dtype=torch.float64, device=device)
+    del buf, keep
 
 
 def segment_sum(partials: torch.Tensor, buf: torch.Tensor, plan, out: torch.Tensor) -> torch.Tensor:

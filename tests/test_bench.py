@@ -171,3 +171,36 @@ def test_default_backends_always_time_the_torch_fallback_on_cpu(monkeypatch, ext
     monkeypatch.setattr(bench.pg, "extension_available", lambda: extension)
     assert bench.default_backends(torch.device("cpu")) == (["cpu", "torch"] if extension else ["torch"])
     assert bench.default_backends(torch.device("cuda")) == (["cuda", "triton"] if extension else ["triton"])
+
+
+def test_bench_host_case_rows(tmp_path):
+    """`pathgeom bench --cases host`: rows host_cuda (with the extension) and host_triton for
+    10^2 and 10^4 tensors with positive times and ns per tensor = ms / tensors; the table's
+    header is printed, and no timed case runs beside it."""
+    out = tmp_path / "host.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pathgeom_fast.cli", "bench", "--device", "cpu", "--cases", "host",
+         "--repeats", "2", "--no-progress", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    methods = {"host_triton"} | ({"host_cuda"} if pg.extension_available() else set())
+    assert {(r["method"], r["tensors"]) for r in rows} == {(m, t) for m in methods for t in bench.HOST_TENSORS}
+    for r in rows:
+        assert r["ms"] > 0 and r["ms_cold"] > 0
+        assert abs(r["ns_per_tensor"] - r["ms"] * 1e6 / r["tensors"]) <= 1e-6 * r["ns_per_tensor"]
+    assert "ns/tensor" in run.stdout and "of probe" not in run.stdout
+
+
+def test_host_work_checks_inputs_like_a_call():
+    """The measured host work is the real one: bad input raises the op's own message."""
+    from pathgeom_fast import _ext, triton_kernels
+
+    x = [torch.randn(5), torch.randn(7)]
+    g = [torch.randn(5), torch.randn(6)]
+    if pg.extension_available():
+        with pytest.raises(ValueError, match=r"index 1: grads\[1\] has shape \[6\]"):
+            _ext._C.cuda_host_work(g, x, [t.clone() for t in x], 1, False)
+        with pytest.raises(ValueError, match=r"index 1: grads\[1\] has shape \[6\]"):
+            triton_kernels.host_work(g, x, [t.clone() for t in x])

@@ -95,9 +95,13 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     assert not bad and res.returncode == 0, "failing rows:\n" + "\n".join(f"{r['kernel']} {r['variant']} sm_{r['arch']}: {r['failures']}" for r in bad)
     for arch in (80, 90):
         partials = [r for r in rows if r["kernel"] == "partials_kernel" and r["arch"] == arch]
-        assert len(partials) == 64  # every (acc, grad, param, ref) instantiation
+        # every (acc, grad, param, ref) instantiation, for one gradient list and for passes of 8
+        assert len(partials) == 128
+        assert sum(r["variant"].endswith(",1>") for r in partials) == sum(r["variant"].endswith(",8>") for r in partials) == 64
         fp32_acc = [r for r in partials if not r["variant"].startswith("<f64")]
-        assert len(fp32_acc) == 27 and all("vector-loop" in r["notes"] for r in fp32_acc)
+        # 16-byte loads for every stream of the hot loop: the bf16-gradient and K = 8 variants included
+        assert len(fp32_acc) == 54 and all("vector-loop" in r["notes"] for r in fp32_acc)
+        assert all(r["loop_loads16"] == r["loop_loads"] for r in fp32_acc if "bf16" in r["variant"] or r["variant"].endswith(",8>"))
         assert {"finalize_total_kernel", "finalize_per_tensor_kernel"} <= {r["kernel"] for r in rows if r["arch"] == arch}
 
 

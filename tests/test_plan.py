@@ -249,7 +249,9 @@ def check_cuda(plan: dict, numels, keys, K):
 def test_cuda_plan_defaults_match_header():
     lim = _ext._C.cuda_plan_limits()
     assert lim["max_grads_per_pass"] == 8 and lim["chunk"] == 2**16
-    assert lim["max_tensors"] == 320 and lim["max_ptrs"] == 1536 and lim["max_blocks"] == 2**31 - 1
+    # the tables live in device memory: no cap on tensors or pointers binds (one launch per
+    # dtype combination and pass), only the grid limit
+    assert lim["max_tensors"] == 2**31 - 1 and lim["max_ptrs"] == 2**62 and lim["max_blocks"] == 2**31 - 1
 
 
 @needs_ext
@@ -267,7 +269,7 @@ def test_cuda_plan_splits_at_tensor_and_pointer_caps(K):
     # > 320 tensors: several launches per group; the pointer cap binds first for K >= 3
     numels = [(i * 7) % 40 for i in range(1000)]
     keys = [42 if i % 3 else 10 for i in range(1000)]
-    plan = _ext._C.plan_cuda(numels, keys, K, {"chunk": CHUNK})
+    plan = _ext._C.plan_cuda(numels, keys, K, {"chunk": CHUNK, "max_tensors": 320, "max_ptrs": 1536})
     check_cuda(plan, numels, keys, K)
     per_launch = min(320, 1536 // (min(K, 8) + 2))
     sizes = [len(L["tensors"]) for L in plan["launches"]]
@@ -308,3 +310,85 @@ def test_cuda_plan_rejects_bad_arguments():
         _ext._C.plan_cuda([-5], [0], 1)
     with pytest.raises(TypeError):
         _ext._C.plan_cuda([1.5], [0], 1)
+
+
+# --------------------------------------------------------------------------------------
+# The CUDA backend's device table, read on the CPU the way its kernels read it
+# --------------------------------------------------------------------------------------
+
+_NP = {0: np.float16, 2: np.float32, 3: np.float64}
+
+
+def _read(address: int, n: int, code: int) -> np.ndarray:
+    """n values of dtype `code` (float16 0, bfloat16 1, float32 2, float64 3) at `address`, as fp64."""
+    import ctypes
+
+    width = 2 if code < 2 else 4 if code == 2 else 8
+    raw = np.frombuffer((ctypes.c_char * (n * width)).from_address(address), dtype=np.uint8)
+    if code == 1:  # bfloat16: the high half of a float32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return raw.view(_NP[code]).astype(np.float64)
+
+
+@needs_ext
+@pytest.mark.parametrize("K", [1, 3, 9])
+def test_cuda_device_table_read_as_the_kernels_read_it(K):
+    """_C.cuda_host_work builds the table the CUDA kernels read (the same host code as a CUDA
+    call). Read here as the kernels read it: block b of a launch takes tensor
+    j = block_tensor[b], elements [(b - chunk_start[j]) * chunk, ...) of the addresses in row j
+    of ptrs (K gradients, x, x*) with the launch's dtypes; the finalisation sums tensor j's rows
+    into output row tensor_index[j]. The sums in fp64 must equal the fp64 reference of every
+    tensor, every element covered once; mixed dtypes make several launches, a strided view a
+    copy."""
+    import torch
+
+    from utils import make_lists
+
+    chunk = _ext._C.cuda_plan_limits()["chunk"]
+    sizes = [3, 0, chunk, chunk + 1, 2 * chunk + 7, 1000, 1]
+    g16, x16, r16 = make_lists(sizes[:3], (torch.bfloat16, torch.float32, torch.float32), seed=1, K=K)
+    g32, x32, r32 = make_lists(sizes[3:], (torch.float32, torch.float32, torch.float64), seed=2, K=K)
+    lists16 = g16 if K > 1 else [g16]
+    lists32 = g32 if K > 1 else [g32]
+    grads = [lists16[k] + lists32[k] for k in range(K)]
+    x, r = x16 + x32, r16 + r32
+    x[5] = torch.empty(2 * sizes[5])[::2].copy_(x[5])  # not contiguous: the table holds a copy's address
+    flat = [t for gl in grads for t in gl]
+    table, launches, passes, total_chunks, copies = _ext._C.cuda_host_work(flat, x, r, K, True)
+    assert len(copies) == 1 and torch.equal(copies[0], x[5])
+    w = table.numpy()
+    T = len(x)
+    sums = np.zeros((T, K, 3))
+    covered = {}
+    offset = 0
+    assert [kc for _, kc in passes] == [min(8, K - k0) for k0 in range(0, K, 8)]
+    assert len(launches) == 2  # one launch per dtype combination, whatever the tensor count
+    for L in launches:
+        key = L["key"]
+        gd, xd, rd = key // 16, key // 4 % 4, key % 4
+        nt, nb = L["ntensors"], L["nblocks"]
+        cs = w[L["chunk_start"] : L["chunk_start"] + nt + 1]
+        assert cs[0] == 0 and cs[-1] == nb and L["chunk_offset"] == offset
+        offset += nb
+        for b in range(nb):
+            j = int(w[L["block_tensor"] + b])
+            assert cs[j] <= b < cs[j + 1]  # what a search of chunk_start would give
+            n = int(w[L["numel"] + j])
+            begin = (b - int(cs[j])) * chunk
+            end = min(begin + chunk, n)
+            pos = int(w[L["tensor_index"] + j])
+            row = w[L["ptrs"] + j * (K + 2) : L["ptrs"] + (j + 1) * (K + 2)]
+            xv = _read(int(row[K]) + begin * (8 if xd == 3 else 4 if xd == 2 else 2), end - begin, xd)
+            rv = _read(int(row[K + 1]) + begin * (8 if rd == 3 else 4 if rd == 2 else 2), end - begin, rd)
+            d = xv - rv
+            for k in range(K):
+                gv = _read(int(row[k]) + begin * (8 if gd == 3 else 4 if gd == 2 else 2), end - begin, gd)
+                sums[pos, k] += (gv @ d, gv @ gv, d @ d)
+            covered.setdefault(pos, []).append((begin, end))
+    assert offset == total_chunks
+    for t in range(T):
+        assert sorted(covered.get(t, [])) == [(q * chunk, min((q + 1) * chunk, sizes[t])) for q in range(math.ceil(sizes[t] / chunk))]
+        for k in range(K):
+            g, xt, rt = grads[k][t].double(), x[t].double(), r[t].double()
+            want = [float(g @ (xt - rt)), float(g @ g), float((xt - rt) @ (xt - rt))]
+            np.testing.assert_allclose(sums[t, k], want, rtol=1e-12, atol=1e-12)
