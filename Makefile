@@ -11,7 +11,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-EXTRAS ?= test,hf,lightning,deepspeed
+EXTRAS ?= test,hf,lightning,deepspeed,torchtitan
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py pyproject.toml

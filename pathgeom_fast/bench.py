@@ -726,7 +726,8 @@ def main(args) -> int:
     env["preset"] = "quick" if args.quick else "default"
     env["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date']}")
-    print("backends timed: " + ", ".join(f"{b} ({what})" for b, what in env["backends"].items()))
+    if any("ns_per_tensor" not in r for r in rows):
+        print("backends timed: " + ", ".join(f"{b} ({what})" for b, what in env["backends"].items()))
     if "extension_error" in env:
         print(f"compiled extension not loaded: {env['extension_error']}")
     host = [r for r in rows if "ns_per_tensor" in r]
