@@ -28,7 +28,7 @@ import deepspeed_workers as W  # noqa: E402
 
 from pathgeom_fast.checkpoints import CheckpointError, Reference, open_checkpoint, open_run  # noqa: E402
 
-CASES = {1: [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")], 2: [(2, "fp32"), (3, "fp32")]}
+CASES = {1: [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")], 2: [(1, "fp32"), (2, "fp32"), (3, "fp32")]}
 PARAMS = [(w, s, p) for w, cases in CASES.items() for s, p in cases]
 LAUNCH = (
     "import sys; sys.path.insert(0, {here!r}); import deepspeed_workers as W; from dist_workers import launch; "
