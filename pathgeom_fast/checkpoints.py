@@ -192,7 +192,10 @@ def check_state_against_model(
             f"first {missing[0]!r}" + (f" (also {missing[1:4]}{' ...' if len(missing) > 4 else ''})" if len(missing) > 1 else "")
             + f"; it has {len(info)} keys, e.g. {list(info)[:3]}" + _prefix_hint(missing, info)
         )
-    known = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
+    # every name a parameter or buffer goes by: a tied weight (GPT-2's output layer and token
+    # embedding) is in state_dict() under both of its names, in named_parameters() under one
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | \
+        {n for n, _ in model.named_buffers(remove_duplicate=False)}
     extra = [k for k in info if k not in known]
     if extra:
         raise CheckpointError(

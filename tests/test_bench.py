@@ -1,6 +1,7 @@
 """`pathgeom bench` end to end at test sizes, and the cache flush of its CPU timing."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -204,3 +205,20 @@ def test_host_work_checks_inputs_like_a_call():
             _ext._C.cuda_host_work(g, x, [t.clone() for t in x], 1, False)
         with pytest.raises(ValueError, match=r"index 1: grads\[1\] has shape \[6\]"):
             triton_kernels.host_work(g, x, [t.clone() for t in x])
+
+
+def test_gpu_end_to_end_script_runs_tiny_on_cpu(tmp_path):
+    """bench/gpu_e2e.py (the GPU script's end-to-end step) at its tiny size on the CPU: three
+    modes timed, and the measurer of each recorded the rows of exactly its measured steps (a
+    gradient and an update row per step divisible by `every`, warm-up steps included)."""
+    out = tmp_path / "e2e.json"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_e2e.py")
+    run = subprocess.run([sys.executable, script, "--device", "cpu", "--size", "tiny", "--steps", "4", "--block", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    steps = 5 + 4  # warm-up and timed steps of each mode
+    assert res["steps_per_mode"] == 4 and set(res["median_step_ms"]) == {"none", "every_10", "every_1"}
+    assert all(v > 0 for v in res["median_step_ms"].values())
+    assert res["rows_recorded"] == {"every_10": 2 * len(range(0, steps, 10)), "every_1": 2 * steps}
+    assert "every_1" in run.stdout and "ms per step" in run.stdout

@@ -390,3 +390,30 @@ def test_accelerate_save_state_folders(tmp_path):
         ck.load_into(model)
         for k, v in model.state_dict().items():
             assert torch.equal(v, weights[k]), (ck.step, k)
+
+
+def test_tied_weights_state_dict_is_a_reference(tmp_path):
+    """A model with a tied weight (output layer = token embedding, as GPT-2) lists it once in
+    named_parameters() but twice in state_dict(): that state dict, and its torch.save file,
+    serve as x*, the tied tensor read once under the parameter's name."""
+    from pathgeom_fast.checkpoints import Reference
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = torch.nn.Embedding(11, 4)
+            self.mid = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 11, bias=False)
+            self.head.weight = self.tok.weight
+
+    torch.manual_seed(3)
+    model, other = Tied(), Tied()
+    state = other.state_dict()
+    assert "head.weight" in state and "tok.weight" in state
+    ref = Reference.from_state_dict(model, state)
+    assert ref.names == [n for n, _ in model.named_parameters()]
+    for n, t in zip(ref.names, ref.tensors):
+        assert torch.equal(t, state[n]), n
+    torch.save(state, tmp_path / "xstar.pt")
+    from_file = Reference.from_file(model, str(tmp_path / "xstar.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(from_file.tensors, ref.tensors))
