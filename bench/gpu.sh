@@ -22,6 +22,8 @@
 # 7. the sync-free check                -> OUT/gpu-sync-check.txt
 # 8. the compiled-kernel table on this machine's toolchain and GPU arch, plus the
 #    resource usage of the built extension -> OUT/compiled-kernels.txt (.json)
+# 9. the Triton launch sweep (warps x pipelining stages per case, bench/triton_tune.py)
+#                                       -> OUT/gpu-triton-tune.txt, .json
 # Everything is packed into OUT/gpu.tgz at the end (the device tool returns at most 8 files).
 #
 # Steps run in order of value (correctness, then speed, then resource tables); each is bounded
@@ -164,6 +166,7 @@ step host "$OUT/gpu-host.txt" $PY -m pathgeom_fast.cli bench --cases host --no-p
 step sync-check "$OUT/gpu-sync-check.txt" $PY bench/gpu_sync_check.py
 step compiled-kernels "$OUT/compiled-kernels.log" $PY -m pathgeom_fast.compile_check --device \
   --out "$OUT/compiled-kernels.txt" --json "$OUT/compiled-kernels.json"
+step triton-tune "$OUT/gpu-triton-tune.txt" $PY bench/triton_tune.py --out "$OUT/gpu-triton-tune.json"
 
 failed=0
 echo

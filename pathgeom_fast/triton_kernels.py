@@ -91,6 +91,9 @@ def available() -> bool:
 
 
 NUM_WARPS = 4
+# Software-pipelining stages of the partials kernel's loop (Triton's num_stages); None: Triton's
+# default. bench/triton_tune.py sweeps NUM_WARPS and NUM_STAGES on a GPU.
+NUM_STAGES: int | None = None
 # Under the interpreter a step costs the same whatever its length (it pays per operation), so
 # it runs steps 8x longer. The kernels' logic does not depend on BLOCK (a power of two dividing
 # CHUNK); the tests also run the GPU's BLOCK under the interpreter by setting this to NUM_WARPS.
@@ -529,6 +532,7 @@ def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_de
                 BLOCK=cfg["BLOCK"],
                 V=cfg["V"],
                 num_warps=cfg["num_warps"],
+                **({} if NUM_STAGES is None else {"num_stages": NUM_STAGES}),
             )
     del keep
     out = torch.empty(plan.nsegments, K, 3, dtype=torch.float64, device=device)

@@ -4,6 +4,7 @@ device (bench/gpu_prebuild.sh -> build/gpu-carry/)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import sysconfig
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["version", "error-paths", "crash-probe", "tests", "bench", "e2e", "host", "sync-check", "compiled-kernels"]
+STEPS = ["version", "error-paths", "crash-probe", "tests", "bench", "e2e", "host", "sync-check", "compiled-kernels",
+         "triton-tune"]
 
 
 def dry_run(tmp_path, carry=None):
@@ -59,3 +61,19 @@ def test_a_carried_build_for_another_python_or_torch_is_not_used(tmp_path):
     assert "carried build: not used" in stdout
     assert "built for Python 3.12.1" in stdout and "built against torch 1.0.0" in stdout and "CUDA 99.0" in stdout
     assert "== build\n" in summary and "== carried\n" not in summary
+
+
+def test_triton_tune_sweeps_configurations_correctly(tmp_path):
+    """bench/triton_tune.py at test sizes (the interpreter on CPU): every case under every
+    configuration asked for gives the reference's numbers, and a best one is named per case."""
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "triton_tune.py"), "--tiny", "--warps", "2", "8",
+                          "--stages", "none", "2", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cases = {r["case"] for r in data["rows"]}
+    assert len(cases) == 4 and len(data["rows"]) == 4 * 2 * 2
+    assert {(r["num_warps"], r["num_stages"]) for r in data["rows"]} == {(2, None), (2, 2), (8, None), (8, 2)}
+    assert all(r["ok"] and r["rel_err"] <= 1e-6 and r["ms"] > 0 for r in data["rows"])
+    assert set(data["best"]) == cases and "best per case" in res.stdout
