@@ -941,6 +941,17 @@ PyObject* direct(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// The checks of the host-side entry points (triton_inputs, cuda_host_work): the lists,
+// borrowed, then the parallel check pass of the CPU kernels (any device: it reads metadata
+// only). The leases hold the borrowed tables and the contiguous copies for the caller.
+const Prepared& check_call(const char* op, PyObject* g, PyObject* x, PyObject* r, int64_t K, const ListNames& names,
+                           InputsLease& inputs, CpuTablesLease& tables) {
+  const int64_t T = check_lists(op, g, x, r, K, names);
+  borrow_checked(g, x, r, T, K, names, inputs.get());
+  cpu_check(op, inputs.get(), K, names, tables.get());
+  return tables.get().p;
+}
+
 // A 64-bit digest of n words (four independent multiply-xor lanes: ~1 cycle a word). The
 // Triton backend keys its caches by it and compares the full contents on a hit, so a
 // collision costs a rebuild, never a wrong table.
@@ -978,14 +989,10 @@ PyObject* triton_inputs(PyObject* /*self*/, PyObject* args) {
   const char* op = gram ? "secant_gram" : "secant_stats";
   TORCH_CHECK_VALUE(!gram || (K >= 1 && K <= kGramMaxVecs), op, ": num_vecs must be between 1 and ",
                     kGramMaxVecs, ", got ", K);
-  const int64_t T = check_lists(op, g, x, r, K, names);
-  InputsLease lease;
-  Inputs& in = lease.get();
-  borrow_checked(g, x, r, T, K, names, in);
-  // The parallel check pass of the CPU kernels (any device: it reads metadata only).
+  InputsLease inputs;
   CpuTablesLease tables;
-  cpu_check(op, in, K, names, tables.get());
-  const Prepared& p = tables.get().p;
+  const Prepared& p = check_call(op, g, x, r, K, names, inputs, tables);
+  const int64_t T = p.T;
   at::Tensor addrs = at::empty({(K + 2) * T}, at::dtype(at::kLong));
   at::Tensor numels = at::empty({2 * T}, at::dtype(at::kLong));  // numels, then keys
   int64_t* a = addrs.data_ptr<int64_t>();
@@ -1028,13 +1035,9 @@ PyObject* cuda_host_work(PyObject* /*self*/, PyObject* args) {
   int describe;
   if (!PyArg_ParseTuple(args, "OOOLp", &g, &x, &r, &K, &describe)) return nullptr;
   const char* op = K == 1 ? "secant_stats" : "secant_stats_multi";
-  const int64_t T = check_lists(op, g, x, r, K, kGradNames);
-  InputsLease lease;
-  Inputs& in = lease.get();
-  borrow_checked(g, x, r, T, K, kGradNames, in);
+  InputsLease inputs;
   CpuTablesLease tables;
-  cpu_check(op, in, K, kGradNames, tables.get());
-  const Prepared& p = tables.get().p;
+  const Prepared& p = check_call(op, g, x, r, K, kGradNames, inputs, tables);
   const CudaHostTable t = cuda_host_table(p, K);
   at::Tensor words = at::empty({t.words}, at::dtype(at::kLong));
   cuda_host_fill(p, t, words.data_ptr<int64_t>());
