@@ -32,7 +32,7 @@ LAYOUTS = ["contig", "transposed", "strided", "offset", "expanded", "permuted3"]
 KINDS = ["plain", "plain", "plain", "param", "subclass", "dispatch"]
 BAD_KINDS = ["none", "mock", "int", "list", "dtype", "meta", "numel", "kdtype", "wrapper"]
 # api -> what it runs; "pg" also picks a backend
-APIS = ["pg", "pg", "pg", "direct", "dispatcher", "triton_inputs"]
+APIS = ["pg", "pg", "pg", "direct", "dispatcher", "triton_inputs", "cuda_host_work"]
 CASE_TIMEOUT_S = 120
 
 
@@ -211,6 +211,9 @@ def _worker() -> None:  # pragma: no cover - runs in a subprocess
             elif api == "triton_inputs":
                 _ext._C.triton_inputs(g, x, r, k_arg, gram)
                 return {"status": "ok", "checked_only": True}
+            elif api == "cuda_host_work":  # the CUDA backend's host work: checks, plan, device table
+                _ext._C.cuda_host_work(g, x, r, k_arg, True)
+                return {"status": "ok", "checked_only": True}
             else:  # the registered ops, through the dispatcher
                 if gram:
                     out = torch.ops.pathgeom.secant_gram(g, x, r, k_arg, per_tensor)
@@ -379,7 +382,8 @@ SIZES = st.one_of(
 @st.composite
 def cases(draw) -> dict:
     api = draw(st.sampled_from(APIS))
-    mode = draw(st.sampled_from(["single", "multi", "gram"]))
+    # cuda_host_work serves the secant ops only (its messages name grads, not vecs)
+    mode = draw(st.sampled_from(["single", "multi"] if api == "cuda_host_work" else ["single", "multi", "gram"]))
     T = draw(st.integers(1, 6))
     K = 1 if mode == "single" else draw(st.integers(1, 3))
     backend = "cpu"
@@ -414,7 +418,7 @@ def cases(draw) -> dict:
     }
     trouble = draw(st.sampled_from(["none", "none", "entry", "entry", "lengths"]))
     if trouble == "lengths":
-        choices = ["refs", "grads"] + (["k"] if api in ("direct", "dispatcher", "triton_inputs") and mode != "single" else [])
+        choices = ["refs", "grads"] + (["k"] if api in ("direct", "dispatcher", "triton_inputs", "cuda_host_work") and mode != "single" else [])
         which = draw(st.sampled_from(choices))
         if which == "k":
             case["k_offset"] = draw(st.sampled_from([-K, 1, 2, -1 if K > 1 else 1]))
@@ -424,7 +428,7 @@ def cases(draw) -> dict:
         bad = draw(st.sampled_from(BAD_KINDS))
         if api == "dispatcher" and bad in ("none", "mock", "int", "list", "meta"):
             bad = "dtype"  # the dispatcher's own argument parser refuses non-tensors, naming no index
-        if bad == "wrapper" and not (api in ("direct", "triton_inputs") or (api == "pg" and backend in ("cpu", "auto"))):
+        if bad == "wrapper" and not (api in ("direct", "triton_inputs", "cuda_host_work") or (api == "pg" and backend in ("cpu", "auto"))):
             bad = "dtype"  # the torch backend (and the dispatcher) compute through its __torch_dispatch__
         lst = draw(st.sampled_from(lists))
         i = draw(st.integers(0, T - 1))
