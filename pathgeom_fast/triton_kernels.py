@@ -321,7 +321,7 @@ if HAVE_TRITON:
 
 _LOCK = threading.Lock()
 _PLANS: OrderedDict = OrderedDict()  # (T, K, per_tensor, digest) -> (TritonPlan, (numels, keys))
-_BUFFERS: OrderedDict = OrderedDict()  # (device, *plan key, digest of addrs) -> (device int64 buffer, (addrs,))
+_BUFFERS: OrderedDict = OrderedDict()  # (device, *plan key, digest of addrs) -> (device int64 buffer, (addrs, plan))
 _CAPTURED: dict = {}  # buffers used during a CUDA graph capture: never evicted
 _MAX_PLANS = 32
 _MAX_BUFFERS = 32
@@ -393,12 +393,16 @@ def _as_list(seq) -> list:
 
 
 def _checked_cache(cache: OrderedDict, key, content: tuple, make, limit: int):
-    """(value, hit) of ``cache`` under ``key``, a digest of ``content`` (NumPy arrays): a hit
-    must also hold equal arrays (a digest may collide: then the entry is rebuilt, never
-    misused)."""
+    """(value, hit) of ``cache`` under ``key``, a digest of ``content`` (NumPy arrays, compared
+    by value, and other objects, by identity): a hit must also hold the same content (a digest
+    may collide: then the entry is rebuilt, never misused)."""
+
+    def same(a, b) -> bool:
+        return np.array_equal(a, b) if isinstance(a, np.ndarray) else a is b
+
     with _LOCK:
         hit = cache.get(key)
-        if hit is not None and all(np.array_equal(a, b) for a, b in zip(hit[1], content)):
+        if hit is not None and all(same(a, b) for a, b in zip(hit[1], content)):
             cache.move_to_end(key)
             return hit[0], True
     value = make()
@@ -464,7 +468,8 @@ def _setup(lists, params, refs, K: int, per_tensor: bool, gram: bool = False):
         # one copy from pinned memory, asynchronous: no synchronisation with the host
         return host.pin_memory().to(device, non_blocking=True)
 
-    buf, _ = _checked_cache(_BUFFERS, buf_key, (addrs,), make_buffer, _MAX_BUFFERS)
+    # the buffer is the plan's layout filled with these addresses: both must be the same
+    buf, _ = _checked_cache(_BUFFERS, buf_key, (addrs, plan), make_buffer, _MAX_BUFFERS)
     if capturing:
         with _LOCK:
             _CAPTURED[buf_key] = buf

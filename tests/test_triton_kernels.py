@@ -262,3 +262,33 @@ def test_python_checks_without_extension(monkeypatch):
         pg.secant_stats(g, x, [r[0], torch.randn(3, device=DEVICE)], backend="triton")
     with pytest.raises(ValueError, match=r"grads\[0\] is None"):
         pg.secant_stats([None, g[1]], x, r, backend="triton")
+
+
+def test_cache_digest_collisions_rebuild_never_misuse(monkeypatch):
+    """The plan and buffer caches are keyed by 64-bit digests; a hit must also hold the same
+    sizes, group keys, addresses and plan. Forced to collide (every digest 0), calls on views
+    of one storage with the same addresses but other sizes still give the fp64 reference."""
+    from pathgeom_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    real = _ext._C.triton_inputs
+
+    class Colliding:
+        def __getattr__(self, name):
+            return getattr(_ext._C.__wrapped__, name)
+
+        @staticmethod
+        def triton_inputs(*args):
+            a, n, k, keep, _ = real(*args)
+            return a, n, k, keep, (0, 0)
+
+    monkeypatch.setattr(_ext._C, "__wrapped__", _ext._C, raising=False)
+    monkeypatch.setattr(_ext, "_C", Colliding())
+    tk.clear_caches()
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(3000, generator=gen, device=DEVICE) for _ in range(3)]
+    for n in (3000, 1000, 2999):  # same addresses, other sizes: other plans and buffers
+        g, x, r = ([t[:n]] for t in base)
+        assert_stats_close(pg.secant_stats(g, x, r, backend="triton"), pg.reference_secant_stats(g, x, r), what=str(n))
+    tk.clear_caches()
