@@ -31,10 +31,12 @@ launch of the general specialisation, whose V elements per thread are strided by
 loads, the thread-local hot loop, the register counts and the absence of spills from the PTX,
 without a GPU.
 
-Host work per call: one ``data_ptr()``/``dtype``/contiguity check per tensor, the rest in
-NumPy on a cached plan; all kernel arguments live in one int64 buffer, copied to the device
-with one non-blocking copy from pinned memory, and that device buffer is itself cached by
-content (addresses included).
+Host work per call: the checks and tables in one C++ pass (``_C.triton_inputs``: the CPU
+kernels' parallel check pass, group keys, digests), the rest on a cached plan; all kernel
+arguments live in one int64 buffer, copied to the device with one non-blocking copy from
+pinned memory, and that device buffer is itself cached, keyed by digests and verified by
+content (sizes, group keys, addresses, plan). ``host_work`` runs all of it on CPU tensors
+(``pathgeom bench --cases host``).
 
 CUDA graphs: capture after one warm-up call with the same tensors (same addresses, sizes,
 dtypes, K, per_tensor). The captured call then finds its argument buffer in the cache and
