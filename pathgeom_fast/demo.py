@@ -292,10 +292,11 @@ def train(cfg: DemoConfig, X, y, order, tracker_fn=None, recorder_dir=None, desc
     return model, losses, tracker
 
 
-def _init_distributed(cfg: DemoConfig) -> bool:
-    """Join the torchrun job if there is one; returns whether this rank writes the outputs."""
+def _init_distributed(cfg: DemoConfig) -> tuple[bool, bool]:
+    """Join the torchrun job if there is one; returns (whether this rank writes the outputs,
+    whether the process group was created here and is to be ended by run_demo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return True
+        return True, False
     import torch.distributed as dist
 
     cfg.fsdp = True
@@ -303,11 +304,12 @@ def _init_distributed(cfg: DemoConfig) -> bool:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         cfg.device = f"cuda:{local}"
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     rank = dist.get_rank()
     cfg.progress = cfg.progress and rank == 0
-    return rank == 0
+    return rank == 0, owned
 
 
 def choose_threads(cfg: DemoConfig) -> int:
@@ -348,7 +350,7 @@ def _backend_used(cfg: DemoConfig) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the protocol and write the report to cfg.out. Returns the summary (every rank)."""
-    writer_rank = _init_distributed(cfg)
+    writer_rank, owned_group = _init_distributed(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     torch.use_deterministic_algorithms(True)
     load_at_start = _load()
@@ -446,7 +448,13 @@ def run_demo(cfg: DemoConfig) -> dict:
              + (f", wd {cfg.weight_decay:g}" if cfg.weight_decay else "") + (f", clip {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else "")
              + f", {cfg.steps} steps")
     if writer_rank:
-        return report.write_report(cfg.out, tracker.records, tracker.per_tensor_records, numel, title, extra, findings=True)
-    summary = report.summarize(tracker.records, numel)
-    summary.update(extra)
+        summary = report.write_report(cfg.out, tracker.records, tracker.per_tensor_records, numel, title, extra, findings=True)
+    else:
+        summary = report.summarize(tracker.records, numel)
+        summary.update(extra)
+    if owned_group:  # ours to end: a process left with gloo's threads running can abort at exit
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return summary
