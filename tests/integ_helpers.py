@@ -128,3 +128,29 @@ class PreClipCapture:
             extra = self.on_step(self.params) if self.on_step is not None else None
         self.captured.append((x, g) if extra is None else (x, g, *extra))
         return None
+
+
+def capture_logger():
+    """A Lightning logger that keeps every (step, metrics) that log_metrics receives in .rows."""
+    from lightning.pytorch.loggers import Logger
+
+    class Capture(Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        @property
+        def name(self):
+            return "capture"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    return Capture()

@@ -124,31 +124,6 @@ def fit(mode, callbacks, batch_size, logger=False, root=None):
     return module, trainer
 
 
-def make_logger():
-    from lightning.pytorch.loggers import Logger
-
-    class Capture(Logger):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        @property
-        def name(self):
-            return "capture"
-
-        @property
-        def version(self):
-            return 0
-
-        def log_hyperparams(self, *args, **kwargs):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            self.rows.append((step, dict(metrics)))
-
-    return Capture()
-
-
 def two_runs(rank, world, out, mode):
     """Run 1 records x* (and Lightning's ModelCheckpoint writes its distributed checkpoint
     folder); run 2 measures every step against both, with probes every 2 steps."""
@@ -170,7 +145,9 @@ def two_runs(rank, world, out, mode):
         assert torch.equal(torch.cat([state[n].reshape(-1).double() for n, _ in module1.named_parameters()]), end1)
     dist.barrier()
 
-    logger = make_logger()
+    from integ_helpers import capture_logger
+
+    logger = capture_logger()
     cb = PathGeometryCallback({"xstar": ref, "ckpt": ckpt}, every=1, probe_batches=PROBES, probe_every=2)
     with Warnings() as w2:
         module2, trainer = fit(mode, [cb], 8, logger=logger)

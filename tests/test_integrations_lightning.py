@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from integ_helpers import Warnings, assert_metrics, flat, geo, grad_of, perturbed_reference, probe_summary
+from integ_helpers import Warnings, assert_metrics, capture_logger, flat, geo, grad_of, perturbed_reference, probe_summary
 
 pl = pytest.importorskip("lightning.pytorch", reason="install the lightning extra: pip install --no-build-isolation '.[lightning]'")
 
-from lightning.pytorch.loggers import Logger  # noqa: E402
 
 from pathgeom_fast.checkpoints import CheckpointError, load_snapshot  # noqa: E402
 from pathgeom_fast.integrations.common import trajectory_path  # noqa: E402
@@ -22,26 +21,6 @@ from pathgeom_fast.integrations.lightning import PathGeometryCallback  # noqa: E
 GEN = torch.Generator().manual_seed(2)
 X, Y = torch.randn(64, 6, generator=GEN) * 3, torch.randint(0, 3, (64,), generator=GEN)
 PROBES = [(X[:8], Y[:8]), (X[8:16], Y[8:16]), (X[16:24], Y[16:24])]
-
-
-class Capture(Logger):
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    @property
-    def name(self):
-        return "capture"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
 
 
 class Module(pl.LightningModule):
@@ -74,7 +53,7 @@ class Module(pl.LightningModule):
 def fit(callbacks, lr=0.1, steps=6, log_every=1):
     torch.manual_seed(0)
     module = Module(lr)
-    logger = Capture()
+    logger = capture_logger()
     trainer = pl.Trainer(
         max_steps=steps, accumulate_grad_batches=2, gradient_clip_val=0.1, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",

@@ -22,7 +22,7 @@ except ImportError as exc:  # Lightning older than 2.4
 
 import dist_workers as W  # noqa: E402
 import lightning_fsdp2_workers as LW  # noqa: E402
-from integ_helpers import Warnings, assert_metrics, geo, probe_summary  # noqa: E402
+from integ_helpers import Warnings, assert_metrics, capture_logger, geo, probe_summary  # noqa: E402
 
 from pathgeom_fast.integrations.common import trajectory_path  # noqa: E402
 from pathgeom_fast.integrations.lightning import PathGeometryCallback  # noqa: E402
@@ -87,7 +87,7 @@ def test_model_parallel_strategy_logs_pre_clip_geometry(tmp_path, mode, batch_si
     assert traj["steps"] == LW.STEPS and len(traj["losses_by_rank"]) == 2
 
     # the same run in one process without the strategy, against the same x*
-    logger = LW.make_logger()
+    logger = capture_logger()
     cb = PathGeometryCallback(str(tmp_path / "xstar.safetensors"), every=1, probe_batches=LW.PROBES, probe_every=2, final_rtol=None)
     with Warnings() as w:
         single, _ = LW.fit(None, [cb], batch_size, logger=logger)
