@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <memory>
@@ -999,15 +1000,19 @@ PyObject* triton_inputs(PyObject* /*self*/, PyObject* args) {
   int64_t* n = numels.data_ptr<int64_t>();
   int64_t* key = n + T;
   auto address = [](const void* ptr) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr)); };
-  for (int64_t i = 0; i < T; ++i) {
-    int64_t misaligned = 0;
-    for (int64_t k = 0; k < K; ++k) misaligned |= a[k * T + i] = address(p.g[i * K + k]);
-    misaligned |= a[K * T + i] = address(p.x[i]);
-    misaligned |= a[(K + 1) * T + i] = address(p.r[i]);
-    n[i] = p.numel[i];
-    key[i] = ((static_cast<int64_t>(p.g_dt[i]) * 4 + static_cast<int64_t>(p.x_dt[i])) * 4 +
-              static_cast<int64_t>(p.r_dt[i])) * 2 + ((misaligned & 15) == 0);
-  }
+  // every position writes its own slots: split over the intra-op threads (10^4 positions:
+  // ~0.03 ms serial)
+  at::parallel_for(0, T, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      int64_t misaligned = 0;
+      for (int64_t k = 0; k < K; ++k) misaligned |= a[k * T + i] = address(p.g[i * K + k]);
+      misaligned |= a[K * T + i] = address(p.x[i]);
+      misaligned |= a[(K + 1) * T + i] = address(p.r[i]);
+      n[i] = p.numel[i];
+      key[i] = ((static_cast<int64_t>(p.g_dt[i]) * 4 + static_cast<int64_t>(p.x_dt[i])) * 4 +
+                static_cast<int64_t>(p.r_dt[i])) * 2 + ((misaligned & 15) == 0);
+    }
+  });
   const uint64_t plan_digest = digest(n, 2 * T, static_cast<uint64_t>(K));
   const uint64_t addr_digest = digest(a, (K + 2) * T, plan_digest);
   PyObject* copies = PyList_New(static_cast<Py_ssize_t>(p.keepalive.size()));
@@ -1091,6 +1096,29 @@ PyObject* cuda_host_work(PyObject* /*self*/, PyObject* args) {
 
 PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(pathgeom::cpu_isa()); }
 
+// same_bytes(a, b) -> bool: whether two C-contiguous buffers (NumPy arrays) hold the same
+// elements: same format, item size, shape and bytes. The Triton backend's caches compare a
+// hit's tables with it (one memcmp: ~4x faster than numpy.array_equal, which builds a boolean
+// array first; 3 x 10^4 int64 words a call at 10^4 tensors).
+PyObject* same_bytes(PyObject* /*self*/, PyObject* args) {
+  PyObject *a, *b;
+  if (!PyArg_ParseTuple(args, "OO", &a, &b)) return nullptr;
+  constexpr int kFlags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
+  Py_buffer va, vb;
+  if (PyObject_GetBuffer(a, &va, kFlags) != 0) return nullptr;
+  if (PyObject_GetBuffer(b, &vb, kFlags) != 0) {
+    PyBuffer_Release(&va);
+    return nullptr;
+  }
+  bool same = va.len == vb.len && va.itemsize == vb.itemsize && va.ndim == vb.ndim &&
+              std::strcmp(va.format ? va.format : "B", vb.format ? vb.format : "B") == 0;
+  for (int d = 0; same && d < va.ndim; ++d) same = va.shape[d] == vb.shape[d];
+  if (same && va.len > 0) same = std::memcmp(va.buf, vb.buf, static_cast<size_t>(va.len)) == 0;
+  PyBuffer_Release(&va);
+  PyBuffer_Release(&vb);
+  return PyBool_FromLong(same);
+}
+
 PyMethodDef methods[] = {
     {"secant_stats_direct", direct, METH_VARARGS,
      "secant_stats_direct(grads, params, refs, num_grads, per_tensor, weight_decay, multi)"},
@@ -1101,6 +1129,8 @@ PyMethodDef methods[] = {
      "cuda_host_work(grads, params, refs, K, describe): the CUDA backend's host work, up to the "
      "launches, on tensors of any device; with describe, (table, launches, passes, total_chunks, copies)"},
     {"cpu_isa", isa, METH_NOARGS, "instruction set of the CPU kernel"},
+    {"same_bytes", same_bytes, METH_VARARGS,
+     "same_bytes(a, b) -> bool: two C-contiguous buffers of the same format, shape and bytes"},
     PATHGEOM_PLAN_METHODS,
     {nullptr, nullptr, 0, nullptr}};
 

@@ -176,8 +176,9 @@ def test_default_backends_always_time_the_torch_fallback_on_cpu(monkeypatch, ext
 
 def test_bench_host_case_rows(tmp_path):
     """`pathgeom bench --cases host`: rows host_cuda (with the extension) and host_triton for
-    10^2 and 10^4 tensors with positive times and ns per tensor = ms / tensors; the table's
-    header is printed, and no timed case runs beside it."""
+    10^2 and 10^4 tensors laid out like device tensors (and 10^4 plain CPU tensors), with
+    positive times and ns per tensor = ms / tensors; the table's header is printed, and no
+    timed case runs beside it."""
     out = tmp_path / "host.json"
     run = subprocess.run(
         [sys.executable, "-m", "pathgeom_fast.cli", "bench", "--device", "cpu", "--cases", "host",
@@ -187,11 +188,33 @@ def test_bench_host_case_rows(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())["rows"]
     methods = {"host_triton"} | ({"host_cuda"} if pg.extension_available() else set())
-    assert {(r["method"], r["tensors"]) for r in rows} == {(m, t) for m in methods for t in bench.HOST_TENSORS}
+    expected = {(m, t, d) for m in methods for t, d in bench.HOST_CASES}
+    assert {(r["method"], r["tensors"], r["data"]) for r in rows} == expected
+    assert {(t, d) for t, d in bench.HOST_CASES} >= {(t, "pooled") for t in bench.HOST_TENSORS}
     for r in rows:
         assert r["ms"] > 0 and r["ms_cold"] > 0
         assert abs(r["ns_per_tensor"] - r["ms"] * 1e6 / r["tensors"]) <= 1e-6 * r["ns_per_tensor"]
     assert "ns/tensor" in run.stdout and "of probe" not in run.stdout
+
+
+def test_host_inputs_pooled_are_separate_tensors_over_one_buffer():
+    """The host rows' stand-ins for device tensors: every tensor has a storage of its own (as a
+    CUDA tensor does), their data are consecutive slices of one buffer per list, no two lists
+    share data, and the op reads them right (against an fp64 sum written out here)."""
+    g, x, r = bench.host_inputs(50, 40)
+    for lst in (g, x, r):
+        storages = {t.untyped_storage()._cdata for t in lst}
+        assert len(storages) == len(lst)
+        ptrs = [t.data_ptr() for t in lst]
+        assert all(b - a == 40 * 4 for a, b in zip(ptrs, ptrs[1:]))
+    assert not torch.equal(g[0], x[0]) and not torch.equal(x[0], r[0])
+    gd = torch.cat([t.double() for t in g])
+    d = torch.cat([t.double() for t in x]) - torch.cat([t.double() for t in r])
+    want = torch.stack([(gd * d).sum(), (gd * gd).sum(), (d * d).sum()])
+    got = pg.secant_stats(g, x, r).double().reshape(-1)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want[1:].prod().sqrt()))
+    with pytest.raises(ValueError, match="data must be 'pooled' or 'heap'"):
+        bench.host_inputs(2, 4, "device")
 
 
 def test_host_work_checks_inputs_like_a_call():

@@ -6,6 +6,7 @@ Which specialisation ran is read from the cached plan of the call (its launches'
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,18 +273,17 @@ def test_cache_digest_collisions_rebuild_never_misuse(monkeypatch):
 
     if not _ext.available():
         pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
-    real = _ext._C.triton_inputs
+    module = _ext._C
 
     class Colliding:
         def __getattr__(self, name):
-            return getattr(_ext._C.__wrapped__, name)
+            return getattr(module, name)
 
         @staticmethod
         def triton_inputs(*args):
-            a, n, k, keep, _ = real(*args)
+            a, n, k, keep, _ = module.triton_inputs(*args)
             return a, n, k, keep, (0, 0)
 
-    monkeypatch.setattr(_ext._C, "__wrapped__", _ext._C, raising=False)
     monkeypatch.setattr(_ext, "_C", Colliding())
     tk.clear_caches()
     gen = torch.Generator().manual_seed(5)
@@ -292,3 +292,25 @@ def test_cache_digest_collisions_rebuild_never_misuse(monkeypatch):
         g, x, r = ([t[:n]] for t in base)
         assert_stats_close(pg.secant_stats(g, x, r, backend="triton"), pg.reference_secant_stats(g, x, r), what=str(n))
     tk.clear_caches()
+
+
+def test_same_bytes_compares_format_shape_and_every_byte():
+    """The caches' content check (one memcmp): equal only for the same format, shape and bytes;
+    a difference in the last word, a shorter array, another dtype or shape are all told apart."""
+    from pathgeom_fast import _ext
+
+    if not _ext.available():
+        pytest.skip(f"compiled extension not loaded: {_ext.load_error()}")
+    same = _ext._C.same_bytes
+    gen = np.random.default_rng(3)
+    a = gen.integers(-(2**62), 2**62, size=30_001, dtype=np.int64)
+    assert same(a, a.copy())
+    b = a.copy()
+    b[-1] ^= 1
+    assert not same(a, b)
+    assert not same(a, a[:-1].copy())
+    assert not same(a, a.view(np.float64))
+    assert not same(a[:30_000].reshape(100, 300), a[:30_000].copy())
+    assert same(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        same(a[::2], a[::2])  # not C-contiguous: refused, not misread
