@@ -30,6 +30,11 @@ Must run where TRITON_INTERPRET is not set (the interpreter replaces the kernels
 tests/test_compiled_kernels.py runs this module in a subprocess with a clean environment.
 Results are cached by content (sources, tool versions, options) under
 $PATHGEOM_COMPILE_CACHE (default ~/.cache/pathgeom_fast/compile-check).
+Column ``KB/SM``: an estimate of the bytes one SM can have in flight in a row's hot loop
+(resident threads, from registers, block size and shared memory, times the 16-byte loads of
+one loop iteration); the summary prints what Little's law needs per SM for each
+architecture's data-centre part at an assumed DRAM latency (``LATENCY_NS``). Shown, not
+checked.
 ``--device`` (on a GPU machine) adds the GPU's own architecture and the resource usage of the
 built extension (cuobjdump of pathgeom_fast/_C*.so).
 """
@@ -73,6 +78,8 @@ class Row:
     vector16: bool = False  # expected: hot loop of 16-byte loads
     loop_xthread: int | None = None  # shuffles, barriers and shared-memory accesses inside loops
     thread_local: bool = False  # expected: none of them (every thread sums its own elements; Triton rows)
+    threads: int | None = None  # per block (CUDA: kCudaThreads; Triton: num_warps * 32)
+    shared: int | None = None  # static shared memory per block, bytes
     error: str | None = None
     notes: list = field(default_factory=list)
 
@@ -203,7 +210,7 @@ def find_tool(name: str) -> str | None:
 
 
 def parse_ptxas(log: str) -> dict[str, dict]:
-    """ptxas -v report -> {function: {registers, spill_bytes, stack}}."""
+    """ptxas -v report -> {function: {registers, spill_bytes, stack, shared}}."""
     out: dict[str, dict] = {}
     cur = None
     for line in log.splitlines():
@@ -220,6 +227,9 @@ def parse_ptxas(log: str) -> dict[str, dict]:
         m = re.search(r"Used (\d+) registers", line)
         if m:
             cur["registers"] = int(m.group(1))
+        m = re.search(r"(\d+) bytes smem", line)
+        if m:
+            cur["shared"] = int(m.group(1))
     return out
 
 
@@ -291,7 +301,7 @@ def _cache_put(key: str, value) -> None:
         pass
 
 
-ROW_VERSION = 3  # of what a cached row holds (2: loop_xthread; 3: thread_local by default); part of every cache key
+ROW_VERSION = 4  # of what a cached row holds (2: loop_xthread; 3: thread_local by default; 4: threads, shared); part of every cache key
 
 
 def _digest(*parts) -> str:
@@ -358,6 +368,8 @@ def _compile_triton(module: str, index: int, arch: int) -> dict:
         src = ASTSource(fn, sig, spec["constexprs"], attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
         ptx = k.asm["ptx"]
+        row.threads = spec["num_warps"] * 32
+        row.shared = getattr(k.metadata, "shared", None)
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "k.cubin")
             with open(cubin, "wb") as f:
@@ -488,7 +500,7 @@ def _cuda_arch(arch: int) -> list[dict]:
         # fp32-accumulating instantiations (no fp64 input) must have their 16-byte vector loop
         vec = kernel == "partials_kernel" and not variant.startswith("<f64")
         row = Row("cuda", kernel, variant, arch, registers=u.get("registers"), spill_bytes=u.get("spill_bytes"),
-                  stack=u.get("stack"), vector16=vec)
+                  stack=u.get("stack"), vector16=vec, threads=cuda_threads(), shared=u.get("shared"))
         if name in fns:
             total, wide, vloop = loop_load_stats(fns[name])
             row.loop_loads, row.loop_loads16 = total, wide
@@ -497,6 +509,15 @@ def _cuda_arch(arch: int) -> list[dict]:
                 row.notes.append("vector-loop")
         rows.append(asdict(row))
     return rows
+
+
+def cuda_threads() -> int:
+    """Threads per block of the CUDA kernels (kCudaThreads in csrc/secant_core.h)."""
+    with open(os.path.join(CSRC, "secant_core.h")) as f:
+        m = re.search(r"constexpr int kCudaThreads = (\d+);", f.read())
+    if not m:
+        raise RuntimeError("kCudaThreads not found in csrc/secant_core.h")
+    return int(m.group(1))
 
 
 def cuda_rows(archs: list[int], jobs: int) -> list[Row]:
@@ -541,12 +562,60 @@ def built_extension_rows() -> list[Row]:
 
 
 # --------------------------------------------------------------------------------------
+# Bytes in flight per SM (an estimate from the table)
+# --------------------------------------------------------------------------------------
+
+# Per architecture: the data-centre part it is built for, its SMs and DRAM bandwidth (the
+# vendor's figures), and the limits of one SM (CUDA programming guide, compute capabilities).
+GPU_SPECS = {
+    80: {"part": "A100 SXM 80GB", "sms": 108, "bandwidth": 2.04e12, "shared": 164 * 1024},
+    90: {"part": "H100 SXM", "sms": 132, "bandwidth": 3.35e12, "shared": 228 * 1024},
+}
+# DRAM latency under load assumed for Little's law (bytes in flight = bandwidth x latency):
+# an assumption, not a measurement; a GPU session can refine it.
+LATENCY_NS = 600
+SM_REGISTERS, SM_MAX_WARPS, SM_MAX_BLOCKS, REG_UNIT = 65536, 64, 32, 256
+
+
+def resident_threads(row: Row) -> int | None:
+    """Threads of ``row``'s kernel resident on one SM: blocks limited by registers (allocated
+    per warp in units of 256), warps (64), blocks (32) and shared memory (1 KB reserved per
+    block). None where the registers or the block size are unknown."""
+    spec = GPU_SPECS.get(row.arch)
+    if spec is None or not row.registers or not row.threads:
+        return None
+    warps = -(-row.threads // 32)
+    regs_per_warp = -(-row.registers * 32 // REG_UNIT) * REG_UNIT
+    blocks = min(SM_MAX_BLOCKS, SM_MAX_WARPS // warps, (SM_REGISTERS // regs_per_warp) // warps)
+    if row.shared is not None:
+        blocks = min(blocks, spec["shared"] // (row.shared + 1024))
+    return blocks * row.threads
+
+
+def inflight_bytes(row: Row) -> int | None:
+    """Bytes one SM can have in flight in ``row``'s hot loop: resident threads x the 16-byte
+    loads of one loop iteration (all issued before the first is used, as the kernels are
+    written to do). Only for rows whose hot loop is of 16-byte loads."""
+    threads = resident_threads(row)
+    if threads is None or not row.vector16 or not row.loop_loads16:
+        return None
+    return threads * 16 * row.loop_loads16
+
+
+def needed_bytes(arch: int) -> int | None:
+    """Bytes in flight per SM that keep DRAM busy (Little's law), for arch's part."""
+    spec = GPU_SPECS.get(arch)
+    return None if spec is None else int(spec["bandwidth"] * LATENCY_NS * 1e-9 / spec["sms"])
+
+
+# --------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'backend':<10} {'kernel':<28} {'variant':<34} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'16B loop loads':>15} {'xthr':>5}  status"
+    head = (f"{'backend':<10} {'kernel':<28} {'variant':<34} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} "
+            f"{'16B loop loads':>15} {'xthr':>5} {'KB/SM':>6}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         loads = "-" if r.loop_loads is None else f"{r.loop_loads16}/{r.loop_loads}"
@@ -555,9 +624,11 @@ def format_table(rows: list[Row]) -> str:
         fails = r.failures()
         status = "ok" if not fails else "FAIL: " + "; ".join(fails)
         na = lambda v: "-" if v is None else str(v)
+        kb = lambda v: "-" if v is None else f"{v / 1024:.0f}"
         lines.append(
             f"{r.backend:<10} {r.kernel[:28]:<28} {r.variant[:34]:<34} {('sm_%d' % r.arch) if r.arch else '-':>5} "
-            f"{na(r.registers):>5} {na(r.spill_bytes):>6} {na(r.stack):>6} {loads:>15} {na(r.loop_xthread):>5}  {status}"
+            f"{na(r.registers):>5} {na(r.spill_bytes):>6} {na(r.stack):>6} {loads:>15} {na(r.loop_xthread):>5} "
+            f"{kb(inflight_bytes(r)):>6}  {status}"
         )
     return "\n".join(lines)
 
@@ -572,7 +643,14 @@ def summary(rows: list[Row]) -> str:
         spills = sum(r.spill_bytes or 0 for r in rs)
         bad = sum(not r.ok for r in rs)
         rng = f"{min(regs)}-{max(regs)}" if regs else "-"
-        out.append(f"{b:<10} {k[:28]:<28} sm_{a:<3} {len(rs):>3} variants, registers {rng:>7}, spill bytes {spills}, failing {bad}")
+        flight = [v for v in map(inflight_bytes, rs) if v is not None]
+        fl = f", in flight {min(flight) // 1024}-{max(flight) // 1024} KB/SM" if flight else ""
+        out.append(f"{b:<10} {k[:28]:<28} sm_{a:<3} {len(rs):>3} variants, registers {rng:>7}, spill bytes {spills}{fl}, failing {bad}")
+    for arch in sorted({r.arch for r in rows if r.arch in GPU_SPECS}):
+        spec = GPU_SPECS[arch]
+        out.append(f"KB/SM: bytes one SM can have in flight in the hot loop (resident threads x its 16-byte loads); "
+                   f"sm_{arch} ({spec['part']}, {spec['bandwidth'] / 1e12:.2f} TB/s, {spec['sms']} SMs) needs about "
+                   f"{needed_bytes(arch) // 1024} KB at an assumed {LATENCY_NS} ns of DRAM latency")
     return "\n".join(out)
 
 

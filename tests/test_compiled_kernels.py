@@ -200,6 +200,32 @@ def test_loop_load_stats_and_ptxas_parsing():
         "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
         "ptxas info    : Used 96 registers, used 1 barriers, 64 bytes smem\n"
     )
-    assert cc.parse_ptxas(log) == {"_Z3fooPf": {"stack": 8, "spill_bytes": 8, "registers": 96}}
+    assert cc.parse_ptxas(log) == {"_Z3fooPf": {"stack": 8, "spill_bytes": 8, "registers": 96, "shared": 64}}
     row = cc.Row("cuda", "k", "-", 90, registers=96, spill_bytes=8, stack=8)
     assert not row.ok and any("spill" in f for f in row.failures())
+
+
+def test_bytes_in_flight_estimate_by_hand():
+    """The KB/SM column: resident threads (registers per warp rounded to 256, 64 warps, 32
+    blocks, shared memory with 1 KB reserved per block) x the hot loop's 16-byte loads, checked
+    against figures worked out by hand; none for rows without a 16-byte hot loop or registers."""
+    # 46 registers -> 1536 per warp -> 42 warps by registers -> 5 blocks of 8 warps -> 1280 threads
+    row = cc.Row("cuda", "partials_kernel", "-", 90, registers=46, vector16=True, loop_loads16=3, threads=256, shared=64)
+    assert cc.resident_threads(row) == 1280
+    assert cc.inflight_bytes(row) == 1280 * 16 * 3
+    # 84 registers -> 2816 per warp -> 23 warps -> 2 blocks -> 512 threads; 10 loads -> 80 KB
+    row = cc.Row("cuda", "partials_kernel", "-", 90, registers=84, vector16=True, loop_loads16=10, threads=256)
+    assert cc.inflight_bytes(row) == 512 * 160
+    # 32 registers, 4 warps: the 64-warp limit gives 16 blocks; 40 KB of shared memory per block
+    # (41 KB with the reserve) leaves room for 5 on sm_90 (228 KB) and 4 on sm_80 (164 KB)
+    row = cc.Row("triton", "k", "-", 90, registers=32, vector16=True, loop_loads16=2, threads=128)
+    assert cc.resident_threads(row) == 16 * 128
+    row.shared = 40 * 1024
+    assert cc.resident_threads(row) == 5 * 128
+    row.arch = 80
+    assert cc.resident_threads(row) == 4 * 128
+    assert cc.inflight_bytes(cc.Row("cuda", "k", "-", 90, registers=40, threads=256, loop_loads16=3)) is None  # no 16-byte loop expected
+    assert cc.inflight_bytes(cc.Row("cuda", "k", "-", 90, vector16=True, threads=256, loop_loads16=3)) is None  # registers unknown
+    # Little's law: H100 SXM, 3.35 TB/s x 600 ns / 132 SMs
+    assert cc.needed_bytes(90) == int(3.35e12 * 600e-9 / 132)
+    assert "KB/SM" in cc.format_table([row]) and "needs about" in cc.summary([row])
