@@ -735,8 +735,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default: {d['gram_k']})")
     p.add_argument("--cases", nargs="*", default=None,
                    help="case name prefixes (large, small, multi, gram; default: all of them), or host: the host work "
-                   "of the GPU backends' calls (up to the launches) on CPU tensors, for 10^2 and 10^4 tensors, in ns "
-                   "per tensor (a few seconds; not in the default run)")
+                   "of the GPU backends' calls (up to the launches) on CPU tensors laid out like device tensors, for "
+                   "10^2 and 10^4 tensors, and 10^4 plain CPU tensors, in ns per tensor (a few seconds; not in "
+                   "the default run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (--quick skips it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", default="pathgeom-bench.json", help="where to write all rows and the environment")
