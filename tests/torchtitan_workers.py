@@ -145,6 +145,20 @@ def random_state(spec, seed):
     return {n: 0.05 * torch.randn(s, generator=gen) for n, s in shapes.items()}
 
 
+def start_and_reference(spec, rank, out):
+    """(init_state, xstar, ref_path): the run's random start and x* (seeds 1 and 2, the same on
+    every rank); rank 0 writes x* beside OUT as safetensors, and every rank waits for it."""
+    from safetensors.torch import save_file
+
+    init_state = random_state(spec, seed=1)
+    xstar = random_state(spec, seed=2)
+    ref_path = os.path.join(os.path.dirname(out), "xstar.safetensors")
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in xstar.items()}, ref_path)
+    dist.barrier()
+    return init_state, xstar, ref_path
+
+
 def batches(world_rank, world_batches):
     gen = torch.Generator().manual_seed(7)
     out = []
@@ -239,19 +253,11 @@ def train(cfg, pd, init_state, rank, world_batches, batch_rank):
 def run(rank, world, out, layout):
     """One layout: dp_replicate/tp degrees (the rest is FSDP). Rank 0 saves OUT."""
     cpu_torchtitan()
-    from safetensors.torch import save_file
-
     from pathgeom_fast.integrations.torchtitan import PathGeometryMetricsProcessor
     from torchtitan.components.metrics import MetricsProcessor
 
     pd = parallel_dims(world, **layout)
-    spec = model_config()
-    init_state = random_state(spec, seed=1)
-    xstar = random_state(spec, seed=2)
-    ref_path = os.path.join(os.path.dirname(out), "xstar.safetensors")
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in xstar.items()}, ref_path)
-    dist.barrier()
+    init_state, xstar, ref_path = start_and_reference(model_config(), rank, out)
     if pd.dp_enabled:
         mesh = pd.get_mesh("batch")
         world_batches, batch_rank = mesh.size(), mesh.get_local_rank()
@@ -287,19 +293,12 @@ def run_pp(rank, world, out):
     layers of one half, the embedding on the first, norm and output on the last); torchtitan's
     clip reduces the norm over the pp mesh, the processor its sums."""
     cpu_torchtitan()
-    from safetensors.torch import save_file
-
     from pathgeom_fast.integrations.torchtitan import PathGeometryMetricsProcessor
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
 
     pd = parallel_dims(world, pp=2)
     spec = model_config(layers=2)
-    init_state = random_state(spec, seed=1)
-    xstar = random_state(spec, seed=2)
-    ref_path = os.path.join(os.path.dirname(out), "xstar.safetensors")
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in xstar.items()}, ref_path)
-    dist.barrier()
+    init_state, xstar, ref_path = start_and_reference(spec, rank, out)
     stage = pd.get_mesh("pp").get_local_rank()
     with torch.device("meta"):
         model = spec.model.build()
