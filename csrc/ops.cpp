@@ -1001,7 +1001,7 @@ PyObject* triton_inputs(PyObject* /*self*/, PyObject* args) {
   int64_t* key = n + T;
   auto address = [](const void* ptr) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr)); };
   // every position writes its own slots: split over the intra-op threads (10^4 positions:
-  // ~0.03 ms serial)
+  // about 3 ns a position less, paired runs on 2 threads)
   at::parallel_for(0, T, 4096, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       int64_t misaligned = 0;
@@ -1098,8 +1098,8 @@ PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(pathgeom::cpu_
 
 // same_bytes(a, b) -> bool: whether two C-contiguous buffers (NumPy arrays) hold the same
 // elements: same format, item size, shape and bytes. The Triton backend's caches compare a
-// hit's tables with it (one memcmp: ~4x faster than numpy.array_equal, which builds a boolean
-// array first; 3 x 10^4 int64 words a call at 10^4 tensors).
+// hit's tables with it (one memcmp; numpy.array_equal builds a boolean array first: at 10^4
+// tensors, 5 x 10^4 int64 words a call, 17 us against 43).
 PyObject* same_bytes(PyObject* /*self*/, PyObject* args) {
   PyObject *a, *b;
   if (!PyArg_ParseTuple(args, "OO", &a, &b)) return nullptr;

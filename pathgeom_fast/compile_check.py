@@ -492,6 +492,7 @@ def _cuda_arch(arch: int) -> list[dict]:
             with open(p) as f:
                 fns.update(ptx_functions(f.read()))
     pretty = demangle(sorted(info))
+    threads = cuda_threads()
     rows = []
     for name, u in sorted(info.items(), key=lambda kv: pretty[kv[0]]):
         label = pretty[name]
@@ -500,7 +501,7 @@ def _cuda_arch(arch: int) -> list[dict]:
         # fp32-accumulating instantiations (no fp64 input) must have their 16-byte vector loop
         vec = kernel == "partials_kernel" and not variant.startswith("<f64")
         row = Row("cuda", kernel, variant, arch, registers=u.get("registers"), spill_bytes=u.get("spill_bytes"),
-                  stack=u.get("stack"), vector16=vec, threads=cuda_threads(), shared=u.get("shared"))
+                  stack=u.get("stack"), vector16=vec, threads=threads, shared=u.get("shared"))
         if name in fns:
             total, wide, vloop = loop_load_stats(fns[name])
             row.loop_loads, row.loop_loads16 = total, wide
