@@ -6,8 +6,8 @@
 # Builds pathgeom_fast._C (CPU kernels only) with -fsanitize=address,undefined into
 # $SAN_DIR (default build/sanitizers; the normal build, pathgeom_fast/_C*.so and the .venv
 # are not touched), lays out a copy of the package there (links to the sources, the
-# sanitized library, its own _build_info.py), and runs tests/test_ops.py and
-# tests/test_fuzz.py against it with 16 intra-op threads. The sanitizer runtimes are
+# sanitized library, its own _build_info.py), and runs tests/ops/test_ops.py and
+# tests/ops/test_fuzz.py against it with 16 intra-op threads. The sanitizer runtimes are
 # preloaded into the Python of the .venv that `make setup` creates. Any sanitizer report
 # fails the run (halt_on_error); so does a failing test. PYTEST ARGS replace the default
 # test selection. Exit status: pytest's, or the sanitizer's (non-zero) on a report.
@@ -112,7 +112,7 @@ assert ext._C.__file__.startswith(sys.argv[1]), ext._C.__file__
 print(f"sanitizers: {ext._C.__file__} loaded; torch {torch.__version__}, {torch.get_num_threads()} threads")
 PYEOF
 if [ "$#" -eq 0 ]; then
-  set -- tests/test_ops.py tests/test_fuzz.py -m "not slow and not cuda" --durations=15
+  set -- tests/ops/test_ops.py tests/ops/test_fuzz.py -m "not slow and not cuda" --durations=15
 fi
 # fewer fuzz cases than the plain run (each is slower under the sanitizers)
 export PATHGEOM_FUZZ_EXAMPLES="${PATHGEOM_FUZZ_EXAMPLES:-300}"

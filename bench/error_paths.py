@@ -6,7 +6,7 @@ return code instead of ending the run.
                                                  other: under gdb, a crash stops at its frame)
 
 Why: on the first H100 run (2026-11-27, torch 2.11, Python 3.12, gcc 13.3, the CUDA build) a
-bad-input call of the C++ entry point segfaulted (tests/test_ops.py::
+bad-input call of the C++ entry point segfaulted (tests/ops/test_ops.py::
 test_bad_inputs_name_the_offender[cpu]); not reproduced on the project's CPU machine. Every
 probe must end with rc=0 and the expected exception type. Exit status: the number of probes
 that did not.

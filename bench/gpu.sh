@@ -135,9 +135,9 @@ step error-paths "$OUT/gpu-error-paths.txt" $PY bench/error_paths.py
 # a crash stops at the faulting native frame and `bt` writes it to the log. Bounded to 300 s.
 crash_probe() {
   local py_cmds=("$PY" -X faulthandler -m pytest -p no:cacheprovider -q -x
-                 "tests/test_ops.py::test_bad_inputs_name_the_offender"
-                 "tests/test_ops.py::test_tensor_like_objects_are_refused"
-                 "tests/test_ops.py::test_direct_entry_checks_lengths_before_naming_entries")
+                 "tests/ops/test_ops.py::test_bad_inputs_name_the_offender"
+                 "tests/ops/test_ops.py::test_tensor_like_objects_are_refused"
+                 "tests/ops/test_ops.py::test_direct_entry_checks_lengths_before_naming_entries")
   local probes=("$PY" -X faulthandler bench/error_paths.py --in-process)
   if command -v gdb >/dev/null 2>&1; then
     # py-bt (the Python stack at the crash) where the interpreter's gdb helpers are installed
@@ -158,8 +158,8 @@ export PY
 step crash-probe "$OUT/gpu-crash-probe.txt" bash -c crash_probe
 # pytest-xdist when present: a crashing test then fails alone instead of ending the step
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-step tests "$OUT/gpu-tests.log" $PY -m pytest "${XDIST[@]}" tests/test_ops_cuda.py tests/test_ops.py tests/test_triton_kernels.py \
-  tests/test_gram.py tests/test_plan.py tests/test_compiled_kernels.py -q -rs
+step tests "$OUT/gpu-tests.log" $PY -m pytest "${XDIST[@]}" tests/ops/test_ops_cuda.py tests/ops/test_ops.py tests/ops/test_triton_kernels.py \
+  tests/ops/test_gram.py tests/ops/test_plan.py tests/ops/test_compiled_kernels.py -q -rs
 step bench "$OUT/gpu-bench.txt" $PY -m pathgeom_fast.cli bench --device cuda --repeats 20 --json "$OUT/gpu-bench.json"
 step e2e "$OUT/gpu-e2e.txt" $PY bench/gpu_e2e.py --out "$OUT/gpu-e2e.json"
 step host "$OUT/gpu-host.txt" $PY -m pathgeom_fast.cli bench --cases host --no-progress --json "$OUT/gpu-host.json"

@@ -6,7 +6,7 @@
 
 namespace pathgeom {
 
-// plan_cuda(numels, keys, K, limits=None) -> dict (see plan.h and tests/test_plan.py)
+// plan_cuda(numels, keys, K, limits=None) -> dict (see plan.h and tests/ops/test_plan.py)
 PyObject* plan_cuda_py(PyObject* self, PyObject* args, PyObject* kwargs);
 // cuda_plan_limits() -> dict of the default caps
 PyObject* cuda_plan_limits_py(PyObject* self, PyObject* args);

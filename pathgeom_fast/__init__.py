@@ -6,11 +6,15 @@
     G = pg.secant_gram([g, u], params, refs)        # float64 [3, 3]: Gram of g, u and x - x*
 """
 
-from . import _ext
-from ._ext import FallbackWarning
-from .geometry import Geometry, geometry
-from .ops import BACKENDS, grads_of, numel_of, secant_gram, secant_stats, secant_stats_multi
-from .reference import reference_secant_gram, reference_secant_stats
+from . import _moved
+
+_moved.install()  # old module paths (pathgeom_fast.tracker, ...) name the moved modules
+
+from .ops import extension as _ext  # noqa: E402
+from .ops.extension import FallbackWarning  # noqa: E402
+from .path.geometry import Geometry, geometry  # noqa: E402
+from .ops.wrappers import BACKENDS, grads_of, numel_of, secant_gram, secant_stats, secant_stats_multi  # noqa: E402
+from .ops.torch_backend import reference_secant_gram, reference_secant_stats  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,7 +36,7 @@ def backend_for(device="cpu", backend: str = "auto", op: str = "secant_stats") -
     for a backend that cannot run."""
     import torch
 
-    from . import ops
+    from .ops import wrappers as ops
 
     choose = ops._choose_gram if op == "secant_gram" else ops._choose
     return choose(backend, torch.device(device))

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .analyze import analyze_snapshots  # noqa: F401  (moved to analyze; name kept here)
-from .checkpoints import (  # noqa: F401  (the snapshot I/O lives in checkpoints; names kept here)
+from .cli.analyze import analyze_snapshots  # noqa: F401  (moved to analyze; name kept here)
+from .checkpoints.core import (  # noqa: F401  (the snapshot I/O lives in checkpoints; names kept here)
     Reference,
     list_snapshots,
     load_snapshot,
@@ -34,7 +34,7 @@ def _replicated_non_writer(model: torch.nn.Module) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return False
-    from .distributed import is_dtensor
+    from .ops.distributed import is_dtensor
 
     if any(is_dtensor(p) for p in model.parameters()):
         return False

@@ -1,6 +1,6 @@
 """Runs of the real libraries that write checkpoints (a Hugging Face Trainer with save_steps, a
 Lightning Trainer with ModelCheckpoint), made once per test session and shared by
-tests/test_checkpoints.py and tests/test_analyze.py. Small models, a few steps."""
+tests/checkpoints/test_checkpoints.py and tests/cli/test_analyze.py. Small models, a few steps."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO runs for tests/test_integrations_deepspeed.py, in their own processes.
+"""DeepSpeed ZeRO runs for tests/integrations/test_integrations_deepspeed.py, in their own processes.
 
 ``python tests/deepspeed_workers.py OUT WORLD`` runs, in WORLD gloo processes on DeepSpeed's
 CPU accelerator, ZeRO stages 1, 2 and 3: run 1 records x*, run 2 measures against it, and rank 0
@@ -340,7 +340,7 @@ if __name__ == "__main__":
 
 
 # ------------------------------------------------------------------------------------------
-# engine.save_checkpoint folders, for tests/test_checkpoints_deepspeed.py
+# engine.save_checkpoint folders, for tests/checkpoints/test_checkpoints_deepspeed.py
 # ------------------------------------------------------------------------------------------
 
 SAVE_STEPS = 2  # optimizer steps, a checkpoint after each

@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_distributed.py (spawned processes, gloo on CPU)."""
+"""Worker functions for tests/ops/test_distributed.py (spawned processes, gloo on CPU)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_integrations_lightning_fsdp2.py: a real lightning.Trainer with
+"""Worker functions for tests/integrations/test_integrations_lightning_fsdp2.py: a real lightning.Trainer with
 ModelParallelStrategy (FSDP2 ``fully_shard`` or tensor parallel applied in ``configure_model``)
 in 2 gloo processes on CPU, launched by dist_workers.launch (the process group exists before the
 Trainer, which then uses it as it is).

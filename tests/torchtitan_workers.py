@@ -1,4 +1,4 @@
-"""torchtitan runs for tests/test_integrations_torchtitan.py, in spawned gloo processes on CPU.
+"""torchtitan runs for tests/integrations/test_integrations_torchtitan.py, in spawned gloo processes on CPU.
 
 torchtitan's ``Trainer.__init__`` needs an accelerator (docs/torchtitan.md), so the trainer is
 put together here as ``Trainer.__init__`` does it, from torchtitan's own pieces: its llama3

@@ -52,8 +52,8 @@ from typing import Any
 
 import torch
 
-from ..batches import check_not_empty, full_batch_list, to_device
-from ..checkpoints import (
+from ..path.batches import check_not_empty, full_batch_list, to_device
+from ..checkpoints.core import (
     trajectory_path,
     CheckpointError,
     Reference,
@@ -63,7 +63,7 @@ from ..checkpoints import (
     trainable,
 )
 from ..snapshots import SnapshotRecorder
-from ..tracker import PathTracker
+from ..path.tracker import PathTracker
 
 Tensor = torch.Tensor
 KEYS = ("rsi", "eb", "cos", "eta_star")
@@ -593,8 +593,8 @@ class StepMeasurer:
         findings.md of the steps measured so far (:func:`pathgeom_fast.report.write_report`),
         with D (the trainable parameters) and, after :meth:`finish`, the replay's
         ``final_distance_ratio``. Call it on the rank that should write; returns the summary."""
-        from ..ops import numel_of
-        from ..report import write_report
+        from ..ops.wrappers import numel_of
+        from ..report.summary import write_report
 
         if self.tracker is None:
             raise RuntimeError(f"{self.framework}: nothing measured yet (no reference, or no measured step)")

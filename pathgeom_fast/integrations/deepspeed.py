@@ -70,8 +70,8 @@ import math
 
 import torch
 
-from ..checkpoints import CheckpointError, Reference, match_keys, open_checkpoint, trainable
-from ..tracker import PathTracker
+from ..checkpoints.core import CheckpointError, Reference, match_keys, open_checkpoint, trainable
+from ..path.tracker import PathTracker
 from .common import StepMeasurer
 
 Tensor = torch.Tensor
@@ -486,7 +486,7 @@ class DeepSpeedMeasurer(StepMeasurer):
 
     def write_report(self, out_dir: str, title: str = "") -> dict:
         """As :meth:`StepMeasurer.write_report`, with D the whole model's trainable parameters."""
-        from ..report import write_report
+        from ..report.summary import write_report
 
         if self.tracker is None:
             raise RuntimeError(f"{self.framework}: nothing measured yet (no reference, or no measured step)")

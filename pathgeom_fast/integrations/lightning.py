@@ -70,8 +70,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..checkpoints import trainable
-from ..distributed import is_dtensor
+from ..checkpoints.core import trainable
+from ..ops.distributed import is_dtensor
 from .common import StepMeasurer
 
 

@@ -76,9 +76,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checkpoints import Reference, trainable
-from ..distributed import is_dtensor
-from ..tracker import PathTracker
+from ..checkpoints.core import Reference, trainable
+from ..ops.distributed import is_dtensor
+from ..path.tracker import PathTracker
 from .common import StepMeasurer, unwrap_model
 
 Tensor = torch.Tensor
@@ -277,7 +277,7 @@ class _TitanMeasurer(StepMeasurer):
         super()._write_reference(model, steps - 1)
 
     def write_report(self, out_dir: str, title: str = "") -> dict:
-        from ..report import write_report
+        from ..report.summary import write_report
 
         if self.tracker is None:
             raise RuntimeError(f"{self.framework}: nothing measured yet (no reference, or no measured step)")

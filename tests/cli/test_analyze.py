@@ -17,7 +17,7 @@ import checkpoint_runs as R
 from pathgeom_fast import cli, report
 from pathgeom_fast.analyze import AnalysisError, analyze, batches_from_data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS = os.path.join(ROOT, "tests")
 
 

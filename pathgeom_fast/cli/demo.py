@@ -36,9 +36,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import report, tasks
-from .snapshots import SnapshotRecorder, save_snapshot
-from .tracker import PathTracker, Reference
+from . import tasks
+from ..report import summary as report
+from ..snapshots import SnapshotRecorder, save_snapshot
+from ..path.tracker import PathTracker, Reference
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adam-l2")
 SCHEDULES = ("constant", "cosine", "step", "warmup-cosine")
@@ -343,7 +344,7 @@ def _barrier(cfg: DemoConfig) -> None:
 
 def _backend_used(cfg: DemoConfig) -> str:
     """The backend that cfg.backend resolves to for the model's tensors (not "auto")."""
-    from . import backend_for
+    from .. import backend_for
 
     return backend_for(torch.device(cfg.device).type, cfg.backend)
 

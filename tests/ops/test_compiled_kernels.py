@@ -20,7 +20,7 @@ import pytest
 
 from pathgeom_fast import compile_check as cc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _have_triton() -> bool:

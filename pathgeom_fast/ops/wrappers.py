@@ -30,7 +30,11 @@ from typing import Any
 
 import torch
 
-from . import _ext, _shapes, distributed, reference, triton_gram, triton_kernels
+from . import distributed, triton_gram
+from . import extension as _ext
+from . import shapes as _shapes
+from . import torch_backend as reference
+from . import triton_stats as triton_kernels
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
@@ -273,7 +277,7 @@ def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
                 "pathgeom_fast.grads_of(model)"
             )
         if name == "params":  # the parameters that train, as grads_of and our snapshots take them
-            from .checkpoints import trainable
+            from ..checkpoints.core import trainable
 
             return [p for _, p in trainable(obj)]
         return list(obj.parameters())
@@ -308,7 +312,7 @@ def _refs_by_name(refs: Any, params: Any, op: str) -> Any:
         refs = dict(refs.named_parameters())
     if not (isinstance(refs, Mapping) and isinstance(params, torch.nn.Module)):
         return refs
-    from .checkpoints import CheckpointError, check_state_against_model, trainable
+    from ..checkpoints.core import CheckpointError, check_state_against_model, trainable
 
     source = f"(the mapping passed as refs to pg.{op})"
     for k, t in refs.items():
@@ -323,7 +327,7 @@ def grads_of(module_or_params: Any) -> list[Tensor]:
     ``parameters()`` order: the order of ``params=module``), or of every tensor of a list;
     raises naming the first one without a gradient."""
     if isinstance(module_or_params, torch.nn.Module):
-        from .checkpoints import trainable
+        from ..checkpoints.core import trainable
 
         named = trainable(module_or_params)
     else:

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-from . import compare
+from ..report import compare
 
 #: the settings a sweep can vary (DemoConfig fields)
 SWEEPABLE = ("lr", "init_scale", "seed", "weight_decay", "batch_size", "steps", "width", "depth", "train_size",

@@ -13,7 +13,7 @@ on flattened copies) within the error model of the design (|a err| <= 1e-6 sqrt(
 within 1e-6 relative, for fp32 arithmetic), or a ValueError/TypeError whose message names the
 offending entry (a length mismatch: its message states the lengths).
 
-    python tests/test_fuzz.py --worker      (the worker: JSON cases on stdin, results on stdout)
+    python tests/ops/test_fuzz.py --worker      (the worker: JSON cases on stdin, results on stdout)
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _worker() -> None:  # pragma: no cover - runs in a subprocess
 
     # tests/ by name: the sanitizer run sets PYTHONSAFEPATH, which keeps the script's own folder
     # off sys.path (tests/ holds no pathgeom_fast, so the sanitized build still wins)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from utils import WrapperTensor as Wrapper  # a wrapper subclass: no memory of its own
 
     def make_base(n: int, dtype, gen) -> torch.Tensor:

@@ -43,11 +43,11 @@ from typing import Any
 
 import torch
 
-from .batches import batch_size as _batch_size
-from .batches import default_loss, to_device
-from .checkpoints import Checkpoint, Reference, Run, open_checkpoint, open_run, trainable
-from .ops import secant_stats, secant_stats_multi
-from .tracker import metrics
+from ..path.batches import batch_size as _batch_size
+from ..path.batches import default_loss, to_device
+from ..checkpoints.core import Checkpoint, Reference, Run, open_checkpoint, open_run, trainable
+from ..ops.wrappers import secant_stats, secant_stats_multi
+from ..path.tracker import metrics
 
 Tensor = torch.Tensor
 
@@ -264,7 +264,7 @@ def shard_model(model: torch.nn.Module, device: str | torch.device = "cpu") -> t
 
 
 def _is_dtensor(t) -> bool:
-    from .distributed import is_dtensor
+    from ..ops.distributed import is_dtensor
 
     return is_dtensor(t)
 

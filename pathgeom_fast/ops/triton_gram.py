@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import torch
 
-from . import plan as _plan
-from . import triton_kernels as _tk
-from .triton_kernels import HAVE_TRITON, INTERPRET, group_key, unpack_key  # noqa: F401
+from . import triton_plan as _plan
+from . import triton_stats as _tk
+from .triton_stats import HAVE_TRITON, INTERPRET, group_key, unpack_key  # noqa: F401
 
 CHUNK = _plan.CHUNK
 
@@ -70,7 +70,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _TL, _step_lanes, _sum_across_threads, _table_ptr
+    from .triton_stats import _TL, _step_lanes, _sum_across_threads, _table_ptr
 
     @triton.jit
     def _gram_step(acc_vv, acc_vd, acc_dd, x_ptr, r_ptr, v_ptrs, offs, m,
@@ -190,7 +190,7 @@ NUM_WARPS = _tk.NUM_WARPS
 # Under the interpreter a step costs the same whatever its length (it pays per operation, and
 # tl.sum, a @triton.jit function, re-patches the language on every call), so it runs steps 8x
 # longer (as secant_stats' kernel). The kernel's logic does not depend on BLOCK (a power of two
-# dividing CHUNK); tests/test_gram.py also runs the GPU's BLOCK under the interpreter by setting
+# dividing CHUNK); tests/ops/test_gram.py also runs the GPU's BLOCK under the interpreter by setting
 # this to NUM_WARPS.
 INTERPRET_WARPS = _tk.INTERPRET_WARPS
 GROUP = _tk.GROUP  # entries of G per cross-thread reduction at the end of a chunk: 32 fp64 registers

@@ -623,7 +623,8 @@ def host_methods() -> dict[str, Callable]:
     pass, the plan and the device table the CUDA kernels read; the copy and the launches are
     left out), ``host_triton`` is ``triton_kernels.host_work`` (the same checks, the cached plan
     and argument buffer; Triton's own launcher, a constant cost per launch, is left out)."""
-    from . import _ext, triton_kernels
+    from ..ops import extension as _ext
+    from ..ops import triton_stats as triton_kernels
 
     methods = {}
     if pg.extension_available():

@@ -235,7 +235,7 @@ def test_gpu_end_to_end_script_runs_tiny_on_cpu(tmp_path):
     modes timed, and the measurer of each recorded the rows of exactly its measured steps (a
     gradient and an update row per step divisible by `every`, warm-up steps included)."""
     out = tmp_path / "e2e.json"
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_e2e.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "gpu_e2e.py")
     run = subprocess.run([sys.executable, script, "--device", "cpu", "--size", "tiny", "--steps", "4", "--block", "2",
                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

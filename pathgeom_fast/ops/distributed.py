@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from . import _shapes
+from . import shapes as _shapes
 
 Tensor = torch.Tensor
 

@@ -20,7 +20,7 @@ WITH_CUDA = False
 def _load() -> None:
     global _C, _ERROR, WITH_CUDA
     try:
-        from . import _build_info
+        from .. import _build_info
     except ImportError:
         _ERROR = (
             "the compiled extension pathgeom_fast._C is not built; build it with "
@@ -57,16 +57,23 @@ def _load() -> None:
 
 
 def _import_library():
-    from . import _C  # registers torch.ops.pathgeom.* (CPU, and CUDA if built)
+    from .. import _C  # registers torch.ops.pathgeom.* (CPU, and CUDA if built)
 
     return _C
+
+
+def _package_root() -> str:
+    """The folder of ``pathgeom_fast`` itself (this module is one level below it)."""
+    import os
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _library_present() -> bool:
     import importlib.machinery
     import os
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = _package_root()  # _C*.so sits at the package root, beside _build_info.py
     return any(os.path.exists(os.path.join(here, "_C" + suffix)) for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
@@ -117,7 +124,7 @@ def _caller_level() -> int:
     import os
     import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = _package_root()
     level, frame = 2, sys._getframe(2)  # 1: warn_fallback, 2: its caller
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
         frame, level = frame.f_back, level + 1

@@ -21,7 +21,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the workers
 sys.path.insert(0, HERE)
 
 import deepspeed_workers as W  # noqa: E402

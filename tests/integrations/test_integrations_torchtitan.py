@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'torchtitan>=0.3')")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the workers
 sys.path.insert(0, HERE)
 
 import dist_workers  # noqa: E402

@@ -46,7 +46,7 @@ def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _is_dtensor(t) -> bool:
-    from .distributed import is_dtensor
+    from ..ops.distributed import is_dtensor
 
     return is_dtensor(t)
 
@@ -283,7 +283,7 @@ class Reference:
         for n, p in named:
             t = state[n]
             if _is_dtensor(p) and not _is_dtensor(t):
-                from .distributed_path import shard_like
+                from .sharding import shard_like
 
                 t = shard_like(t, p)
             else:
@@ -374,7 +374,7 @@ def _copy_into(target: Tensor, full: Tensor) -> None:
     """Copy ``full`` (the whole tensor, possibly memory-mapped) into ``target``; a DTensor target
     receives only its local slice (so only that slice of a memory-mapped file is read)."""
     if _is_dtensor(target):
-        from .distributed_path import _local_slices
+        from .sharding import _local_slices
 
         idx = _local_slices(target)
         target.to_local().copy_(full[idx] if idx else full)
@@ -451,7 +451,7 @@ class _SafetensorsReader(_Reader):
                     for k in keys:
                         t = targets[k]
                         if _is_dtensor(t):
-                            from .distributed_path import _local_slices
+                            from .sharding import _local_slices
 
                             sl = f.get_slice(k)
                             idx = _local_slices(t)

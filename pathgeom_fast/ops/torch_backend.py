@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _ext
+from . import extension as _ext
 
 Tensor = torch.Tensor
 

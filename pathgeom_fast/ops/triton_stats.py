@@ -70,8 +70,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from . import _ext
-from . import plan as _plan
+from . import extension as _ext
+from . import triton_plan as _plan
 
 try:
     import triton

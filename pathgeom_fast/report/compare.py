@@ -35,7 +35,8 @@ import os
 
 import numpy as np
 
-from . import findings, report
+from . import findings
+from . import summary as report
 
 #: config keys that say where or how fast a run ran, not what it measured
 IGNORED = {"out", "progress", "threads", "fsdp", "model", "device", "backend"}

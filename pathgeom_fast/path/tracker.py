@@ -88,8 +88,8 @@ from typing import Any
 import torch
 
 from .batches import batch_size, check_not_empty, default_loss, full_batch_list
-from .checkpoints import Reference, trainable
-from .ops import secant_stats, secant_stats_multi
+from ..checkpoints.core import Reference, trainable
+from ..ops.wrappers import secant_stats, secant_stats_multi
 
 Tensor = torch.Tensor
 
@@ -100,7 +100,7 @@ __all__ = ["PathTracker", "Reference", "trainable", "metrics"]
 
 
 def _is_dtensor(t) -> bool:
-    from .distributed import is_dtensor
+    from ..ops.distributed import is_dtensor
 
     return is_dtensor(t)
 
@@ -488,14 +488,14 @@ class PathTracker:
                 v.mul_(-ratio)
                 v = v.add_(g_).to(g_.dtype)  # secant_gram wants the vectors of one position in one dtype
                 if self.sharded:
-                    from .distributed_path import _from_local
+                    from ..checkpoints.sharding import _from_local
 
                     v = _from_local(v, p)
                 u.append(v)
             self._anchors.append((step, u, b - a * a / c))
 
     def _lagged_rows(self, step: int, grads: list[Tensor], due: list, lr) -> None:
-        from .ops import secant_gram
+        from ..ops.wrappers import secant_gram
 
         ref = self.ref
         # Gram of (g_s, u_1..u_m, x_s - x*) in one fused pass; K = the index of x_s - x*

@@ -112,7 +112,7 @@ def _parse_lags(text: str) -> tuple[int, ...]:
 def _cmd_demo(args) -> int:
     import time
 
-    from . import report
+    from ..report import summary as report
     from .demo import DemoConfig, run_demo
 
     t0 = time.perf_counter()
@@ -169,9 +169,9 @@ def _analyze_device(requested: str) -> tuple[bool, str]:
 def _cmd_analyze(args) -> int:
     import torch
 
-    from . import report
+    from ..report import summary as report
     from .analyze import analyze, batches_from_data, model_from_hf_config, shard_model
-    from .checkpoints import open_run
+    from ..checkpoints.core import open_run
 
     distributed, device = _analyze_device(args.device)
     rank0 = _is_rank0()
@@ -226,7 +226,7 @@ def _cmd_analyze(args) -> int:
     summary = report.write_report(args.out, res.records, res.per_tensor_records, res.numel, f"analysis of {args.run}", extra)
     written = ["records.csv", "summary.json", "geometry.png"]
     if args.per_tensor:
-        from .heatmap import plot_heatmap
+        from ..report.heatmap import plot_heatmap
 
         written.append("per_tensor.csv")
         for i, name in enumerate(res.references):
@@ -247,7 +247,7 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import CompareError, _g, compare_runs
+    from ..report.compare import CompareError, _g, compare_runs
 
     try:
         result = compare_runs(args.runs, args.out, labels=args.labels)
@@ -300,7 +300,8 @@ def version_text() -> str:
 
     import torch
 
-    from . import __version__, _ext
+    from .. import __version__
+    from ..ops import extension as _ext
 
     lines = [f"pathgeom_fast {__version__}", f"torch {torch.__version__} (CUDA {torch.version.cuda or '-'})"]
     try:
@@ -322,7 +323,9 @@ def version_text() -> str:
 
 def backend_lines() -> list[str]:
     """Which backends can run here, and what backend='auto' runs on CPU and CUDA tensors."""
-    from . import _ext, backend_for, triton_kernels
+    from .. import backend_for
+    from ..ops import extension as _ext
+    from ..ops import triton_stats as triton_kernels
 
     compiled = "compiled" if _ext.available() else "not available (extension not loaded)"
     cuda = compiled if not _ext.available() or _ext.WITH_CUDA else "not available (built without CUDA)"
@@ -342,14 +345,14 @@ def _backend_used(device: str, backend: str) -> str:
     """What ``backend`` resolves to for tensors on ``device`` ("cpu", "cuda:1", ...)."""
     import torch
 
-    from . import backend_for
+    from .. import backend_for
 
     return backend_for(torch.device(device).type, backend)
 
 
 def backend_note(device: str, backend: str) -> str:
     """'backend: cpu (compiled C++ kernel)' and the like, for the commands' output."""
-    from . import _ext
+    from ..ops import extension as _ext
 
     used = _backend_used(device, backend)
     what = {"cpu": "compiled C++ kernel", "cuda": "compiled CUDA kernel", "triton": "Triton kernel"}.get(
@@ -371,7 +374,7 @@ class _VersionAction(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import MODELS, OPTIMIZERS, SCHEDULES, DemoConfig
-    from .ops import BACKENDS
+    from ..ops.wrappers import BACKENDS
 
     d = DemoConfig()
     p = argparse.ArgumentParser(
@@ -583,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .analyze import AnalysisError
-    from .checkpoints import CheckpointError
+    from ..checkpoints.core import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
@@ -594,7 +597,3 @@ def main(argv=None) -> int:
         hint = " (--debug shows the traceback)" if hasattr(args, "debug") else ""
         print(f"pathgeom {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

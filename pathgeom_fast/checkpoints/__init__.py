@@ -1,0 +1,32 @@
+"""Reading and writing checkpoints: our safetensors snapshots, the Reference (x*), other
+libraries' checkpoints (torch.save, Lightning, DCP, DeepSpeed ZeRO, HF/Accelerate folders),
+key matching and run discovery."""
+
+from .core import (
+    FLOAT_DTYPES,
+    HF_WEIGHT_FILES,
+    HF_WEIGHT_INDEXES,
+    SNAPSHOT_NAME,
+    TORCH_SUFFIXES,
+    Checkpoint,
+    CheckpointError,
+    CheckpointKeyError,
+    KeyMatch,
+    Reference,
+    Run,
+    check_reference_file,
+    check_state_against_model,
+    list_snapshots,
+    load_snapshot,
+    load_state_dict,
+    match_keys,
+    open_checkpoint,
+    open_run,
+    save_snapshot,
+    snapshot_keys,
+    snapshot_meta,
+    snapshot_path,
+    step_from_name,
+    trainable,
+    trajectory_path,
+)
