@@ -114,7 +114,8 @@ def extensions():
     for note in notes:
         print(f"pathgeom_fast: {note}", file=sys.stderr)
     cxx = omp_cxx + (["-O0", "-g"] if debug else ["-O3"])
-    sources = ["csrc/ops.cpp", "csrc/secant_cpu.cpp", "csrc/plan.cpp", "csrc/plan_python.cpp"]
+    sources = ["csrc/inputs.cpp", "csrc/cpu_pass.cpp", "csrc/registration.cpp", "csrc/python_entry.cpp",
+               "csrc/secant_cpu.cpp", "csrc/plan.cpp", "csrc/plan_python.cpp"]
     kwargs = dict(
         name="pathgeom_fast._C",
         include_dirs=[os.path.join(HERE, "csrc")],

@@ -49,7 +49,8 @@ cmp -s "$SAN_DIR/flags.sh.new" "$SAN_DIR/flags.sh" || mv "$SAN_DIR/flags.sh.new"
 rm -f "$SAN_DIR/flags.sh.new"
 # shellcheck disable=SC1091
 . "$SAN_DIR/flags.sh"
-SOURCES=(csrc/ops.cpp csrc/secant_cpu.cpp csrc/plan.cpp csrc/plan_python.cpp)
+SOURCES=(csrc/inputs.cpp csrc/cpu_pass.cpp csrc/registration.cpp csrc/python_entry.cpp csrc/secant_cpu.cpp csrc/plan.cpp
+         csrc/plan_python.cpp)  # setup.py lists the same
 # An object is rebuilt when the content of its source, of the headers or of the flags changed
 # (a content stamp: dates alone miss a source edited while it was compiling).
 stamp_of() { cat "$1" csrc/*.h "$SAN_DIR/flags.sh" | sha256sum | cut -d' ' -f1; }
@@ -75,6 +76,9 @@ $CXX "$SAN_DIR"/obj/*.o $LDFLAGS -o "$LIB.tmp" && mv "$LIB.tmp" "$LIB"
 echo "sanitizers: built $LIB in $((SECONDS - t0)) s"
 
 # 2. The package: links to the sources, this library, and a build record without CUDA.
+# (Links left by an older layout go first: a stale ops.py beside ops/ would shadow nothing, but
+# a stale folder link would.)
+find "$SAN_DIR/pkg/pathgeom_fast" -maxdepth 1 -type l -delete
 for f in pathgeom_fast/* ; do
   name=$(basename "$f")
   case "$name" in _C.*|_C|_build_info.py|__pycache__) continue ;; esac
@@ -105,7 +109,7 @@ export OMP_NUM_THREADS=16 PYTHONFAULTHANDLER=1 PYTHONSAFEPATH=1
 "$PY" - "$SAN_DIR/pkg" <<'PYEOF'
 import sys, torch
 import pathgeom_san_threads
-import pathgeom_fast, pathgeom_fast._ext as ext
+import pathgeom_fast, pathgeom_fast.ops.extension as ext
 assert pathgeom_fast.__file__.startswith(sys.argv[1]), pathgeom_fast.__file__
 assert ext.available(), ext.load_error()
 assert ext._C.__file__.startswith(sys.argv[1]), ext._C.__file__

@@ -140,4 +140,11 @@ class CpuTablesLease {  // the calling thread's kept tables, or fresh ones in a 
 void cpu_check(const char* op, const Inputs& in, int64_t K, const ListNames& names, CpuTables& tables);
 at::Tensor cpu_compute(int64_t K, bool per_tensor, const CpuKernel& kernel, CpuTables& tables);
 
+// secant_gram's CPU kernel and shapes (registration.cpp), shared with the direct entry point:
+// raises unless 1 <= num_vecs <= kGramMaxVecs; the kernel of num_vecs vectors; [T or 1] rows
+// -> [M, M] or [T, M, M], M = num_vecs + 1.
+void check_num_vecs(int64_t num_vecs);
+CpuKernel gram_kernel_of(int64_t num_vecs);
+at::Tensor gram_shape(const at::Tensor& rows, int64_t num_vecs, bool per_tensor);
+
 }  // namespace pathgeom

@@ -97,7 +97,7 @@ at::Tensor secant_stats_multi_cuda(at::TensorList grads, at::TensorList params,
       num_grads, per_tensor, true);
 }
 
-// Makes the CUDA rows reachable from the direct (dispatcher-free) entry point in ops.cpp.
+// Makes the CUDA rows reachable from the direct (dispatcher-free) entry point in python_entry.cpp.
 const bool kRegistered = (cuda_rows_fn = &cuda_rows, cuda_prepared_rows_fn = &cuda_prepared_rows, true);
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Python entry points of the torch-free launch planner (plan.h), for tests and tools:
-// listed in the method table of pathgeom_fast._C (ops.cpp).
+// listed in the method table of pathgeom_fast._C (python_entry.cpp).
 #pragma once
 
 #include <Python.h>

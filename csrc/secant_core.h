@@ -11,7 +11,7 @@
 // (cpu_gram_partials) follows the same rules for all pairwise inner products of K vectors
 // and x - x*.
 //
-// Nothing here includes torch: the binding files (ops.cpp, ops_cuda.cpp) convert tensors
+// Nothing here includes torch: the binding files (inputs.cpp, cpu_pass.cpp, ops_cuda.cpp, ...) convert tensors
 // into these plain structs, so nvcc / g++ compile and check this code on their own.
 #pragma once
 

@@ -53,7 +53,7 @@ constexpr int kLanes = 32;
 // are compile-time constants so that the levels stay in vector registers: with the width a
 // loop variable, GCC 13 went through the stack with scalar loops for the last levels. Same
 // sums, bit for bit; 10^4 one-element positions (all fixed cost) went from 0.93-1.02 ms to
-// 0.68-0.80 ms with this and the grouped pass of ops.cpp, which alone gave ~4%.
+// 0.68-0.80 ms with this and the grouped pass of the CPU pass (then in ops.cpp), which alone gave ~4%.
 template <int W>
 inline void tree_level(double* v) {
 #pragma omp simd
