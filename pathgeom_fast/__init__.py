@@ -4,6 +4,9 @@
     s = pg.secant_stats(grads, params, refs)        # float64 [3]: <g, x-x*>, ||g||^2, ||x-x*||^2
     geo = pg.geometry(s)                            # rsi, eb, cos, eta_star, contraction, ...
     G = pg.secant_gram([g, u], params, refs)        # float64 [3, 3]: Gram of g, u and x - x*
+
+The whole measurement along a training run: ``pg.PathTracker``, ``pg.Reference``,
+``pg.StepMeasurer`` (training frameworks), ``pg.SnapshotRecorder``, ``pg.open_run``.
 """
 
 from . import _moved
@@ -42,7 +45,40 @@ def backend_for(device="cpu", backend: str = "auto", op: str = "secant_stats") -
     return choose(backend, torch.device(device))
 
 
+# The classes that run a whole measurement, loaded on first use (``import pathgeom_fast`` stays
+# the ops alone): name -> the module that defines or re-exports it.
+_LAZY = {
+    "PathTracker": "pathgeom_fast.path.tracker",
+    "Reference": "pathgeom_fast.checkpoints",
+    "open_checkpoint": "pathgeom_fast.checkpoints",
+    "open_run": "pathgeom_fast.checkpoints",
+    "SnapshotRecorder": "pathgeom_fast.checkpoints.snapshots",
+    "StepMeasurer": "pathgeom_fast.integrations",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pathgeom_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "PathTracker",
+    "Reference",
+    "SnapshotRecorder",
+    "StepMeasurer",
+    "open_checkpoint",
+    "open_run",
+
     "BACKENDS",
     "FallbackWarning",
     "backend_for",

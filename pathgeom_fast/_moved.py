@@ -1,6 +1,6 @@
 """Old module paths, kept working after the move into subpackages.
 
-Before 0.2 every module sat at the top of the package (``pathgeom_fast.tracker``,
+Until December 2026 every module sat at the top of the package (``pathgeom_fast.tracker``,
 ``pathgeom_fast.triton_kernels``, ...). Code written against those paths keeps running:
 importing an old path returns the *same module object* as the new one, not a copy, so a test
 or a tuning script that sets one of its globals (``tk.NUM_WARPS = 8``) changes what the

@@ -112,7 +112,7 @@ def test_python_m_build_makes_sdist_and_wheel(tmp_path):
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     for f in ("setup.py", "pyproject.toml", "buildtools/pathgeom_build_backend.py", "buildtools/pathgeom_build_config.py",
-              "csrc/secant_cuda.cu", "csrc/secant_core.h", "csrc/plan.cpp", "csrc/plan.h", "csrc/ops.cpp", "csrc/ops_cuda.cpp",
+              "csrc/secant_cuda.cu", "csrc/secant_core.h", "csrc/plan.cpp", "csrc/plan.h", "csrc/python_entry.cpp", "csrc/registration.cpp", "csrc/ops_cuda.cpp",
               "pathgeom_fast/ops/triton_stats.py", "pathgeom_fast/checkpoints/__init__.py"):
         assert f in names, f"{f} missing from the sdist"
     assert "pathgeom_fast/_build_info.py" not in names
@@ -199,7 +199,7 @@ def test_no_import_cycles_between_modules():
     report -> cli goes one way."""
     graph = _package_imports()
     assert {"ops.wrappers", "ops.distributed", "path.tracker", "snapshots", "report.summary", "report.findings",
-            "checkpoints.core", "cli.commands", "integrations.common"} <= set(graph)
+            "checkpoints.reference", "cli.commands", "integrations.common"} <= set(graph)
     assert "report.findings" in graph["report.summary"]  # the graph sees real edges
 
     def reach(start):
@@ -213,3 +213,71 @@ def test_no_import_cycles_between_modules():
 
     cycles = sorted(m for m in graph if m in reach(m))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+_OLD_PATHS = r'''
+import importlib, json, sys
+import pathgeom_fast
+from pathgeom_fast._moved import MOVED
+out = {}
+for old, new in MOVED.items():
+    a = importlib.import_module("pathgeom_fast." + old)  # the old path first, in a fresh process
+    b = importlib.import_module("pathgeom_fast." + new)
+    c = getattr(__import__("pathgeom_fast", fromlist=[old]), old)  # from pathgeom_fast import <old>
+    out[old] = [a is b and c is b, a.__name__, a.__spec__.name, sys.modules["pathgeom_fast." + old] is b]
+from pathgeom_fast import triton_kernels as tk
+from pathgeom_fast.ops import triton_stats
+tk.INTERPRET_WARPS = 3  # a global set through the old path is the one the kernels read
+out["global"] = triton_stats.INTERPRET_WARPS
+from pathgeom_fast.tracker import PathTracker, Reference, metrics, trainable
+from pathgeom_fast.snapshots import SnapshotRecorder, analyze_snapshots, save_snapshot
+from pathgeom_fast.checkpoints import open_checkpoint, open_run
+from pathgeom_fast.ops import secant_stats
+from pathgeom_fast import PathTracker as P2, Reference as R2, StepMeasurer
+out["top"] = [P2 is PathTracker, R2 is Reference, secant_stats is pathgeom_fast.secant_stats]
+print(json.dumps(out))
+'''
+
+
+def test_old_module_paths_are_the_moved_modules():
+    """Code written for the flat layout (pathgeom_fast.tracker, pathgeom_fast.triton_kernels,
+    ...) keeps working: each old path is the moved module itself, not a copy."""
+    import json
+
+    from pathgeom_fast._moved import MOVED
+
+    res = run([sys.executable, "-c", _OLD_PATHS], env=dict(os.environ, PYTHONPATH=ROOT))
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for old, new in MOVED.items():
+        assert out[old] == [True, f"pathgeom_fast.{new}", f"pathgeom_fast.{new}", True], old
+    assert out["global"] == 3
+    assert out["top"] == [True, True, True]
+    # `python -m` on the old tool path and on the command line package
+    res = run([sys.executable, "-m", "pathgeom_fast.compile_check", "--help"], env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.stdout.startswith("usage: python -m pathgeom_fast.compile_check")
+
+
+def test_layout_rules():
+    """The package's shape (issue 22): subpackages, few loose modules, every subpackage a
+    regular package (setup.py's find_packages needs its __init__.py), and any module over 500
+    lines says at its top why it is not split."""
+    import ast
+
+    root = os.path.dirname(pathgeom_fast.__file__)
+    loose = sorted(f for f in os.listdir(root) if f.endswith(".py") and f != "__init__.py")
+    assert len(loose) <= 8, loose
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d != "__pycache__")
+    assert {"ops", "path", "checkpoints", "report", "cli", "integrations"} <= set(folders), folders
+    long = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        if folder != root:
+            assert "__init__.py" in files, f"{folder} is not a regular package"
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                src = open(path).read()
+                doc = ast.get_docstring(ast.parse(src)) or ""
+                if src.count("\n") > 500 and "500 lines" not in doc:
+                    long.append(os.path.relpath(path, root))
+    assert not long, f"over 500 lines without a reason at the top: {long}"

@@ -45,9 +45,10 @@ import torch
 
 from ..path.batches import batch_size as _batch_size
 from ..path.batches import default_loss, to_device
-from ..checkpoints.core import Checkpoint, Reference, Run, open_checkpoint, open_run, trainable
+from ..checkpoints.keys import trainable
+from ..checkpoints.reference import Checkpoint, Reference, Run, open_checkpoint, open_run
 from ..ops.wrappers import secant_stats, secant_stats_multi
-from ..path.tracker import metrics
+from ..path.geometry import metrics
 
 Tensor = torch.Tensor
 

@@ -1,6 +1,6 @@
 """Benchmarks: the fused op against what users would write, and against the bandwidth limit.
 
-Baselines (defined here once; bench/ suites and ``pathgeom bench`` import them):
+Baselines (defined once, in :mod:`.bench_baselines`; bench/ suites take them from ``bench.BASELINES``):
 
 * ``naive``: the paper's way: torch.cat of the flattened g, x and x*, then x - x*, a dot and
   two norms (fp32).
@@ -43,8 +43,6 @@ import glob
 import json
 import os
 import platform
-import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -52,168 +50,20 @@ import torch
 
 import pathgeom_fast as pg
 
+from .bench_baselines import (  # noqa: F401  (re-exported: the bench/ suites and tests read them as bench.<name>)
+    BASELINES, fused, fused_gram, fused_multi, gram_error, gram_loop, gram_naive, host_inputs, make_inputs,
+    model_like_sizes, multi_loop_of, nbytes, probe_calls, rel_error,
+)
+from .bench_timing import (  # noqa: F401  (re-exported, as above)
+    Progress, peak_extra_bytes, pin_mmap_threshold, time_interleaved, time_once,
+)
+
 Tensor = torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------
-# Baselines
+# The cache flush before each timed CPU call
 # ------------------------------------------------------------------------------------------
-
-
-def naive(grads, params, refs):
-    g = torch.cat([t.reshape(-1) for t in grads]).float()
-    x = torch.cat([t.reshape(-1) for t in params]).float()
-    r = torch.cat([t.reshape(-1) for t in refs]).float()
-    d = x - r
-    return torch.stack([torch.dot(g, d), g.norm() ** 2, d.norm() ** 2])
-
-
-def loop(grads, params, refs):
-    a = b = c = 0.0
-    for g, x, r in zip(grads, params, refs):
-        gf = g.reshape(-1).float()
-        d = x.reshape(-1).float() - r.reshape(-1).float()
-        a = a + torch.dot(gf, d)
-        b = b + torch.dot(gf, gf)
-        c = c + torch.dot(d, d)
-    return torch.stack([torch.as_tensor(a), torch.as_tensor(b), torch.as_tensor(c)])
-
-
-def foreach(grads, params, refs):
-    d = torch._foreach_sub(params, refs)
-    gn = torch._foreach_norm(grads)
-    dn = torch._foreach_norm(d)
-    a = torch.stack([torch.dot(g.reshape(-1).float(), di.reshape(-1).float()) for g, di in zip(grads, d)]).sum()
-    return torch.stack([a, (torch.stack(gn).float() ** 2).sum(), (torch.stack(dn).float() ** 2).sum()])
-
-
-_compiled_loop = None
-
-
-def compiled(grads, params, refs):
-    global _compiled_loop
-    if _compiled_loop is None:
-        _compiled_loop = torch.compile(loop, dynamic=False)
-    return _compiled_loop(grads, params, refs)
-
-
-def fused(backend: str) -> Callable:
-    def run(grads, params, refs):
-        return pg.secant_stats(grads, params, refs, backend=backend)
-
-    run.__name__ = f"fused_{backend}"
-    return run
-
-
-def fused_multi(backend: str) -> Callable:
-    def run(grads_lists, params, refs):
-        return pg.secant_stats_multi(grads_lists, params, refs, backend=backend)
-
-    return run
-
-
-def multi_loop_of(single: Callable) -> Callable:
-    """K gradient lists measured one by one with a single-list baseline."""
-
-    def run(grads_lists, params, refs):
-        return torch.stack([single(g, params, refs) for g in grads_lists])
-
-    return run
-
-
-BASELINES = {"naive": naive, "loop": loop, "foreach": foreach, "compiled": compiled}
-
-
-# Gram matrix of K vector lists and x - x* (pg.secant_gram)
-
-
-def gram_naive(vec_lists, params, refs):
-    """The flattening way: [K + 1, D] fp32 rows (K vectors and x - x*), then V V^T."""
-    rows = [torch.cat([t.reshape(-1) for t in v]).float() for v in vec_lists]
-    x = torch.cat([t.reshape(-1) for t in params]).float()
-    rows.append(x - torch.cat([t.reshape(-1) for t in refs]).float())
-    V = torch.stack(rows)
-    return V @ V.T
-
-
-def gram_loop(vec_lists, params, refs):
-    """Per tensor: stack its K + 1 rows in fp32 and add V V^T."""
-    G = 0.0
-    for i in range(len(params)):
-        V = torch.stack([v[i].reshape(-1).float() for v in vec_lists] + [params[i].reshape(-1).float() - refs[i].reshape(-1).float()])
-        G = G + V @ V.T
-    return G
-
-
-def fused_gram(backend: str) -> Callable:
-    def run(vec_lists, params, refs):
-        return pg.secant_gram(vec_lists, params, refs, backend=backend)
-
-    return run
-
-
-def gram_error(out: Tensor, ref: Tensor) -> float:
-    """Largest |G_ij - G*_ij| / sqrt(G*_ii G*_jj) against the fp64 reference."""
-    out, ref = out.double().cpu(), ref.double().cpu()
-    d = torch.diagonal(ref)
-    return float(((out - ref).abs() / torch.sqrt(d[:, None] * d[None, :])).max())
-
-
-# ------------------------------------------------------------------------------------------
-# Shapes
-# ------------------------------------------------------------------------------------------
-
-
-def model_like_sizes(total: int, n: int = 100, seed: int = 0) -> list[int]:
-    """About ``n`` tensors of mixed sizes (matrices, vectors, a few large ones) summing to ~total."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.exp(torch.randn(n, generator=gen) * 1.5)
-    sizes = (w / w.sum() * total).long().clamp(min=1)
-    small = torch.randint(1, 4096, (n // 5,), generator=gen)  # biases and norms
-    sizes[: n // 5] = small
-    return sizes.tolist()
-
-
-def make_inputs(sizes, dtypes, device, K: int = 1, seed: int = 0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    gd, xd, rd = dtypes
-
-    def rnd(n, dt):
-        return torch.randn(n, generator=gen, device=device, dtype=torch.float32).to(dt)
-
-    params = [rnd(n, xd) for n in sizes]
-    refs = [rnd(n, rd) for n in sizes]
-    grads = [[rnd(n, gd) for n in sizes] for _ in range(K)]
-    return (grads[0] if K == 1 else grads), params, refs
-
-
-def nbytes(grads, params, refs) -> int:
-    glist = grads if grads and isinstance(grads[0], Tensor) else [t for g in grads for t in g]
-    return sum(t.numel() * t.element_size() for t in glist + list(params) + list(refs))
-
-
-# ------------------------------------------------------------------------------------------
-# Timing and memory
-# ------------------------------------------------------------------------------------------
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once(fn, args, device) -> float:
-    """Seconds of one fn(*args). CUDA: events; CPU: perf_counter."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
 
 
 def last_level_cache_bytes() -> int:
@@ -247,143 +97,6 @@ class CacheFlush:
     def __call__(self) -> None:
         if self.buf is not None:
             self.buf.sum()
-
-
-def time_interleaved(calls: dict[str, tuple[Callable, tuple]], device, repeats: int,
-                     flush: Callable[[], None] | None = None, budget_s: float = 0.0,
-                     max_samples: int = 41, progress=None) -> dict[str, float]:
-    """Median seconds of each call, timed round-robin (one call of each per round, after a
-    warm-up round) so that the noise of a shared machine falls on all of them alike;
-    ``flush()``, if given, runs untimed before each call (see :class:`CacheFlush`).
-
-    Each call is timed ``repeats`` times, or more where that fits in ``budget_s`` seconds (by
-    its warm-up time), up to ``max_samples``: the later rounds hold only the fast calls (the
-    probe and the fused op), which still alternate, so that their ratio is not left to the
-    median of five samples on a noisy machine. ``progress`` (a :class:`Progress`) counts the
-    timed calls."""
-    samples = {}
-    for k, (fn, args) in calls.items():
-        t = time_once(fn, args, device)
-        samples[k] = max(repeats, min(max_samples, int(budget_s / max(t, 1e-9))))
-    _sync(device)
-    if progress is not None:
-        progress.add(sum(samples.values()))
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for j in range(max(samples.values(), default=0)):
-        for k, (fn, args) in calls.items():
-            if j >= samples[k]:
-                continue
-            if flush is not None:
-                flush()
-            times[k].append(time_once(fn, args, device))
-            if progress is not None:
-                progress.step()
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-class Progress:
-    """A tqdm bar on stderr over the bench's steps (inputs, checks, timed calls, memory), whose
-    total grows as the steps become known; a no-op with ``enabled=False`` or without tqdm."""
-
-    def __init__(self, enabled: bool = True):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=0, file=sys.stderr, unit="step", dynamic_ncols=True, leave=False,
-                            bar_format="{desc}: {n}/{total} steps [{elapsed}]")
-
-    def stage(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description_str(text, refresh=True)
-
-    def add(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.total += n
-            self.bar.refresh()
-
-    def step(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _libc():
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def pin_mmap_threshold() -> None:
-    """Make glibc serve every allocation of 64 KiB or more with fresh pages (mmap), so that
-    the peak resident set shows each call's temporaries instead of reused heap pages. Used
-    only for the memory pass, after the timings."""
-    libc = _libc()
-    try:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except AttributeError:
-        pass
-
-
-def _trim_heap() -> None:
-    """Give the free heap pages back (glibc malloc_trim), so that a call reusing heap memory
-    freed by an earlier call faults fresh pages in and its temporaries count."""
-    try:
-        _libc().malloc_trim(0)
-    except AttributeError:
-        pass
-
-
-def peak_extra_bytes(fn, args, device) -> int | None:
-    """Peak memory allocated by one call beyond what was allocated before it."""
-    if device.type == "cuda":
-        _sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn(*args)
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    _trim_heap()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM, the peak resident set
-        before = _status("VmRSS")
-        fn(*args)
-        return max(0, _status("VmHWM") - before)
-    except OSError:
-        return None
-
-
-def probe_calls(total_bytes: int, device) -> dict[str, tuple[Callable, tuple]]:
-    """The read-bandwidth probe: a sum and a dot over one buffer of ``total_bytes``."""
-    buf = torch.randn(total_bytes // 4, device=device)
-    half = buf.numel() // 2
-    return {"probe_sum": (torch.sum, (buf,)), "probe_dot": (torch.dot, (buf[:half], buf[half : 2 * half]))}
-
-
-def rel_error(out: Tensor, ref: Tensor) -> float:
-    """Largest error against the fp64 reference, relative to the DESIGN scales:
-    |a - a*| / sqrt(b c), |b - b*| / b, |c - c*| / c."""
-    out, ref = out.double().cpu(), ref.double().cpu()
-    scale = torch.stack([torch.sqrt(ref[..., 1] * ref[..., 2]), ref[..., 1], ref[..., 2]], -1)
-    return float(((out - ref).abs() / scale).max())
 
 
 # ------------------------------------------------------------------------------------------
@@ -589,32 +302,6 @@ HOST_CASES = tuple((T, "pooled") for T in HOST_TENSORS) + ((HOST_TENSORS[-1], "h
 
 def host_case_name(tensors: int, data: str) -> str:
     return f"host_{tensors}" + ("" if data == "pooled" else f"_{data}")
-
-
-def host_inputs(tensors: int, numel: int, data: str = "pooled"):
-    """(grads, params, refs): ``tensors`` fp32 CPU tensors of ``numel`` elements per list,
-    standing in for device tensors in the host-work rows.
-
-    ``pooled`` (the default): each tensor has its own storage, as a CUDA tensor does, but its
-    data is a slice of one buffer per list, as device memory lies away from the host heap. The
-    metadata the host work reads (the Python object, TensorImpl and StorageImpl of each tensor)
-    then lies on the heap as densely as that of CUDA tensors. ``heap``: plain CPU tensors, each
-    allocated with its data, so that every tensor's metadata sits between 4 KB data blocks, on
-    a page of its own: a TLB miss per object that device tensors do not have (on this 2-core VM,
-    10^4 tensors: 54-115 ns per tensor against 39-63 pooled)."""
-    if data == "heap":
-        return make_inputs([numel] * tensors, (torch.float32,) * 3, torch.device("cpu"))
-    if data != "pooled":
-        raise ValueError(f"host_inputs: data must be 'pooled' or 'heap', got {data!r}")
-    gen = torch.Generator().manual_seed(0)
-
-    def one_list():
-        pool = torch.randn(tensors * numel, generator=gen).untyped_storage()
-        step = numel * 4
-        return [torch.empty(0).set_(pool[i * step : (i + 1) * step], 0, (numel,)) for i in range(tensors)]
-
-    params, refs, grads = one_list(), one_list(), one_list()
-    return grads, params, refs
 
 
 def host_methods() -> dict[str, Callable]:

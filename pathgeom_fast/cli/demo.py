@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from . import tasks
 from ..report import summary as report
-from ..snapshots import SnapshotRecorder, save_snapshot
-from ..path.tracker import PathTracker, Reference
+from ..checkpoints.snapshots import SnapshotRecorder, save_snapshot
+from ..checkpoints.reference import Reference
+from ..path.tracker import PathTracker
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adam-l2")
 SCHEDULES = ("constant", "cosine", "step", "warmup-cosine")

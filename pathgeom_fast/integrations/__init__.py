@@ -11,6 +11,6 @@
   ``config.metrics``; measures the logged steps before torchtitan's ``clip_grad_norm_``).
 """
 
-from .common import StepMeasurer
+from .step_measurer import StepMeasurer
 
 __all__ = ["StepMeasurer"]

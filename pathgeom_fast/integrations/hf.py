@@ -77,7 +77,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from collections.abc import Mapping
 
-from .common import StepMeasurer, unwrap_model
+from .helpers import unwrap_model
+from .step_measurer import StepMeasurer
 
 
 def _collate(trainer, batch):

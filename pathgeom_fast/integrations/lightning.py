@@ -70,9 +70,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..checkpoints.core import trainable
+from ..checkpoints.keys import trainable
 from ..ops.distributed import is_dtensor
-from .common import StepMeasurer
+from .step_measurer import StepMeasurer
 
 
 def _loss_of(outputs):

@@ -76,10 +76,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checkpoints.core import Reference, trainable
+from ..checkpoints.keys import trainable
+from ..checkpoints.reference import Reference
 from ..ops.distributed import is_dtensor
 from ..path.tracker import PathTracker
-from .common import StepMeasurer, unwrap_model
+from .helpers import unwrap_model
+from .step_measurer import StepMeasurer
 
 Tensor = torch.Tensor
 

@@ -1,5 +1,7 @@
 """Triton backend: the CUDA kernel's algorithm written in Triton.
 
+Kept whole at over 500 lines: bench/ scripts rebind its globals (NUM_WARPS...), read at launch.
+
 One program per chunk of ``CHUNK`` elements of one tensor; tensors are reached through an
 int64 table of addresses, one kernel specialisation per (grad, param, ref) dtype combination
 and alignment. Each program writes one fp64 partial row per gradient list; a second kernel
@@ -348,7 +350,7 @@ def cache_info() -> dict:
 def checks_inputs() -> bool:
     """True when :func:`prepare` checks the inputs itself (in C++, with the messages of the
     compiled kernels): the compiled extension is loaded. Otherwise the caller must run
-    ``ops._validate`` first."""
+    ``inputs._validate`` first."""
     return _ext.available()
 
 
@@ -361,7 +363,7 @@ def prepare(grads, params, refs, K: int, per_tensor: bool, gram: bool = False):
     With the compiled extension, the inputs are checked and the tables gathered in one C++ pass
     (``_C.triton_inputs``: the parallel check pass of the CPU kernels, group keys and digests
     for the caches included: no per-tensor Python work); without it, in Python (several us per
-    tensor), after the caller's ``ops._validate``. ``gram`` names the lists ``vecs`` in
+    tensor), after the caller's ``inputs._validate``. ``gram`` names the lists ``vecs`` in
     messages."""
     T = len(params)
     if checks_inputs():
@@ -510,7 +512,7 @@ def segment_sum(partials: torch.Tensor, buf: torch.Tensor, plan, out: torch.Tens
 
 def triton_rows(grads, params, refs, num_grads: int, per_tensor: bool, weight_decay: float) -> torch.Tensor:
     """[T or 1, K, 3] float64 rows. Inputs checked by :func:`prepare` (with the extension) or
-    already by ``ops._validate`` (see :func:`checks_inputs`)."""
+    already by ``inputs._validate`` (see :func:`checks_inputs`)."""
     check_device(params[0].device)
     K = num_grads
     device = params[0].device

@@ -1,325 +1,30 @@
-"""The fused secant-statistics and Gram ops and their Python wrappers.
+"""The public ops (``secant_stats``, ``secant_stats_multi``, ``secant_gram``, ``grads_of``,
+``numel_of``) and the choice of backend for each call.
 
-Ops (namespace ``torch.ops.pathgeom``)::
-
-    secant_stats(Tensor[] grads, Tensor[] params, Tensor[] refs, bool per_tensor=False,
-                 float weight_decay=0.0) -> Tensor                       # [3] or [T, 3]
-    secant_stats_multi(Tensor[] grads, Tensor[] params, Tensor[] refs, int num_grads,
-                       bool per_tensor=False, float weight_decay=0.0) -> Tensor  # [K, 3] or [K, T, 3]
-    secant_stats_triton(...)   # same as secant_stats_multi, computed by the Triton kernel
-    secant_gram(Tensor[] vecs, Tensor[] params, Tensor[] refs, int num_vecs,
-                bool per_tensor=False) -> Tensor          # [K+1, K+1] or [T, K+1, K+1]
-    secant_gram_triton(...)    # same as secant_gram, computed by the Triton kernel
-
-``secant_stats_multi`` takes its K gradient lists back to back: ``grads[k * T + i]``.
-Each row is (a, b, c) = (<h, x - x*>, ||h||^2, ||x - x*||^2) with h = g + weight_decay * x.
-``secant_gram`` takes its K vector lists the same way and returns the Gram matrix of
-(v_0, ..., v_{K-1}, x - x*).
-
-With the extension built, ``secant_stats``/``secant_stats_multi`` run the C++ CPU and CUDA
-kernels and ``secant_gram`` the C++ CPU kernel (it has no CUDA kernel: CUDA tensors go to
-Triton); without the extension, the same ops are registered here with the pure-torch
-implementation so that code calling ``torch.ops.pathgeom`` keeps working.
+Each op normalises and checks its inputs (:mod:`.inputs`), picks a backend ("cpu"/"cuda": the
+compiled kernels, "triton", or "torch") and runs it locally, with one all-reduce for sharded
+inputs (:mod:`.distributed`). Importing this module registers the ``torch.ops.pathgeom`` ops
+(:mod:`.registration`, which also documents their schemas).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import ItemsView, Iterable, KeysView, Mapping, ValuesView
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from . import distributed, triton_gram
+from . import distributed
 from . import extension as _ext
 from . import shapes as _shapes
 from . import torch_backend as reference
 from . import triton_stats as triton_kernels
+from .inputs import _check_lengths, _is_tensor, _refs_by_name, _validate, _vector_lists, _weight_decay, as_tensor_list
+from .registration import _gram_out, _shape_rows, _triton_gram, _triton_stats
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_SINGLE_SCHEMA = "(Tensor[] grads, Tensor[] params, Tensor[] refs, bool per_tensor=False, float weight_decay=0.0) -> Tensor"
-_MULTI_SCHEMA = (
-    "(Tensor[] grads, Tensor[] params, Tensor[] refs, int num_grads, bool per_tensor=False, "
-    "float weight_decay=0.0) -> Tensor"
-)
-_GRAM_SCHEMA = "(Tensor[] vecs, Tensor[] params, Tensor[] refs, int num_vecs, bool per_tensor=False) -> Tensor"
-
-
-def _shape_rows(rows: Tensor, K: int, per_tensor: bool, multi: bool) -> Tensor:
-    """[T or 1, K, 3] rows -> the op's output shape (same rule as shape_output in C++)."""
-    if per_tensor:
-        return rows.permute(1, 0, 2).contiguous() if multi else rows[:, 0].contiguous()
-    return rows[0].contiguous() if multi else rows[0, 0].contiguous()
-
-
-def _gram_out(rows: Tensor, per_tensor: bool) -> Tensor:
-    """[T or 1, K+1, K+1] rows -> [T, K+1, K+1] or [K+1, K+1]."""
-    return rows if per_tensor else rows[0].contiguous()
-
-
-# --------------------------------------------------------------------------------------
-# Op registration
-# --------------------------------------------------------------------------------------
-
-if not _ext.available():
-    # No compiled library: register the pure-torch implementation under the same schemas.
-    _lib = torch.library.Library("pathgeom", "DEF")
-    _lib.define("secant_stats" + _SINGLE_SCHEMA)
-    _lib.define("secant_stats_multi" + _MULTI_SCHEMA)
-
-    def _torch_single(grads, params, refs, per_tensor=False, weight_decay=0.0):
-        _validate("secant_stats", grads, params, refs, 1)
-        rows = reference.secant_rows(grads, params, refs, 1, per_tensor=per_tensor, weight_decay=weight_decay)
-        return _shape_rows(rows, 1, per_tensor, False)
-
-    def _torch_multi(grads, params, refs, num_grads, per_tensor=False, weight_decay=0.0):
-        _validate("secant_stats_multi", grads, params, refs, num_grads)
-        rows = reference.secant_rows(grads, params, refs, num_grads, per_tensor=per_tensor, weight_decay=weight_decay)
-        return _shape_rows(rows, num_grads, per_tensor, True)
-
-    _lib.define("secant_gram" + _GRAM_SCHEMA)
-
-    def _torch_gram(vecs, params, refs, num_vecs, per_tensor=False):
-        _validate(_shapes.GRAM, vecs, params, refs, num_vecs)
-        return _gram_out(reference.gram_rows(vecs, params, refs, num_vecs, per_tensor=per_tensor), per_tensor)
-
-    _lib.impl("secant_stats", _torch_single, "CompositeExplicitAutograd")
-    _lib.impl("secant_stats_multi", _torch_multi, "CompositeExplicitAutograd")
-    _lib.impl("secant_gram", _torch_gram, "CompositeExplicitAutograd")
-
-
-def _fake_out(op: str, params, K: int, per_tensor: bool) -> Tensor:
-    return params[0].new_empty(_shapes.out_shape(op, len(params), K, per_tensor), dtype=torch.float64)
-
-
-@torch.library.register_fake("pathgeom::secant_stats")
-def _fake_single(grads, params, refs, per_tensor=False, weight_decay=0.0):
-    return _fake_out(_shapes.SINGLE, params, 1, per_tensor)
-
-
-@torch.library.register_fake("pathgeom::secant_stats_multi")
-def _fake_multi(grads, params, refs, num_grads, per_tensor=False, weight_decay=0.0):
-    return _fake_out(_shapes.MULTI, params, num_grads, per_tensor)
-
-
-@torch.library.register_fake("pathgeom::secant_gram")
-def _fake_gram(vecs, params, refs, num_vecs, per_tensor=False):
-    return _fake_out(_shapes.GRAM, params, num_vecs, per_tensor)
-
-
-def _triton_stats(grads, params, refs, num_grads: int, per_tensor: bool, weight_decay: float) -> Tensor:
-    """The Triton secant_stats_multi: the body of the registered op, also called directly in
-    eager mode (the dispatcher's boxing of 3 T tensors costs ~1 us each)."""
-    if not triton_kernels.checks_inputs():  # else checked in C++ with the tables (same messages)
-        _validate("secant_stats", grads, params, refs, num_grads)
-    rows = triton_kernels.triton_rows(grads, params, refs, num_grads, per_tensor, weight_decay)
-    return _shape_rows(rows, num_grads, per_tensor, True)
-
-
-@torch.library.custom_op("pathgeom::secant_stats_triton", mutates_args=())
-def _triton_op(
-    grads: list[Tensor], params: list[Tensor], refs: list[Tensor], num_grads: int, per_tensor: bool, weight_decay: float
-) -> Tensor:
-    return _triton_stats(grads, params, refs, num_grads, per_tensor, weight_decay)
-
-
-@_triton_op.register_fake
-def _(grads, params, refs, num_grads, per_tensor, weight_decay):
-    return _fake_out(_shapes.MULTI, params, num_grads, per_tensor)
-
-
-def _triton_gram(vecs, params, refs, num_vecs: int, per_tensor: bool) -> Tensor:
-    """The Triton secant_gram: the body of the registered op, also called directly in eager mode."""
-    if not triton_kernels.checks_inputs():
-        _validate(_shapes.GRAM, vecs, params, refs, num_vecs)
-    return _gram_out(triton_gram.gram_rows(vecs, params, refs, num_vecs, per_tensor), per_tensor)
-
-
-@torch.library.custom_op("pathgeom::secant_gram_triton", mutates_args=())
-def _triton_gram_op(vecs: list[Tensor], params: list[Tensor], refs: list[Tensor], num_vecs: int, per_tensor: bool) -> Tensor:
-    return _triton_gram(vecs, params, refs, num_vecs, per_tensor)
-
-
-@_triton_gram_op.register_fake
-def _(vecs, params, refs, num_vecs, per_tensor):
-    return _fake_out(_shapes.GRAM, params, num_vecs, per_tensor)
-
-
-# --------------------------------------------------------------------------------------
-# Autograd: the statistics are measurements, not differentiable functions of the inputs.
-# Every op registers an autograd kernel that marks its output non-differentiable (so that
-# inputs with requires_grad, e.g. parameters inside torch.compile, neither warn about a
-# missing autograd kernel nor build a graph through the op); a loss that uses the result
-# back-propagates through its other terms only.
-# --------------------------------------------------------------------------------------
-
-
-def _mark_non_differentiable(ctx, inputs, output) -> None:
-    ctx.mark_non_differentiable(output)
-
-
-def _no_backward(ctx, grad):
-    raise RuntimeError(
-        "the pathgeom ops are not differentiable: their output is marked non-differentiable, so no "
-        "gradient flows through it"
-    )
-
-
-for _op_name in ("secant_stats", "secant_stats_multi", "secant_gram", "secant_stats_triton", "secant_gram_triton"):
-    torch.library.register_autograd(
-        f"pathgeom::{_op_name}", _no_backward, setup_context=_mark_non_differentiable
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Validation (torch and Triton backends; the C++ kernels check the same in C++)
-# --------------------------------------------------------------------------------------
-
-
-def _describe(t: Tensor) -> str:
-    return f"shape {list(t.shape)}, {t.dtype}, {t.device}"
-
-
-def _is_tensor(obj) -> bool:
-    """A torch.Tensor (or subclass) by its real type: isinstance also accepts objects that
-    only claim the class through ``__class__`` (a mock with ``spec=torch.Tensor``, a proxy),
-    which the kernels cannot read."""
-    return issubclass(type(obj), Tensor)
-
-
-def _validate(op: str, grads, params, refs, K: int) -> None:
-    """Raise ValueError/TypeError naming the offending index, shapes and dtypes.
-
-    ``grads`` holds the K vector lists back to back (the gradients of the secant ops, the
-    vectors of ``secant_gram``, named ``vecs[k][i]`` in its messages).
-    """
-    T = len(params)
-    gram = op == _shapes.GRAM
-    lname, count, noun = ("vecs", "num_vecs", "vectors") if gram else ("grads", "num_grads", "gradients")
-    if gram and not 1 <= K <= _shapes.GRAM_MAX_VECS:
-        raise ValueError(f"{op}: num_vecs must be between 1 and {_shapes.GRAM_MAX_VECS}, got {K}")
-    if K < 1:
-        raise ValueError(f"{op}: {count} must be >= 1, got {K}")
-    if len(refs) != T or len(grads) != K * T:
-        extra = f" (expected {count} * len(params) = {K * T})" if K > 1 else ""
-        raise ValueError(
-            f"{op}: the lists must have matching lengths, got {len(grads)} {lname}{extra}, "
-            f"{len(params)} params and {len(refs)} refs"
-        )
-    if T == 0:
-        return
-    names = [(params, "params[{}]"), (refs, "refs[{}]")]
-    device = None
-    for lst, fmt in names + [(grads, None)]:
-        for j, t in enumerate(lst):
-            name = _shapes.entry_name(op, j, T, K) if fmt is None else fmt.format(j)
-            if t is None:
-                hint = " (a parameter without .grad? see pathgeom_fast.grads_of)" if fmt is None and not gram else ""
-                raise ValueError(f"{op}: {name} is None{hint}")
-            if not _is_tensor(t):
-                raise TypeError(f"{op}: {name} is a {type(t).__name__}, not a torch.Tensor")
-            if t.layout != torch.strided:
-                raise ValueError(f"{op}: {name} has layout {t.layout}; only dense (strided) tensors are supported")
-            if t.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{op}: {name} has {_describe(t)}; expected float16, bfloat16, float32 or float64")
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                raise ValueError(
-                    f"{op}: {name} is on {t.device} but params[0] is on {device}; all tensors must be on one device"
-                )
-    for i in range(T):
-        n = params[i].numel()
-        if refs[i].numel() != n:
-            raise ValueError(
-                f"{op}: index {i}: refs[{i}] has {_describe(refs[i])} ({refs[i].numel()} elements) but "
-                f"params[{i}] has {_describe(params[i])} ({n} elements); numel must match"
-            )
-        for k in range(K):
-            g = grads[k * T + i]
-            name = _shapes.entry_name(op, k * T + i, T, K)
-            if g.numel() != n:
-                raise ValueError(
-                    f"{op}: index {i}: {name} has {_describe(g)} ({g.numel()} elements) but "
-                    f"params[{i}] has {_describe(params[i])} ({n} elements); numel must match"
-                )
-            if g.dtype != grads[i].dtype:
-                raise TypeError(
-                    f"{op}: index {i}: {name} has {_describe(g)} but {_shapes.entry_name(op, i, T, K)} has "
-                    f"{_describe(grads[i])}; the K {noun} of one tensor must share a dtype"
-                )
-
-
-# --------------------------------------------------------------------------------------
-# Input normalisation and backend choice
-# --------------------------------------------------------------------------------------
-
-
-def as_tensor_list(obj: Any, name: str) -> list[Tensor]:
-    """A list from a list, tuple, generator, nn.Module or a single tensor. A module given as
-    ``params`` stands for its trainable parameters (``requires_grad``, ``parameters()`` order),
-    as :func:`grads_of` and the snapshots take them; as ``refs``, for all its parameters; as
-    gradients, it is refused.
-
-    Elements are not inspected here (that costs a Python loop per call); the kernels check
-    them, and a failing call is explained by :func:`_validate`. Mappings and their views are
-    refused: their order is the mapping's, not the parameters' (see :func:`_refs_by_name`).
-    """
-    if type(obj) is list:
-        return obj
-    if isinstance(obj, torch.nn.Module):
-        if name.startswith(("grads", "vecs")):
-            raise TypeError(
-                f"{name} is a module ({type(obj).__name__}): its parameters are not gradients; pass "
-                "pathgeom_fast.grads_of(model)"
-            )
-        if name == "params":  # the parameters that train, as grads_of and our snapshots take them
-            from ..checkpoints.core import trainable
-
-            return [p for _, p in trainable(obj)]
-        return list(obj.parameters())
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        raise TypeError(
-            f"{name} is a {type(obj).__name__}; a mapping is matched by name only when it is passed as refs "
-            "with the module as params (secant_stats(grads, model, state)); otherwise pass a list of tensors "
-            "in the order of params"
-        )
-    if isinstance(obj, (KeysView, ValuesView, ItemsView)):
-        raise TypeError(
-            f"{name} is a {type(obj).__name__} (a view of a mapping): its order is the mapping's, not the "
-            "parameters' (a safetensors file loads in sorted-key order, e.g. 0, 1, 10, 11, 2, ...), which would "
-            "silently pair tensors of different layers. Pass the mapping itself as refs with the module as "
-            "params (secant_stats(grads, model, state)), or a list in the order of the parameters"
-        )
-    if isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
-        raise TypeError(f"{name} must be a sequence of tensors or an nn.Module, got {type(obj).__name__}")
-    return list(obj)
-
-
-def _refs_by_name(refs: Any, params: Any, op: str) -> Any:
-    """refs given as a mapping {parameter name: tensor} (or a module, for its named parameters)
-    with params a module: the tensors of its trainable parameters in ``parameters()`` order,
-    after the checks of :func:`pathgeom_fast.checkpoints.check_state_against_model` (missing
-    keys, keys the module does not have, shapes, non-float dtypes; a warning for lower
-    precision). Keys of frozen parameters and buffers are allowed and not used. Other refs: as
-    given."""
-    if isinstance(refs, torch.nn.Module) and isinstance(params, torch.nn.Module):
-        refs = dict(refs.named_parameters())
-    if not (isinstance(refs, Mapping) and isinstance(params, torch.nn.Module)):
-        return refs
-    from ..checkpoints.core import CheckpointError, check_state_against_model, trainable
-
-    source = f"(the mapping passed as refs to pg.{op})"
-    for k, t in refs.items():
-        if not isinstance(t, Tensor):
-            raise CheckpointError(f"reference {source}: {k!r} is a {type(t).__name__}, not a tensor")
-    check_state_against_model(params, {k: (t.dtype, t.shape) for k, t in refs.items()}, source)
-    return [refs[n] for n, _ in trainable(params)]
 
 
 def grads_of(module_or_params: Any) -> list[Tensor]:
@@ -327,7 +32,7 @@ def grads_of(module_or_params: Any) -> list[Tensor]:
     ``parameters()`` order: the order of ``params=module``), or of every tensor of a list;
     raises naming the first one without a gradient."""
     if isinstance(module_or_params, torch.nn.Module):
-        from ..checkpoints.core import trainable
+        from ..checkpoints.keys import trainable
 
         named = trainable(module_or_params)
     else:
@@ -341,6 +46,11 @@ def grads_of(module_or_params: Any) -> list[Tensor]:
             )
         out.append(p.grad)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Backend choice
+# --------------------------------------------------------------------------------------
 
 
 def _choose(backend: str, device: torch.device) -> str:
@@ -439,41 +149,6 @@ def _run_gram(vecs, params, refs, K: int, per_tensor: bool, backend: str) -> Ten
         return _triton_gram(vecs, params, refs, K, per_tensor)
     _validate(op, vecs, params, refs, K)
     return _gram_out(reference.gram_rows(vecs, params, refs, K, per_tensor=per_tensor), per_tensor)
-
-
-def _check_lengths(op: str, lists, params, refs) -> None:
-    """The length message of :func:`_validate`, before anything reads the first tensors."""
-    T = len(params)
-    if len(refs) != T or any(len(v) != T for v in lists):
-        _validate(op, [t for v in lists for t in v], params, refs, len(lists))
-
-
-def _weight_decay(value, op: str) -> float:
-    wd = float(value)
-    if not math.isfinite(wd):
-        raise ValueError(f"{op}: weight_decay must be a finite number, got {value!r}")
-    return wd
-
-
-def _vector_lists(op: str, arg: str, noun: str, value, params: list) -> list[list[Tensor]]:
-    """K lists of tensors, each as long as ``params``, from a sequence of sequences."""
-    if isinstance(value, Tensor) or not isinstance(value, Iterable):
-        raise TypeError(f"{arg} must be a sequence of K {noun} lists, got {type(value).__name__}")
-    value = list(value)
-    # a bare tensor stands for a one-tensor list; with several parameters, tensors side by side
-    # are one gradient list passed unwrapped
-    if len(params) != 1 and value and all(isinstance(v, Tensor) for v in value):
-        raise TypeError(
-            f"{op}: {arg} is a list of {len(value)} tensors; it must be a sequence of K {noun} lists, one tensor "
-            "per parameter each (one list: wrap it, e.g. [pg.grads_of(model)])"
-        )
-    lists = [as_tensor_list(v, f"{arg}[{k}]") for k, v in enumerate(value)]
-    if not lists:
-        raise ValueError(f"{op}: {arg} is empty; pass at least one {noun} list")
-    for k, v in enumerate(lists):
-        if len(v) != len(params):
-            raise ValueError(f"{op}: {arg}[{k}] has {len(v)} tensors but params has {len(params)}")
-    return lists
 
 
 # --------------------------------------------------------------------------------------

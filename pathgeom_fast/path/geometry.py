@@ -72,3 +72,20 @@ def geometry(stats: Tensor, numel: int | None = None) -> Geometry:
         c=c,
         chance_cos=None if numel is None else 1.0 / math.sqrt(numel),
     )
+
+
+def _div(x: float, y: float) -> float:
+    """x / y with torch's semantics for zero denominators (inf or nan), without tensors."""
+    if y != 0.0:
+        return x / y
+    return math.nan if x == 0.0 or math.isnan(x) else math.copysign(math.inf, x)
+
+
+def metrics(a: float, b: float, c: float) -> dict[str, float]:
+    """rsi, eb, cos, eta_star of one (a, b, c), in plain floats (pathgeom_fast.geometry's formulas)."""
+    return {
+        "rsi": _div(a, c),
+        "eb": math.sqrt(_div(b, c)) if not (b < 0 or c < 0) else math.nan,
+        "cos": _div(a, math.sqrt(b * c)) if b * c > 0 else math.nan,  # no angle at g = 0 or x = x*
+        "eta_star": _div(a, b),
+    }

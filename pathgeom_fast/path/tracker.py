@@ -87,39 +87,26 @@ from typing import Any
 
 import torch
 
-from .batches import batch_size, check_not_empty, default_loss, full_batch_list
-from ..checkpoints.core import Reference, trainable
-from ..ops.wrappers import secant_stats, secant_stats_multi
+from .batches import check_not_empty, default_loss, full_batch_list
+from ..checkpoints.keys import trainable
+from ..checkpoints.reference import Reference
+from ..ops.wrappers import secant_stats
+from .geometry import metrics
+from .gradient_rows import GradientRows
+from .lagged_rows import LaggedRows
+from .probes import Probes
+from .rows import _Block, _is_dtensor, _to_host
+from .update_rows import UpdateRows
 
 Tensor = torch.Tensor
 
-# secant_gram takes at most 8 vector lists: the gradient and 7 anchors per call
-_GRAM_ANCHORS = 7
-
 __all__ = ["PathTracker", "Reference", "trainable", "metrics"]
 
-
-def _is_dtensor(t) -> bool:
-    from ..ops.distributed import is_dtensor
-
-    return is_dtensor(t)
-
-
-def _div(x: float, y: float) -> float:
-    """x / y with torch's semantics for zero denominators (inf or nan), without tensors."""
-    if y != 0.0:
-        return x / y
-    return math.nan if x == 0.0 or math.isnan(x) else math.copysign(math.inf, x)
-
-
-def metrics(a: float, b: float, c: float) -> dict[str, float]:
-    """rsi, eb, cos, eta_star of one (a, b, c), in plain floats (pathgeom_fast.geometry's formulas)."""
-    return {
-        "rsi": _div(a, c),
-        "eb": math.sqrt(_div(b, c)) if not (b < 0 or c < 0) else math.nan,
-        "cos": _div(a, math.sqrt(b * c)) if b * c > 0 else math.nan,  # no angle at g = 0 or x = x*
-        "eta_star": _div(a, b),
-    }
+# This module is the state machine: the set-up, when rows are measured (measure / after_step
+# through step()), the rows pending on the device, flush / records, the replay checks and
+# finish. What is measured are mixins, which never import this module: gradient_rows
+# (minibatch), update_rows (update), lagged_rows (lagged), probes (probe, full); rows (the
+# pending blocks) and geometry (metrics) beside them.
 
 
 def _as_references(reference) -> dict[str, Reference]:
@@ -146,38 +133,7 @@ def _as_references(reference) -> dict[str, Reference]:
     return out
 
 
-class _Block:
-    """Rows of one measurement call, still on the device: stats [n, 3] and one key per row."""
-
-    __slots__ = ("stats", "keys", "lr", "loss", "per_tensor", "check")
-
-    def __init__(self, stats: Tensor, keys: list[tuple], lr, loss, per_tensor: bool = False, check=None):
-        self.stats, self.keys, self.lr, self.loss, self.per_tensor = stats, keys, lr, loss, per_tensor
-        # identity-derived update rows: [c_next, tolerance] (device), checked when read
-        self.check = check
-
-
-def _to_host(values: list) -> list:
-    """Tensors (any device) -> CPU float64 tensors, in one transfer per device; others as they are."""
-    out = list(values)
-    by_dev: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        if isinstance(v, Tensor):
-            if _is_dtensor(v):
-                out[i] = v = v.to_local()
-            by_dev.setdefault(v.device, []).append(i)
-    for idx in by_dev.values():
-        shapes = [out[i].shape for i in idx]
-        flat = [out[i].detach().reshape(-1).to(torch.float64) for i in idx]
-        host = torch.cat(flat).cpu() if len(flat) > 1 else flat[0].cpu()
-        pos = 0
-        for i, f, shape in zip(idx, flat, shapes):
-            out[i] = host[pos : pos + f.numel()].reshape(shape)
-            pos += f.numel()
-    return out
-
-
-class PathTracker:
+class PathTracker(GradientRows, UpdateRows, LaggedRows, Probes):
     """Records secant statistics of gradients and updates along a (replayed) path.
 
     Args:
@@ -280,37 +236,12 @@ class PathTracker:
 
     # -- set-up -------------------------------------------------------------------------
 
-    def _update_mode(self, update: str) -> str:
-        if update == "off" or self.optimizer is None:
-            return "off"
-        if update == "copy":
-            return "copy"
-        opt = self.optimizer
-        if type(opt) is torch.optim.SGD and not any(g.get("maximize") or g.get("nesterov") for g in opt.param_groups):
-            return "sgd" if all(g.get("momentum", 0) == 0 for g in opt.param_groups) else "momentum"
-        return "copy"
-
-    def _groups(self) -> list[tuple[dict, list[int]]]:
-        """Optimizer param groups as index lists into self.params."""
-        pos = {id(p): i for i, p in enumerate(self.params)}
-        return [(g, [pos[id(p)] for p in g["params"] if id(p) in pos]) for g in self.optimizer.param_groups]
-
     def _lr(self):
         """The first param group's learning rate: a float, or a tensor kept as it is (no sync)."""
         if self.optimizer is None:
             return None
         lr = self.optimizer.param_groups[0]["lr"]
         return lr.detach().clone() if isinstance(lr, Tensor) else float(lr)
-
-    def _grads(self, step: int) -> list[Tensor]:
-        grads = [p.grad for p in self.params]
-        if all(g is None for g in grads):
-            raise RuntimeError(
-                f"PathTracker: step {step} has no gradient at all (every trainable parameter's .grad is None); "
-                "measure after backward() and before optimizer.zero_grad()"
-            )
-        # a parameter unused in this step has no .grad: the optimizer leaves it, so does u
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
 
     # -- pending rows -------------------------------------------------------------------
 
@@ -365,34 +296,6 @@ class PathTracker:
                         self.writer.add_scalar(f"pathgeom/{tag}/{key}", row[key], row["step"])
         return new
 
-    def _checked_update(self, key: tuple, abc: list[float], check: list[float], hint: str) -> list[float]:
-        """An identity-derived update row, or NaN a and b where ||x_{t+1} - x*||^2 is not
-        c - 2a + b to rounding (warned once; the next measured step falls back to a copy)."""
-        a, b, c = abc
-        c_next, tol = check
-        expect = c - 2 * a + b
-        if not all(map(math.isfinite, (a, b, c, c_next))) or abs(c_next - expect) <= tol:
-            return abc  # a run that went NaN/inf is not a mismatch of the identity
-        self.update_mode = "copy"  # from the next measured step on (a pending step keeps its mode)
-        if not self._update_warned:
-            self._update_warned = True
-            step, ref = key[0], key[3]
-            likely = hint or (
-                "the gradient changed between measure() and optimizer.step() in a way the optimizer's identity "
-                "does not follow, parameters were changed inside the measured step (a projection or clamp), or "
-                f"the optimizer ({type(self.optimizer).__name__}) does not take the plain SGD step the identities describe"
-            )
-            warnings.warn(
-                f"PathTracker: the update row of step {step} (reference {ref!r}) does not match the step the parameters "
-                f"took: ||x_t+1 - x*||^2 = {c_next:.9g} but c - 2a + b = {expect:.9g} (rounding allows {tol:.2g}). "
-                f"Likely cause: {likely}. Its a, b and ratios are left undefined (NaN), as are those of any other "
-                "mismatched update row; from the next measured step on, updates are the exact difference of the "
-                "parameters (one copy of them is kept).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return [math.nan, math.nan, c]
-
     @property
     def records(self) -> list[dict[str, Any]]:
         """Every whole-model row so far (reading them converts the pending ones)."""
@@ -421,250 +324,12 @@ class PathTracker:
             grads, p, r = [grads[i] for i in idx], [p[i] for i in idx], [r[i] for i in idx]
         return secant_stats(grads, p, r, weight_decay=weight_decay, per_tensor=per_tensor, **self.kw)
 
-    def measure(self, step: int | None = None, loss: float | Tensor | None = None) -> None:
-        """Measure at x_t: call after ``backward()`` and before ``optimizer.step()``.
-
-        Nothing is converted to Python numbers here (see :meth:`flush`)."""
-        if self._pending is not None:
-            raise RuntimeError("PathTracker.measure() called twice without after_step() in between")
-        step = (self.last_step + 1 if self.last_step is not None else 0) if step is None else int(step)
-        self.last_step = step
-        loss_v = loss.detach() if isinstance(loss, Tensor) else (None if loss is None else float(loss))
-        lr = self._lr()
-        grads = self._grads(step)
-        c_now: dict[str, Tensor] = {}
-        primary_stats = None
-        for name, ref in self.refs.items():
-            if self.per_tensor:
-                per = self._stats(grads, ref, per_tensor=True)
-                self._add_per_tensor(step, "minibatch", name, per, lr, loss_v)
-                s = per.sum(0)
-            else:
-                s = self._stats(grads, ref)
-            self._add(step, "minibatch", name, s, lr, loss_v)
-            c_now[name] = s[2]
-            primary_stats = s if primary_stats is None else primary_stats
-            self._first_c.setdefault(name, s[2])
-            if self.weight_decay:
-                self._add(step, "minibatch_wd", name, self._stats(grads, ref, weight_decay=self.weight_decay), lr, loss_v)
-        if self.lags:
-            self._lagged(step, grads, primary_stats, lr)
-        if self.probe_every and step % self.probe_every == 0:
-            self._probes(step, lr)
-        self._pending = {"step": step, "c": c_now, "lr": lr, "loss": loss_v, "mode": self.update_mode}
-        if self.update_mode in ("sgd", "momentum"):
-            # the hyper-parameters of the step about to be taken (a scheduler may change them
-            # right after it, inside the measured step)
-            self._pending["groups"] = [
-                (float(g["lr"]), float(g.get("weight_decay", 0.0) or 0.0), idx) for g, idx in self._groups()
-            ]
-            self._pending["had_grad"] = [p.grad is not None for p in self.params]
-        elif self.update_mode == "copy":
-            if self._copy is None:
-                self._copy = [p.detach().clone() for p in self.params]
-            elif self.sharded:
-                for c, p in zip(self._copy, self.params):
-                    c.copy_(p.detach())
-            else:
-                torch._foreach_copy_(self._copy, [p.detach() for p in self.params])
-
-    @torch.no_grad()
-    def _lagged(self, step: int, grads: list[Tensor], stats: Tensor, lr) -> None:
-        """Rows ``lagged`` for the anchors due at this step, then this step's anchor (if any)."""
-        ref = self.ref
-        due = [(t, u, uu) for t, u, uu in self._anchors if step - t in self.lags]
-        for i in range(0, len(due), _GRAM_ANCHORS):
-            self._lagged_rows(step, grads, due[i : i + _GRAM_ANCHORS], lr)
-        biggest = self.lags[-1]
-        self._anchors = [an for an in self._anchors if step - an[0] < biggest]
-        if step % self.lag_every == 0:
-            a, b, c = stats[0], stats[1], stats[2]
-            ratio = a / c
-            u = []
-            for g, p, r in zip(grads, self.params, ref.tensors):
-                g_, p_, r_ = (g.to_local(), p.to_local(), r.to_local()) if self.sharded else (g, p, r)
-                dt = torch.promote_types(torch.promote_types(p_.dtype, r_.dtype), torch.float32)
-                v = torch.sub(p_.detach().to(dt), r_.to(dt))  # x - x* (at least fp32), then g - ratio (x - x*)
-                v.mul_(-ratio)
-                v = v.add_(g_).to(g_.dtype)  # secant_gram wants the vectors of one position in one dtype
-                if self.sharded:
-                    from ..checkpoints.sharding import _from_local
-
-                    v = _from_local(v, p)
-                u.append(v)
-            self._anchors.append((step, u, b - a * a / c))
-
-    def _lagged_rows(self, step: int, grads: list[Tensor], due: list, lr) -> None:
-        from ..ops.wrappers import secant_gram
-
-        ref = self.ref
-        # Gram of (g_s, u_1..u_m, x_s - x*) in one fused pass; K = the index of x_s - x*
-        G = secant_gram([grads] + [u for _, u, _ in due], self.params, ref.tensors, **self.kw)
-        K = len(due) + 1
-        a_s, b_s, c_s = G[0, K], G[0, 0], G[K, K]
-        cross = G[0, 1:K] - (a_s / c_s) * G[1:K, K]  # <g_s perp, u_i> = <g_s, u_i> - (a_s / c_s) <x_s - x*, u_i>
-        perp = (b_s - a_s * a_s / c_s).expand(K - 1)  # ||g_s perp||^2
-        rows = torch.stack([cross, perp, torch.stack([uu for _, _, uu in due])], dim=1)
-        keys = [(t, "lagged", step - t, ref.name, None) for t, _, _ in due]
-        self._blocks.append(_Block(rows, keys, lr, None))
-        self._last[("lagged", ref.name)] = (step, rows)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Record the update u = x_t - x_{t+1}: call right after ``optimizer.step()``."""
-        pend, self._pending = self._pending, None
-        if pend is None:
-            raise RuntimeError("PathTracker.after_step() called without measure() before the step")
-        mode = pend["mode"]
-        if mode == "off":
-            return
-        for name, ref in self.refs.items():
-            c = pend["c"][name]
-            if mode == "copy":  # h = x_t - x_{t+1} = u via weight_decay = -1 on params = x_{t+1}
-                s = secant_stats(self._copy, self.params, ref.tensors, weight_decay=-1.0, **self.kw)
-                self._add(pend["step"], "update", name, torch.stack([s[0] + s[1], s[1], c]), pend["lr"], pend["loss"])
-                continue
-            a, b, c_next = self._identity_update(mode, pend, name, ref)
-            tol = self._update_tolerance(name, ref, a, b, c, c_next)
-            self._add(pend["step"], "update", name, torch.stack([a, b, c]), pend["lr"], pend["loss"],
-                      check=torch.stack([c_next, tol]), hint=self._update_hint(pend))
-
-    def _identity_update(self, mode: str, pend: dict, name: str, ref: Reference) -> tuple[Tensor, Tensor, Tensor]:
-        """a = <u, x_t - x*>, b = ||u||^2 and c_next = ||x_{t+1} - x*||^2 from x_{t+1}, in one pass
-        per param group: the parameters the optimizer moved (a ``.grad`` now) and, for c_next,
-        one more pass over those it did not move."""
-        a = b = c_next = None
-        moved = [False] * len(self.params)
-        for lr_g, wd_g, idx in pend["groups"]:
-            idx = [i for i in idx if self.params[i].grad is not None]  # torch skips a parameter without .grad
-            if not idx:
-                continue
-            for i in idx:
-                moved[i] = True
-            p, r = [self.params[i] for i in idx], [ref.tensors[i] for i in idx]
-            if mode == "sgd":
-                # x_{t+1} = x_t - lr (g + wd x_t)  =>  u = k (g + wd x_{t+1}), k = lr / (1 - lr wd)
-                k = lr_g / (1.0 - lr_g * wd_g) if lr_g * wd_g != 1.0 else math.nan
-                s = secant_stats([q.grad for q in p], p, r, weight_decay=wd_g, **self.kw)
-            else:  # momentum: u = lr * buf, read after the step
-                k = lr_g
-                bufs = []
-                for q in p:
-                    buf = self.optimizer.state.get(q, {}).get("momentum_buffer")
-                    bufs.append(buf if buf is not None else torch.zeros_like(q))
-                s = secant_stats(bufs, p, r, **self.kw)
-            # x_t = x_{t+1} + u:  <u, x_t - x*> = k <v, x_{t+1} - x*> + k^2 ||v||^2, u = k v
-            ga, gb = k * s[0] + k * k * s[1], k * k * s[1]
-            a, b, c_next = (ga, gb, s[2]) if a is None else (a + ga, b + gb, c_next + s[2])
-        still = [i for i, m in enumerate(moved) if not m]
-        if still:
-            p, r = [self.params[i] for i in still], [ref.tensors[i] for i in still]
-            cs = secant_stats(p, p, r, **self.kw)[2]
-            c_next = cs if c_next is None else c_next + cs
-        if a is None:
-            a = b = torch.zeros_like(c_next)
-        return a, b, c_next
-
-    def _update_tolerance(self, name: str, ref: Reference, a: Tensor, b: Tensor, c: Tensor, c_next: Tensor) -> Tensor:
-        """How far ||x_{t+1} - x*||^2 may be from c - 2a + b by rounding alone: the ops' error on
-        a, b, c (and c_next), and x_{t+1} rounded to the parameters' dtype. That rounding moves
-        x_{t+1} by delta, |delta_i| <= eps/2 |x_{t+1,i}|, so c - 2a + b = ||x_{t+1} - x* + delta||^2
-        is off by 2 <x_{t+1} - x*, delta> + ||delta||^2 <= eps dn n + (eps n / 2)^2 with
-        dn = ||x_{t+1} - x*|| and n = ||x_{t+1}|| <= dn + ||x*||. The second term is what is left
-        when a replay's last step lands exactly on x* (dn = 0) with a tiny step; both are doubled
-        here for margin."""
-        if name not in self._ref_norms:
-            self._ref_norms[name] = secant_stats(ref.tensors, ref.tensors, ref.tensors, **self.kw)[1].sqrt()
-        dn = c_next.clamp(min=0).sqrt()
-        n = dn + self._ref_norms[name]
-        sizes = c + c_next + b + 2 * (b * c).clamp(min=0).sqrt()
-        rounding = 2 * self._param_eps * dn * n + (self._param_eps * n) ** 2
-        return 4 * self._kernel_eps * sizes + rounding + 1e-300
-
-    def _update_hint(self, pend: dict) -> str:
-        """What, seen from here, may have changed between measure() and the step."""
-        now = [(float(g["lr"]), float(g.get("weight_decay", 0.0) or 0.0)) for g, _ in self._groups()]
-        if now != [(lr, wd) for lr, wd, _ in pend["groups"]]:
-            return "the learning rate or weight decay changed inside the measured step (a scheduler stepped before optimizer.step()?)"
-        lost = sum(1 for p, had in zip(self.params, pend["had_grad"]) if had and p.grad is None)
-        if lost:
-            return f"{lost} parameter(s) lost their .grad inside the measured step (zero_grad() before after_step()?)"
-        return ""
-
     @contextlib.contextmanager
     def step(self, step: int | None = None, loss=None):
         """``with tracker.step(t, loss): optimizer.step()`` = measure(), the step, after_step()."""
         self.measure(step, loss)
         yield self
         self.after_step()
-
-    # -- probes -------------------------------------------------------------------------
-
-    def _one_grad(self, batch) -> list[Tensor]:
-        with torch.enable_grad():
-            loss = self.loss_fn(self.model, batch)
-            if not self.sharded:
-                return list(torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True))
-            # FSDP2 moves gradients to the sharded parameters in its own backward hooks, which
-            # autograd.grad bypasses: run backward() with the training .grad set aside.
-            saved = [p.grad for p in self.params]
-            for p in self.params:
-                p.grad = None
-            try:
-                loss.backward()
-                return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            finally:
-                for p, g in zip(self.params, saved):
-                    p.grad = g
-
-    def gradient_of(self, batches: Sequence[Any]) -> list[Tensor]:
-        """Mean gradient over batches (weighted by batch size), leaving ``.grad`` as it was."""
-        sizes = [batch_size(b) for b in batches]
-        total = sum(sizes)
-        if total == 0:
-            raise ValueError(f"gradient_of: the {len(batches)} batch(es) hold 0 samples; a mean gradient over none is undefined")
-        acc = None
-        for b, n in zip(batches, sizes):
-            gs = self._one_grad(b)
-            w = n / total
-            if acc is None:
-                acc = [g * w for g in gs] if len(batches) > 1 else gs
-            else:
-                for a, g in zip(acc, gs):
-                    a.add_(g, alpha=w)
-        return acc
-
-    @contextlib.contextmanager
-    def isolated(self):
-        """Gradient computations that leave no trace on the run: forked RNG, restored buffers."""
-        devices = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        buffers = list(self.model.buffers())
-        saved = [b.detach().clone() for b in buffers]
-        try:
-            with torch.random.fork_rng(devices=devices):
-                yield
-        finally:
-            with torch.no_grad():
-                for b, v in zip(buffers, saved):
-                    b.copy_(v)
-
-    def _probes(self, step: int, lr) -> None:
-        with self.isolated():
-            if self.probe_batches:
-                grads = [self.gradient_of([b]) for b in self.probe_batches]
-                for name, ref in self.refs.items():
-                    s = secant_stats_multi(grads, self.params, ref.tensors, **self.kw)
-                    self._add(step, "probe", name, s, lr, None, samples=len(grads))
-                    if self.weight_decay:
-                        s = secant_stats_multi(grads, self.params, ref.tensors, weight_decay=self.weight_decay, **self.kw)
-                        self._add(step, "probe_wd", name, s, lr, None, samples=len(grads))
-                del grads
-            if self.full_batch is not None:
-                g = self.gradient_of(self.full_batch)
-                for name, ref in self.refs.items():
-                    self._add(step, "full", name, self._stats(g, ref), lr, None)
-                    if self.weight_decay:
-                        self._add(step, "full_wd", name, self._stats(g, ref, weight_decay=self.weight_decay), lr, None)
 
     # -- replay checks ------------------------------------------------------------------
 

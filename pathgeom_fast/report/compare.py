@@ -36,7 +36,7 @@ import os
 import numpy as np
 
 from . import findings
-from . import summary as report
+from .records import json_safe, read_csv
 
 #: config keys that say where or how fast a run ran, not what it measured
 IGNORED = {"out", "progress", "threads", "fsdp", "model", "device", "backend"}
@@ -77,7 +77,7 @@ def load_run(path: str) -> tuple[dict, list[dict]]:
         raise CompareError(f"{os.path.join(path, 'summary.json')!r} is not valid JSON: {exc}") from exc
     if not isinstance(summary, dict) or "overall" not in summary:
         raise CompareError(f"{os.path.join(path, 'summary.json')!r} is not a pathgeom summary (no 'overall')")
-    return summary, report.read_csv(os.path.join(path, "records.csv"))
+    return summary, read_csv(os.path.join(path, "records.csv"))
 
 
 def settings_of(summary: dict) -> dict:
@@ -252,7 +252,7 @@ def compare_runs(paths: list[str], out: str, labels: list[str] | None = None) ->
     result = {"runs": runs}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump(report.json_safe(result), f, indent=1, allow_nan=False)
+        json.dump(json_safe(result), f, indent=1, allow_nan=False)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(markdown(result))
     plot(result, loaded, os.path.join(out, "compare.png"))
