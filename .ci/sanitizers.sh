@@ -76,8 +76,8 @@ $CXX "$SAN_DIR"/obj/*.o $LDFLAGS -o "$LIB.tmp" && mv "$LIB.tmp" "$LIB"
 echo "sanitizers: built $LIB in $((SECONDS - t0)) s"
 
 # 2. The package: links to the sources, this library, and a build record without CUDA.
-# (Links left by an older layout go first: a stale ops.py beside ops/ would shadow nothing, but
-# a stale folder link would.)
+# (Links left by an older layout go first: a stale link to a moved module, tracker.py say, would
+# load a second copy of it instead of the old-path alias.)
 find "$SAN_DIR/pkg/pathgeom_fast" -maxdepth 1 -type l -delete
 for f in pathgeom_fast/* ; do
   name=$(basename "$f")

@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-# What the summaries and plots call each reference point (report.py uses these too).
+# What the summaries and plots call each reference point (summary.py and figures.py use these too).
 REFERENCE_LABELS = {"xstar": "x* (end of run 1)", "x0": "x_0 (start of the path)"}
 
 
